@@ -1,0 +1,201 @@
+"""One run's configuration: every flag of the authors' ``run_exp.py`` plus lorabench's own.
+
+``RunConfig`` is built once (from the command line or from the workflow's config) and
+passed down; nothing deeper in the package reads raw dictionaries. Field names and
+defaults are those of the authors' command line, so their command lines work unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the offending setting."""
+
+
+EXPERIMENTS = ("fnn", "tfn")
+METHODS = ("ours", "sgd", "flt")
+ACTIVATIONS = ("relu", "linear")
+INIT_MODES = ("default", "uniform_singular_values")
+TASKS = ("regression", "classification", "binary_classification")
+PROTOCOLS = ("paper", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    exp: str = "fnn"
+    width: int = 4
+    target_depth: int = 1
+    frozen_depth: int = 2
+    rank: int = 2
+    use_bias: int = 1
+    activation: str = "relu"
+    std: float = 0.25
+    method: str = "ours"
+    batch_size: int = 5000
+    n_epochs: int = 1000
+    lr: float = 1e-3
+    n_test: int = 10000
+    weight_decay: float = 0.0
+    init_mode: str = "default"
+    pretrained: int = 0
+    pretrained_epochs: int = 1000
+    pretrained_lr: float = 1e-3
+    pretrained_level: float = 3.0
+    tune_bias: int = 1
+    last_layers: int = 1
+    seed: int = 123
+    rank_step: int = 0
+    task: str = "regression"
+    n_train: Optional[int] = None  # None: a fresh batch every step (the authors' 'inf')
+    best_epoch: int = 0
+    n_head: int = 2
+    seq_length: int = 10
+    better_optim: int = 0
+    dropout: float = 0.1
+    # lorabench's own settings
+    protocol: str = "paper"
+    n_val: int = 256  # the paper's validation set; the reference protocol uses batch_size
+    curve_every: int = 50  # training-curve resolution in steps
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def depth(self) -> int:
+        """Depth of the adapted (frozen) model: L for FNN, the block count for TFN."""
+        return self.target_depth if self.exp == "tfn" else self.frozen_depth
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.method in ("sgd", "flt")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of every field; names a run in results and files."""
+        payload = json.dumps(self.to_dict(), sort_keys=True, default=repr)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- validation
+    def validated(self) -> "RunConfig":
+        """Return the config with TFN depth normalised, or raise ConfigError."""
+        _check_types(self)
+        checks = [
+            (self.exp in EXPERIMENTS, f"exp must be one of {EXPERIMENTS}, got {self.exp!r}"),
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
+            (self.init_mode in INIT_MODES, f"init_mode must be one of {INIT_MODES}, got {self.init_mode!r}"),
+            (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
+            (self.width >= 1, f"width must be >= 1, got {self.width}"),
+            (self.target_depth >= 1, f"target_depth must be >= 1, got {self.target_depth}"),
+            (self.frozen_depth >= 1, f"frozen_depth must be >= 1, got {self.frozen_depth}"),
+            (self.rank >= 0, f"rank must be >= 1, got {self.rank}"),
+            (self.rank >= 1 or self.method == "ours",
+             f"rank must be >= 1 for method {self.method!r} (rank 0 exists only for method 'ours'), got {self.rank}"),
+            (self.rank <= self.width, f"rank {self.rank} exceeds width {self.width}"),
+            (self.std >= 0 and math.isfinite(self.std), f"std must be finite and >= 0, got {self.std}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.n_epochs >= 1, f"n_epochs must be >= 1, got {self.n_epochs}"),
+            (self.n_test >= 1, f"n_test must be >= 1, got {self.n_test}"),
+            (self.n_val >= 1, f"n_val must be >= 1, got {self.n_val}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be finite and > 0, got {self.lr}"),
+            (self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+             f"weight_decay must be finite and >= 0, got {self.weight_decay}"),
+            (self.pretrained_epochs >= 1, f"pretrained_epochs must be >= 1, got {self.pretrained_epochs}"),
+            (self.pretrained_lr > 0, f"pretrained_lr must be > 0, got {self.pretrained_lr}"),
+            (self.pretrained_level > 1, f"pretrained_level must be > 1, got {self.pretrained_level}"),
+            (self.n_train is None or self.n_train >= 1, f"n_train must be >= 1 or 'inf', got {self.n_train}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.curve_every >= 1, f"curve_every must be >= 1, got {self.curve_every}"),
+        ]
+        for flag in ("use_bias", "pretrained", "tune_bias", "best_epoch", "better_optim"):
+            value = getattr(self, flag)
+            checks.append((value in (0, 1), f"{flag} must be 0 or 1, got {value}"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+        if self.exp == "fnn":
+            if self.frozen_depth < self.target_depth:
+                raise ConfigError(
+                    f"frozen_depth ({self.frozen_depth}) must be >= target_depth ({self.target_depth}): "
+                    "each target layer needs at least one frozen layer"
+                )
+            if self.method == "flt":
+                if not 1 <= self.last_layers <= self.frozen_depth:
+                    raise ConfigError(f"last_layers must be in [1, frozen_depth={self.frozen_depth}], got {self.last_layers}")
+                if not self.use_bias:
+                    raise ConfigError("method 'flt' tunes weights and biases of the last layers: it needs use_bias=1")
+            if self.method == "ours" and self.rank_step != 0:
+                raise ConfigError("rank_step != 0 is not supported by method 'ours' (the construction uses one rank)")
+            if self.better_optim:
+                raise ConfigError("better_optim (residual + LayerNorm + dropout) exists only for exp 'tfn'")
+            return self
+
+        # TFN: one depth for frozen and target model.
+        if self.target_depth != self.frozen_depth:
+            if self.method == "ours":
+                raise ConfigError(
+                    f"TFN construction needs target_depth == frozen_depth, got {self.target_depth} and {self.frozen_depth}"
+                )
+        if self.method == "flt":
+            raise ConfigError("method 'flt' exists only for exp 'fnn'")
+        if self.init_mode != "default":
+            raise ConfigError("init_mode 'uniform_singular_values' exists only for exp 'fnn'")
+        if self.task != "regression":
+            raise ConfigError(f"task {self.task!r} exists only for exp 'fnn'; TFN supports regression")
+        if self.rank_step != 0:
+            raise ConfigError("rank_step exists only for exp 'fnn'")
+        if self.n_head < 1:
+            raise ConfigError(f"n_head must be >= 1, got {self.n_head}")
+        if self.seq_length < 1:
+            raise ConfigError(f"seq_length must be >= 1, got {self.seq_length}")
+        if self.method == "ours" and self.better_optim:
+            raise ConfigError("the TFN construction is defined for the plain TFN: better_optim must be 0 with method 'ours'")
+        # The authors ignore frozen_depth for TFN (one depth for both models); say so in the data.
+        return self.replace(frozen_depth=self.target_depth)
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "n_train":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"n_train must be an integer or 'inf', got {value!r}")
+            continue
+        default = f.default
+        if isinstance(default, bool) or isinstance(value, bool):
+            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+        if isinstance(default, float) and not isinstance(value, (int, float)):
+            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{f.name} must be a string, got {value!r}")
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; unknown keys are refused by name."""
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    values = dict(values)
+    for key, value in values.items():
+        # YAML and JSON give ints for floats written without a point (lr: 0 ...).
+        if isinstance(RunConfig.__dataclass_fields__[key].default, float) and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+    return RunConfig(**values).validated()

@@ -1,0 +1,200 @@
+"""The paper's constructed adapters ("our construction") as pure functions.
+
+Symbols: D width, L frozen depth, Lbar target depth, R rank per layer, H heads.
+Convention of adapters.py: the adapted weight is ``W + A B^T`` with A, B of shape (D, D),
+padded: the columns beyond a matrix's rank are zero, and the returned ``LoRA`` masks them.
+
+* ``linear_construction``: Lemma 1. Layers W_1..W_L (layer 0 of the tensor applied first)
+  are adapted so that (W_L + A_L B_L^T) ... (W_1 + A_1 B_1^T) = W_L ... W_1 + LR_r(E),
+  E = target - W_L ... W_1, r = sum_l R_l: the truncated SVD of the discrepancy, exact
+  once r >= rank(E).
+* ``fnn_construction``: the FNN theorem. Each target layer is matched by one group of the
+  uniform partition (generation.partition); "large" biases keep the ReLUs inside a group
+  active on calibration inputs, so the group acts as a linear map there.
+* ``tfn_construction``: the TFN theorem. W_K^T W_Q, W_O W_V and (last block) W_o W_2 are
+  products of two matrices, each matched with the linear construction at L = 2.
+
+Precision: exactness above the threshold holds up to rounding in the solves. Compute in
+float64 (pass float64 models, or ``dtype=torch.float64``): in float32 the FNN
+constructions are exact to ~1e-7..1e-10 MSE, but the depth-2 TFN construction, which
+chains inverses of N(0, 1) attention products, only reaches ~1e-5 relative error (the
+authors' float32 numbers: MSE ~1e-2 at R >= D/2, INVENTORY 4.1). With ``dtype`` given,
+the computation runs in that dtype and the results are cast back to the models' dtype.
+
+The functions take one configuration (no leading batch dimensions) and use no randomness:
+the FNN calibration inputs are passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .adapters import LoRA, column_mask
+from .generation import group_product, partition
+from .models import FNN, TFN, activate
+
+Ranks = Union[int, list[int]]
+
+
+def _per_layer(rank: Ranks, depth: int) -> list[int]:
+    ranks = [rank] * depth if isinstance(rank, int) else list(rank)
+    if len(ranks) != depth or min(ranks) < 0:
+        raise ValueError(f"need {depth} non-negative per-layer ranks, got {rank}")
+    return ranks
+
+
+def linear_construction(target: Tensor, frozen: Tensor, rank: Ranks, *, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Adapters making the product of ``frozen`` closest to ``target`` (Lemma 1).
+
+    target: (D, D); frozen: (L, D, D), the product ordered W_L ... W_1 (index 0 first);
+    rank: R for every layer or per-layer ranks [R_1, ..., R_L] (a total above D is exact).
+    Returns A, B: (L, D, D), column c of layer l nonzero only for c < R_l.
+
+    With E = U S V^T, layer l gets the next R_l right singular directions V_l and
+    ``A_l B_l^T = (W_L ... W_{l+1})^{-1} E V_l V_l^T (W'_{l-1} ... W'_1)^{-1}`` (W' adapted).
+    The product then telescopes to ``prod W + E V_{1:r} V_{1:r}^T = prod W + LR_r(E)``.
+    Needs the frozen matrices and the partial adapted products to be invertible (almost
+    surely true for random weights).
+    """
+    depth, width = frozen.shape[0], frozen.shape[-1]
+    ranks = _per_layer(rank, depth)
+    out_dtype = frozen.dtype
+    weights = frozen.to(dtype or out_dtype)
+    error = target.to(weights.dtype) - group_product(weights, range(depth))
+    directions = torch.linalg.svd(error).Vh.mT  # columns: right singular vectors, by decreasing sigma
+    a = torch.zeros_like(weights)
+    b = torch.zeros_like(weights)
+    adapted_below = torch.eye(width, dtype=weights.dtype, device=weights.device)  # W'_{l-1} ... W'_1
+    start = 0
+    for layer in range(depth):
+        stop = min(start + ranks[layer], width)
+        v = directions[:, start:stop]
+        frozen_above = group_product(weights, range(layer + 1, depth))  # W_L ... W_{l+1}
+        # Solves rather than explicit inverses: the same maths, less rounding.
+        a[layer, :, : stop - start] = torch.linalg.solve(frozen_above, error @ v)
+        b[layer, :, : stop - start] = torch.linalg.solve(adapted_below.mT, v)
+        adapted_below = (weights[layer] + a[layer] @ b[layer].mT) @ adapted_below
+        start = stop
+    return a.to(out_dtype), b.to(out_dtype)
+
+
+def fnn_construction(
+    frozen: FNN,
+    target: FNN,
+    rank: Ranks,
+    calibration: Optional[Tensor],
+    *,
+    authors_bias_propagation: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[LoRA, Optional[Tensor]]:
+    """Adapters and new frozen biases making ``frozen`` (depth L) represent ``target`` (Lbar).
+
+    frozen: weights (L, D, D), biases (L, D) or None; target: weights (Lbar, D, D);
+    rank: R per layer or per-layer ranks (length L); calibration: inputs (n, D) that choose
+    the "large" biases (the authors draw 256 N(0, I) samples), needed only for a ReLU
+    model with biases and a group of more than one layer.
+    Returns the adapters (key "weights": A, B (L, D, D), mask (L, D)) and the biases
+    (L, D) that replace the frozen ones (None when the model has no biases).
+
+    Group i (layers P_i of the uniform partition) gets the linear construction towards the
+    target weight W̄_i. Its non-last layers get the bias ``-2 min(0, min pre-activation)``
+    on the calibration inputs (a scalar times ones), which keeps their ReLUs active there;
+    its last layer gets b̄_i minus those biases carried through the later adapted layers,
+    so the group equals the target layer ReLU(W̄_i x + b̄_i) wherever the ReLUs stay
+    active. The calibration inputs are carried from group to group through the adapted
+    model; ``authors_bias_propagation`` instead carries them as the authors' code does,
+    without the last layer's bias and activation of each group (their residual error for
+    Lbar >= 2, INVENTORY 5.8).
+    """
+    groups = partition(frozen.depth, target.depth)
+    ranks = _per_layer(rank, frozen.depth)
+    out_dtype = frozen.weights.dtype
+    work = dtype or out_dtype
+    weights = frozen.weights.to(work)
+    a = torch.zeros_like(weights)
+    b = torch.zeros_like(weights)
+    for i, group in enumerate(groups):
+        layers = slice(group.start, group.stop)
+        a[layers], b[layers] = linear_construction(target.weights[i].to(work), weights[layers], ranks[layers])
+    mask = column_mask(ranks, (frozen.depth,), frozen.width)
+    lora = LoRA({"weights": a.to(out_dtype)}, {"weights": b.to(out_dtype)}, {"weights": mask})
+    if frozen.biases is None:
+        return lora, None
+
+    adapted = weights + a @ b.mT
+    relu = frozen.activation == "relu"
+    if relu and calibration is None and any(len(g) > 1 for g in groups):
+        raise ValueError("a ReLU FNN with biases and groups of several layers needs calibration inputs")
+    z = None if calibration is None else calibration.to(work)
+    biases = torch.zeros(frozen.depth, frozen.width, dtype=work, device=weights.device)
+    for i, group in enumerate(groups):
+        carried = torch.zeros_like(biases[0])  # the group's biases so far, pushed through its layers
+        for layer in group[:-1]:
+            if relu:
+                pre = z @ adapted[layer].mT
+                # A linear activation needs no large bias; ReLU needs every pre-activation >= 0.
+                biases[layer] = -2 * torch.clamp(pre.min(), max=0)
+                z = pre + biases[layer]  # the ReLU is the identity here
+            carried = adapted[layer] @ carried + biases[layer]
+        last = group[-1]
+        biases[last] = target.biases[i].to(work) - adapted[last] @ carried
+        if z is not None:
+            pre = z @ adapted[last].mT
+            z = pre if authors_bias_propagation else activate(pre + biases[last], frozen.activation)
+    return lora, biases.to(out_dtype)
+
+
+def tfn_construction(frozen: TFN, target: TFN, rank: int, *, dtype: Optional[torch.dtype] = None) -> tuple[LoRA, Tensor, Tensor]:
+    """Adapters and feed-forward biases making ``frozen`` represent ``target`` (same L, H, D).
+
+    Returns the adapters (keys "wq", "wk", "wv", "wo": A, B (L, H, D, D); "w2" (the last
+    block's W_2) and "w_out": (D, D)) and the new b1, b2 (L, D). Only the plain TFN
+    (no residual variant) is covered.
+
+    Invariant: the adapted block l sees X_{l-1} where the target sees C_l X_{l-1}, with
+    C_1 = I and C_l = W̄_{2,l-1} W_{2,l-1}^{-1} (bars: target). Per head, matching
+    ``W_K^T W_Q -> C_l^T W̄_K^T W̄_Q C_l`` gives the same attention scores, and
+    ``W_O W_V -> W_1^{-1} W̄_1 W̄_O W̄_V C_l`` the same W_1 A_l; with b_1 := b̄_1 the hidden
+    ReLU layer is then the target's. Non-last blocks: b_2 := W_2 W̄_2^{-1} b̄_2 makes
+    Z_l = W_2 W̄_2^{-1} Z̄_l, i.e. the next C. Last block: (W_2, W_o) matched to W̄_o W̄_2
+    and b_2 := (W_o + ΔW_o)^{-1} W̄_o b̄_2. Each match is a two-layer linear construction,
+    exact for R >= D/2.
+    """
+    out_dtype = frozen.wq.dtype
+    work = dtype or out_dtype
+    f = {k: v.to(work) for k, v in frozen.tensors().items()}
+    t = {k: v.to(work) for k, v in target.tensors().items()}
+    depth, n_head, width = frozen.depth, frozen.n_head, frozen.width
+    a = {k: torch.zeros_like(f[k]) for k in ("wq", "wk", "wv", "wo")}
+    b = {k: torch.zeros_like(f[k]) for k in ("wq", "wk", "wv", "wo")}
+    b1, b2 = t["b1"].clone(), torch.zeros_like(t["b2"])
+    calibrate = torch.eye(width, dtype=work, device=f["wq"].device)  # C_l
+    for l in range(depth):
+        to_target_hidden = torch.linalg.solve(f["w1"][l], t["w1"][l])  # W_1^{-1} W̄_1
+        for h in range(n_head):
+            # W_Q is the first layer and W_K^T the second: the K adapter is the transpose,
+            # (W_K^T + A B^T)^T = W_K + B A^T.
+            kq = calibrate.mT @ t["wk"][l, h].mT @ t["wq"][l, h] @ calibrate
+            ka, kb = linear_construction(kq, torch.stack([f["wq"][l, h], f["wk"][l, h].mT]), rank)
+            a["wq"][l, h], b["wq"][l, h] = ka[0], kb[0]
+            a["wk"][l, h], b["wk"][l, h] = kb[1], ka[1]
+            ov = to_target_hidden @ t["wo"][l, h] @ t["wv"][l, h] @ calibrate
+            va, vb = linear_construction(ov, torch.stack([f["wv"][l, h], f["wo"][l, h]]), rank)
+            a["wv"][l, h], b["wv"][l, h] = va[0], vb[0]
+            a["wo"][l, h], b["wo"][l, h] = va[1], vb[1]
+        if l < depth - 1:
+            b2[l] = f["w2"][l] @ torch.linalg.solve(t["w2"][l], t["b2"][l])
+            calibrate = torch.linalg.solve(f["w2"][l], t["w2"][l], left=False)  # W̄_2 W_2^{-1}
+        else:
+            oa, ob = linear_construction(t["w_out"] @ t["w2"][l], torch.stack([f["w2"][l], f["w_out"]]), rank)
+            a["w2"], b["w2"] = oa[0], ob[0]
+            a["w_out"], b["w_out"] = oa[1], ob[1]
+            adapted_out = f["w_out"] + oa[1] @ ob[1].mT
+            b2[l] = torch.linalg.solve(adapted_out, t["w_out"] @ t["b2"][l])
+    masks = {k: column_mask(rank, (depth, n_head), width) for k in ("wq", "wk", "wv", "wo")}
+    masks["w2"], masks["w_out"] = column_mask(rank, (), width), column_mask(rank, (), width)
+    cast = lambda d: {k: v.to(out_dtype) for k, v in d.items()}
+    return LoRA(cast(a), cast(b), masks), b1.to(out_dtype), b2.to(out_dtype)

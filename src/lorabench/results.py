@@ -1,0 +1,156 @@
+"""Result rows <-> Parquet, with a versioned schema checked on write and on read.
+
+A Parquet file is the contract between training and figures: every row carries its full
+config, its hash, the protocol, versions, device and wall time. Files are written to a
+temporary name in the target folder and renamed, so a file either exists whole or not at
+all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Union
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import RunConfig
+
+SCHEMA_VERSION = "1"
+SCHEMA_KEY = b"lorabench.schema_version"
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be used; the message names the file and the problem."""
+
+
+def _config_field_type(field: dataclasses.Field) -> pa.DataType:
+    if field.name == "n_train":
+        return pa.int64()
+    default = field.default
+    if isinstance(default, str):
+        return pa.string()
+    if isinstance(default, float):
+        return pa.float64()
+    return pa.int64()
+
+
+_CONFIG_FIELDS = [pa.field(f.name, _config_field_type(f), nullable=f.name == "n_train") for f in dataclasses.fields(RunConfig)]
+
+_RESULT_FIELDS = [
+    pa.field("experiment", pa.string()),  # the workflow's experiment name; null for CLI runs
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),  # construction | last | best
+    pa.field("test_loss", pa.float64()),
+    pa.field("test_shift_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("train_loss", pa.float64()),
+    pa.field("test_accuracy", pa.float64()),
+    pa.field("test_shift_accuracy", pa.float64()),
+    pa.field("val_accuracy", pa.float64()),
+    pa.field("best_step", pa.int64()),
+    pa.field("diverged", pa.bool_(), nullable=False),
+    pa.field("diverged_step", pa.int64()),
+    pa.field("n_trainable_params", pa.int64(), nullable=False),
+    pa.field("threshold_rank", pa.int64(), nullable=False),
+    pa.field("pretrain_steps", pa.int64()),
+    pa.field("curve_steps", pa.list_(pa.int64())),
+    pa.field("train_curve", pa.list_(pa.float64())),
+    pa.field("val_curve", pa.list_(pa.float64())),
+    # provenance
+    pa.field("lorabench_version", pa.string(), nullable=False),
+    pa.field("torch_version", pa.string(), nullable=False),
+    pa.field("device", pa.string(), nullable=False),
+    pa.field("device_name", pa.string()),
+    pa.field("torch_threads", pa.int64()),
+    pa.field("wall_time_s", pa.float64(), nullable=False),
+    pa.field("cell_size", pa.int64(), nullable=False),
+]
+
+RUNS_SCHEMA = pa.schema(_CONFIG_FIELDS + _RESULT_FIELDS, metadata={SCHEMA_KEY: SCHEMA_VERSION.encode()})
+SELECTED_SCHEMA = pa.schema(
+    list(RUNS_SCHEMA) + [pa.field("n_candidates", pa.int64(), nullable=False), pa.field("n_excluded", pa.int64(), nullable=False)],
+    metadata={SCHEMA_KEY: SCHEMA_VERSION.encode()},
+)
+REQUIRED_PROVENANCE = ("config_hash", "seed", "protocol", "lorabench_version", "torch_version", "device", "wall_time_s")
+
+
+def rows_to_table(rows: Iterable[dict], schema: pa.Schema = RUNS_SCHEMA) -> pa.Table:
+    rows = list(rows)
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        extra = set(row) - names
+        if extra:
+            raise ResultsError(f"row {i} has columns outside the schema: {sorted(extra)}")
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    try:
+        table = pa.table(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ResultsError(f"result rows do not match the schema: {error}") from None
+    validate_table(table, "result rows")
+    return table
+
+
+def validate_table(table: pa.Table, where: str, schema: pa.Schema = RUNS_SCHEMA) -> None:
+    for field in schema:
+        if field.name not in table.column_names:
+            raise ResultsError(f"{where}: missing column {field.name!r}")
+        if not table.schema.field(field.name).type.equals(field.type):
+            raise ResultsError(
+                f"{where}: column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}"
+            )
+        if not field.nullable and table.column(field.name).null_count:
+            raise ResultsError(f"{where}: column {field.name!r} has missing values")
+
+
+def atomic_write_table(table: pa.Table, path: Union[str, os.PathLike]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_rows(rows: Iterable[dict], path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> None:
+    atomic_write_table(rows_to_table(rows, schema), path)
+
+
+def check_writable(path: Union[str, os.PathLike]) -> None:
+    """Fail before any work if the folder of ``path`` cannot take a new file."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ResultsError(f"cannot create results folder {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ResultsError(f"results folder {folder} is not writable")
+
+
+def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> pa.Table:
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such results file") from None
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ResultsError(f"{path}: not a readable Parquet file ({error})") from None
+    version = (table.schema.metadata or {}).get(SCHEMA_KEY)
+    expected = (schema.metadata or {}).get(SCHEMA_KEY)
+    if version != expected:
+        found = version.decode() if version else "none"
+        raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()}")
+    validate_table(table, str(path), schema)
+    return table
+
+
+def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> pd.DataFrame:
+    return read_table(path, schema).to_pandas()

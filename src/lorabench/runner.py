@@ -1,0 +1,264 @@
+"""Run configurations: group them into cells, build models, construct or train, evaluate.
+
+Each configuration yields result rows (plain dicts) carrying the full config, its hash,
+the protocol, versions, device and timings, so a row alone says where a number came from.
+Gradient runs yield two rows, ``checkpoint = last`` (the final state, the authors'
+choice) and ``checkpoint = best`` (the state with the lowest validation loss); the
+construction yields one row, ``checkpoint = construction``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from . import __version__, data, rng, theory
+from .adapters import LoRA, apply_lora, layer_ranks, lora_parameter_count
+from .config import RunConfig
+from .construction import fnn_construction, tfn_construction
+from .generation import Models, generate_models
+from .models import FNN
+from .train import (
+    PaperStream,
+    ReferenceFNNStream,
+    ReferenceTFNStream,
+    evaluate,
+    fnn_trainable,
+    stack_lora,
+    stack_models,
+    tfn_trainable,
+    train_cell,
+)
+
+# Configurations of one cell may differ only in these settings.
+CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
+MAX_CELL = {"fnn": 512, "tfn": 64}  # configs trained together; bounds a cell's memory
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def cell_key(cfg: RunConfig) -> RunConfig:
+    return cfg.replace(**{name: RunConfig.__dataclass_fields__[name].default for name in CELL_VARYING})
+
+
+def cells(cfgs: Iterable[RunConfig]) -> list[list[RunConfig]]:
+    """Group configs into cells (same seed and model family, same method), in first-seen
+    order, split to at most MAX_CELL configs."""
+    groups: "OrderedDict[RunConfig, list[RunConfig]]" = OrderedDict()
+    for cfg in cfgs:
+        groups.setdefault(cell_key(cfg), []).append(cfg)
+    out = []
+    for members in groups.values():
+        size = MAX_CELL[members[0].exp]
+        out.extend(members[i : i + size] for i in range(0, len(members), size))
+    return out
+
+
+class ModelCache:
+    """Models are generated once per seed and family (paper protocol: the rank only
+    changes the adapters' initialisation; reference protocol: the rank changes the
+    authors' random-number order, so it is part of the key)."""
+
+    def __init__(self):
+        self._cache: dict[RunConfig, Models] = {}
+
+    def get(self, cfg: RunConfig) -> Models:
+        neutral = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1)
+        if cfg.protocol == "paper":
+            neutral.update(rank=1, rank_step=0)
+        key = cfg.replace(**neutral)
+        if key not in self._cache:
+            self._cache[key] = generate_models(key if cfg.protocol == "paper" else cfg)
+        models = self._cache[key]
+        if cfg.protocol == "paper":
+            lora = LoRA.gaussian_init(cfg, rng.generator(cfg.seed, "lora_init"), layer_ranks(cfg))
+            models = replace(models, lora_init=lora)
+        return models
+
+
+def provenance(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "lorabench_version": __version__,
+        "torch_version": torch.__version__,
+        "device": device.type,
+        "device_name": name,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def trainable_parameter_count(cfg: RunConfig) -> int:
+    if cfg.method == "flt":
+        return cfg.last_layers * (cfg.width**2 + cfg.width)
+    count = lora_parameter_count(cfg)
+    if cfg.tune_bias and (cfg.use_bias or cfg.exp == "tfn"):
+        count += (cfg.frozen_depth if cfg.exp == "fnn" else 2 * cfg.target_depth) * cfg.width
+    return count
+
+
+def threshold_rank(cfg: RunConfig) -> int:
+    if cfg.exp == "tfn":
+        return theory.tfn_threshold_rank(cfg.width)
+    return theory.fnn_threshold_rank(cfg.width, cfg.frozen_depth, cfg.target_depth)
+
+
+def _base_row(cfg: RunConfig, models: Models, device: torch.device) -> dict:
+    row = cfg.to_dict()
+    row.update(
+        config_hash=cfg.config_hash(),
+        n_trainable_params=trainable_parameter_count(cfg),
+        threshold_rank=threshold_rank(cfg),
+        pretrain_steps=models.pretrain_steps,
+    )
+    row.update(provenance(device))
+    return row
+
+
+def _metrics(model, target, sets: data.EvalSets, cfg: RunConfig, device) -> list[dict]:
+    """Test, shifted test and validation metrics of stacked models, one dict per config."""
+    out = {}
+    for name, x in (("test", sets.test), ("test_shift", sets.test_shift), ("val", sets.val)):
+        result = evaluate(model, target, x.to(device), cfg.task)
+        out[f"{name}_loss"] = result["loss"]
+        if "accuracy" in result:
+            out[f"{name}_accuracy"] = result["accuracy"]
+    n = next(iter(out.values())).shape[0]
+    return [{k: float(v[c]) for k, v in out.items()} for c in range(n)]
+
+
+def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> dict:
+    start = time.perf_counter()
+    frozen, target = models.frozen, models.target
+    # The paper's construction is linear algebra; float64 keeps it exact where theory
+    # says it is, and the adapted model is then evaluated in float32 like every other.
+    # The reference protocol computes in float32 as the authors' code does.
+    dtype = torch.float64 if cfg.protocol == "paper" else torch.float32
+    f64 = lambda m: _cast(m, dtype)
+    if isinstance(frozen, FNN):
+        calibration = data.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
+        lora, biases = fnn_construction(
+            f64(frozen), f64(target), cfg.rank, calibration, authors_bias_propagation=cfg.protocol == "reference"
+        )
+        adapted = apply_lora(replace(f64(frozen), biases=biases), lora)
+    else:
+        lora, b1, b2 = tfn_construction(f64(frozen), f64(target), cfg.rank)
+        adapted = apply_lora(replace(f64(frozen), b1=b1, b2=b2), lora)
+    adapted = _cast(adapted, torch.float32).to(device)
+    sets = data.eval_sets(cfg)
+    row = _base_row(cfg, models, device)
+    row.update(_metrics(adapted, target.to(device), sets, cfg, device)[0])
+    row.update(
+        checkpoint="construction",
+        train_loss=None,
+        best_step=None,
+        diverged=False,
+        diverged_step=None,
+        wall_time_s=time.perf_counter() - start,
+        cell_size=1,
+        curve_steps=[],
+        train_curve=[],
+        val_curve=[],
+    )
+    return row
+
+
+def _cast(model, dtype):
+    if isinstance(model, FNN):
+        return replace(model, weights=model.weights.to(dtype), biases=None if model.biases is None else model.biases.to(dtype))
+    return replace(model, **{k: v.to(dtype) for k, v in model.tensors().items()})
+
+
+def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.device, progress) -> list[dict]:
+    start = time.perf_counter()
+    cfg = cell[0]
+    all_models = [cache.get(c) for c in cell]
+    target = all_models[0].target.to(device)
+    frozen = stack_models([m.frozen for m in all_models]).to(device)
+    lora = stack_lora([m.lora_init for m in all_models]).to(device)
+    make = fnn_trainable if cfg.exp == "fnn" else tfn_trainable
+    trainable = make(cell, frozen, lora)
+    sets = data.eval_sets(cfg)
+    x_train = None
+    if cfg.n_train is not None:
+        x_train = all_models[0].x_train if cfg.protocol == "paper" else torch.stack([m.x_train for m in all_models])
+    if cfg.protocol == "paper":
+        stream = PaperStream(cfg, target, sets, x_train, device)
+    elif cfg.exp == "fnn":
+        stream = ReferenceFNNStream(cfg, target, sets, x_train, len(cell), device)
+    else:
+        stream = ReferenceTFNStream(cfg, target, x_train, len(cell), device)
+    result = train_cell(cell, trainable, stream, progress)
+    train_seconds = time.perf_counter() - start
+
+    rows = []
+    for checkpoint, params, val in (("last", result.last, result.last_val), ("best", result.best, result.best_val)):
+        metrics = []
+        chunk = 16 if cfg.exp == "tfn" else 128
+        model = trainable.build(params)
+        for begin in range(0, len(cell), chunk):
+            part = _slice_model(model, begin, begin + chunk)
+            metrics.extend(_metrics(part, target, sets, cfg, device))
+        for c, member in enumerate(cell):
+            row = _base_row(member, all_models[c], device)
+            row.update(metrics[c])
+            diverged = bool(result.diverged_step[c] >= 0)
+            row.update(
+                checkpoint=checkpoint,
+                # The fixed-set validation loss seen during training (reference TFN: the
+                # authors' per-step batch), rather than the re-evaluation above.
+                val_loss=float(val[c]),
+                train_loss=float(result.last_train[c]),
+                best_step=int(result.best_step[c]),
+                diverged=diverged,
+                diverged_step=int(result.diverged_step[c]) if diverged else None,
+                wall_time_s=train_seconds / len(cell),
+                cell_size=len(cell),
+                curve_steps=list(result.curve_steps),
+                train_curve=result.train_curve[c].tolist(),
+                val_curve=result.val_curve[c].tolist(),
+            )
+            rows.append(row)
+    return rows
+
+
+def _slice_model(model, begin: int, end: int):
+    if isinstance(model, FNN):
+        return replace(model, weights=model.weights[begin:end], biases=None if model.biases is None else model.biases[begin:end])
+    return replace(model, **{k: v[begin:end] for k, v in model.tensors().items()})
+
+
+def run_configs(
+    cfgs: Iterable[RunConfig],
+    device: str = "auto",
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> Iterator[dict]:
+    """Run validated configs; yields result rows, cell by cell.
+
+    ``progress(label, done, total)`` is called as steps complete.
+    """
+    cfgs = [c.validated() for c in cfgs]
+    dev = resolve_device(device)
+    cache = ModelCache()
+    constructions = [c for c in cfgs if c.method == "ours"]
+    for i, cfg in enumerate(constructions):
+        yield _run_construction(cfg, cache.get(cfg), dev)
+        if progress:
+            progress("construction", i + 1, len(constructions))
+    gradient_cells = cells(c for c in cfgs if c.method != "ours")
+    total = sum(cell[0].n_epochs for cell in gradient_cells)
+    done = 0
+    for cell in gradient_cells:
+        tick = (lambda step, offset=done: progress("training", offset + step, total)) if progress else None
+        yield from _run_gradient_cell(cell, cache, dev, tick)
+        done += cell[0].n_epochs

@@ -1,0 +1,99 @@
+"""The paper's theory as numbers a program can evaluate.
+
+Symbols: D width, L frozen depth, Lbar target depth, R rank per layer (R_l per-layer
+ranks), E = W̄ - W_L ... W_1 the discrepancy, sigma_i its singular values in decreasing
+order (sigma_i = 0 for i > D). MSEs are torch's mean over the batch and the D output
+coordinates, in expectation over x ~ N(0, I_D).
+
+Not here: the paper's FNN approximation bound below the threshold (expected Euclidean
+error, INVENTORY 3.2). Its constants could not be checked against the paper's text, so
+only the Lbar = 1 MSE bound, which follows from Lemma 1, is provided.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .generation import group_product, partition
+from .models import FNN
+
+Ranks = Union[int, list[int]]
+
+
+# ------------------------------------------------------------------ thresholds
+def fnn_threshold_rank(width: int, frozen_depth: int, target_depth: int) -> int:
+    """Smallest R exact for a generic FNN pair: ceil(D / floor(L / Lbar))."""
+    return math.ceil(width / (frozen_depth // target_depth))
+
+
+def tfn_threshold_rank(width: int) -> int:
+    """Smallest R exact for a generic TFN pair: ceil(D / 2)."""
+    return math.ceil(width / 2)
+
+
+def linear_threshold_rank(discrepancy: Tensor, frozen_depth: int) -> int:
+    """Smallest R exact for the linear model: ceil(rank(E) / L); discrepancy E: (D, D).
+    The rank is numerical (torch.linalg.matrix_rank's default tolerance)."""
+    return math.ceil(int(torch.linalg.matrix_rank(discrepancy)) / frozen_depth)
+
+
+# ---------------------------------------------------------------- linear model
+def discrepancy(frozen_weights: Tensor, target_weight: Tensor) -> Tensor:
+    """E = W̄ - W_L ... W_1; frozen_weights: (L, D, D) (index 0 applied first),
+    target_weight: (D, D) -> (D, D)."""
+    return target_weight - group_product(frozen_weights, range(frozen_weights.shape[0]))
+
+
+def _total_rank(rank: Ranks, depth: int) -> int:
+    return rank * depth if isinstance(rank, int) else sum(rank)
+
+
+def linear_optimal_mse(frozen_weights: Tensor, target_weight: Tensor, rank: Ranks) -> float:
+    """(1/D) sum_{i > r} sigma_i(E)^2, r = R L (or sum_l R_l): the expected MSE on N(0, I)
+    inputs of the best rank-r correction, which the construction attains (Lemma 1).
+    frozen_weights: (L, D, D); target_weight: (D, D)."""
+    depth, width = frozen_weights.shape[0], frozen_weights.shape[-1]
+    sigma = torch.linalg.svdvals(discrepancy(frozen_weights, target_weight))
+    return float((sigma[_total_rank(rank, depth):] ** 2).sum() / width)
+
+
+def linear_optimal_spectral_error(frozen_weights: Tensor, target_weight: Tensor, rank: Ranks) -> float:
+    """sigma_{r+1}(E), r = R L (or sum_l R_l), 0 when r >= D: Lemma 1's minimal spectral
+    error. frozen_weights: (L, D, D); target_weight: (D, D)."""
+    depth, width = frozen_weights.shape[0], frozen_weights.shape[-1]
+    total = _total_rank(rank, depth)
+    if total >= width:
+        return 0.0
+    return float(torch.linalg.svdvals(discrepancy(frozen_weights, target_weight))[total])
+
+
+def uniform_singular_value_mse(s: float, width: int, frozen_depth: int, rank: int) -> float:
+    """s^2 (D - R L)_+ / D: the linear optimum when every sigma_i(E) equals s (the
+    'uniform_singular_values' init), linear in R."""
+    return s**2 * max(width - rank * frozen_depth, 0) / width
+
+
+# ------------------------------------------------------------------------- FNN
+def fnn_group_singular_values(frozen: FNN, target: FNN) -> Tensor:
+    """sigma(W̄_i - prod_{l in P_i} W_l) for each group P_i of the uniform partition:
+    (Lbar, D). The construction's error below the threshold grows with their tails."""
+    groups = partition(frozen.depth, target.depth)
+    return torch.stack(
+        [torch.linalg.svdvals(target.weights[i] - group_product(frozen.weights, g)) for i, g in enumerate(groups)]
+    )
+
+
+def fnn_single_layer_mse_bound(frozen: FNN, target: FNN, rank: Ranks) -> float:
+    """(1/D) sum_{i > R L} sigma_i(E)^2 for a one-layer target (Lbar = 1).
+
+    Bounds the construction's expected MSE on N(0, I) inputs whenever the frozen model's
+    inner ReLUs stay active: the adapted model is then ReLU((W̄ - E_tail) x + b̄), and the
+    ReLU is 1-Lipschitz per coordinate, so the error is at most that of the linear part.
+    """
+    if target.depth != 1:
+        raise ValueError(f"the bound is for a one-layer target, got target depth {target.depth}")
+    return linear_optimal_mse(frozen.weights, target.weights[0], rank)

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from lorabench.config import RunConfig
+from lorabench.runner import run_configs
+from lorabench.train import BatchedAdam
+
+FNN_CELL = dict(width=8, target_depth=1, frozen_depth=2, batch_size=64, n_test=500, n_epochs=40, method="sgd", seed=3)
+
+
+def test_batched_adam_matches_torch_adam_step_for_step():
+    gen = torch.Generator().manual_seed(0)
+    lrs, wds = [1e-2, 1e-3, 3e-2], [0.0, 1e-2, 1e-4]
+    start = torch.randn(3, 5, 4, generator=gen)
+    targets = torch.randn(3, 5, 4, generator=gen)
+    mask = torch.ones(3, 1, 1)
+    ours = BatchedAdam(lrs, wds, {"p": mask})
+    params = {"p": start.clone()}
+    references = [start[c].clone().requires_grad_(True) for c in range(3)]
+    optimizers = [torch.optim.Adam([references[c]], lr=lrs[c], weight_decay=wds[c]) for c in range(3)]
+    for _ in range(25):
+        leaf = params["p"].clone().requires_grad_(True)
+        loss = ((leaf - targets) ** 3).abs().sum()
+        (grad,) = torch.autograd.grad(loss, [leaf])
+        params = ours.step(params, {"p": grad}, torch.ones(3, dtype=torch.bool))
+        for c in range(3):
+            optimizers[c].zero_grad()
+            ((references[c] - targets[c]) ** 3).abs().sum().backward()
+            optimizers[c].step()
+            torch.testing.assert_close(params["p"][c], references[c].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_masked_entries_and_inactive_configs_never_move():
+    ours = BatchedAdam([1e-1, 1e-1], [1e-2, 1e-2], {"p": torch.tensor([1.0, 0.0]).view(1, 2)})
+    params = {"p": torch.ones(2, 2)}
+    new = ours.step(params, {"p": torch.ones(2, 2)}, torch.tensor([True, False]))["p"]
+    assert new[0, 0] != 1.0
+    assert new[0, 1] == 1.0 and torch.equal(new[1], torch.ones(2))
+
+
+def _rows(cfgs, checkpoint="last"):
+    return {(r["rank"], r["lr"], r["weight_decay"], r["tune_bias"]): r for r in run_configs(cfgs, device="cpu") if r["checkpoint"] == checkpoint}
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_config_alone_equals_config_inside_a_cell(protocol):
+    base = RunConfig(**FNN_CELL, protocol=protocol)
+    alone = base.replace(rank=3, lr=1e-2, weight_decay=1e-3)
+    cell = [base.replace(rank=r, lr=lr, weight_decay=wd, tune_bias=tb)
+            for r in (1, 3, 8) for lr in (1e-2, 1e-3) for wd in (0.0, 1e-3) for tb in (0, 1)]
+    single = _rows([alone])[(3, 1e-2, 1e-3, 1)]
+    batched = _rows(cell)[(3, 1e-2, 1e-3, 1)]
+    for key in ("test_loss", "test_shift_loss", "val_loss", "train_loss"):
+        assert math.isclose(single[key], batched[key], rel_tol=1e-6), key
+    assert batched["cell_size"] == len(cell) and single["cell_size"] == 1
+
+
+def test_tfn_config_alone_equals_config_inside_a_cell():
+    base = RunConfig(exp="tfn", width=8, target_depth=1, frozen_depth=1, n_head=2, seq_length=4, batch_size=32,
+                     n_test=200, n_epochs=15, method="sgd", seed=1)
+    alone = base.replace(rank=2, lr=1e-2)
+    cell = [base.replace(rank=r, lr=lr) for r in (1, 2, 4) for lr in (1e-2, 1e-3)]
+    single = _rows([alone])[(2, 1e-2, 0.0, 1)]
+    batched = _rows(cell)[(2, 1e-2, 0.0, 1)]
+    for key in ("test_loss", "val_loss", "train_loss"):
+        assert math.isclose(single[key], batched[key], rel_tol=1e-6), key
+
+
+def test_diverging_config_is_recorded_and_the_others_go_on():
+    base = RunConfig(**FNN_CELL, rank=2)
+    rows = _rows([base.replace(lr=1e-2), base.replace(lr=1e9)])
+    good, bad = rows[(2, 1e-2, 0.0, 1)], rows[(2, 1e9, 0.0, 1)]
+    assert bad["diverged"] and bad["diverged_step"] >= 1
+    assert not good["diverged"] and math.isfinite(good["test_loss"])
+    alone = _rows([base.replace(lr=1e-2)])[(2, 1e-2, 0.0, 1)]
+    assert math.isclose(alone["test_loss"], good["test_loss"], rel_tol=1e-6)
+
+
+def test_training_reduces_loss_and_best_checkpoint_has_lowest_validation():
+    cfg = RunConfig(**FNN_CELL, rank=4, lr=1e-2).replace(curve_every=5)
+    rows = list(run_configs([cfg], device="cpu"))
+    last = next(r for r in rows if r["checkpoint"] == "last")
+    best = next(r for r in rows if r["checkpoint"] == "best")
+    assert last["train_curve"][-1] < last["train_curve"][0]
+    assert best["val_loss"] <= min(last["val_curve"]) + 1e-12
+    assert 1 <= best["best_step"] <= cfg.n_epochs
