@@ -14,12 +14,20 @@ padded: the columns beyond a matrix's rank are zero, and the returned ``LoRA`` m
 * ``tfn_construction``: the TFN theorem. W_K^T W_Q, W_O W_V and (last block) W_o W_2 are
   products of two matrices, each matched with the linear construction at L = 2.
 
-Precision: exactness above the threshold holds up to rounding in the solves. Compute in
-float64 (pass float64 models, or ``dtype=torch.float64``): in float32 the FNN
-constructions are exact to ~1e-7..1e-10 MSE, but the depth-2 TFN construction, which
-chains inverses of N(0, 1) attention products, only reaches ~1e-5 relative error (the
-authors' float32 numbers: MSE ~1e-2 at R >= D/2, INVENTORY 4.1). With ``dtype`` given,
-the computation runs in that dtype and the results are cast back to the models' dtype.
+Precision: exactness above the threshold holds up to rounding, and the constructions
+invert products of frozen matrices, so rounding grows with their condition number.
+Compute in float64 (pass float64 models, or ``dtype=torch.float64``; with ``dtype`` the
+computation runs in that dtype and the results are cast back to the models' dtype).
+Measured at D = 16 above the threshold (relative MSE = MSE / mean target output^2):
+
+* FNN, L <= 6 with PyTorch's default init: float64 ~1e-20, float32 ~1e-8 (L <= 4).
+* FNN, L = 8 with the default init: a product of 7 frozen layers has condition number
+  ~1e13 and the large biases grow geometrically through the group, so even float64 fails
+  (relative MSE 1e-5 to 1e20). The authors never ran the construction beyond L = 4.
+* TFN, depth 2: float64 ~1e-17; in float32 1e-7 to 4e-2 depending on the seed (the
+  adapted weights reach ~1e5, and merely rounding the exact float64 adapted weights to
+  float32 costs that much). The authors' float32 numbers: MSE ~1e-2 at R >= D/2
+  (INVENTORY 4.1). Depth 1: float32 ~1e-8.
 
 The functions take one configuration (no leading batch dimensions) and use no randomness:
 the FNN calibration inputs are passed in.
@@ -119,7 +127,7 @@ def fnn_construction(
     for i, group in enumerate(groups):
         layers = slice(group.start, group.stop)
         a[layers], b[layers] = linear_construction(target.weights[i].to(work), weights[layers], ranks[layers])
-    mask = column_mask(ranks, (frozen.depth,), frozen.width)
+    mask = column_mask(ranks, (frozen.depth,), frozen.width).to(weights.device)
     lora = LoRA({"weights": a.to(out_dtype)}, {"weights": b.to(out_dtype)}, {"weights": mask})
     if frozen.biases is None:
         return lora, None
@@ -194,7 +202,8 @@ def tfn_construction(frozen: TFN, target: TFN, rank: int, *, dtype: Optional[tor
             a["w_out"], b["w_out"] = oa[1], ob[1]
             adapted_out = f["w_out"] + oa[1] @ ob[1].mT
             b2[l] = torch.linalg.solve(adapted_out, t["w_out"] @ t["b2"][l])
-    masks = {k: column_mask(rank, (depth, n_head), width) for k in ("wq", "wk", "wv", "wo")}
-    masks["w2"], masks["w_out"] = column_mask(rank, (), width), column_mask(rank, (), width)
+    device = calibrate.device
+    masks = {k: column_mask(rank, (depth, n_head), width).to(device) for k in ("wq", "wk", "wv", "wo")}
+    masks["w2"], masks["w_out"] = column_mask(rank, (), width).to(device), column_mask(rank, (), width).to(device)
     cast = lambda d: {k: v.to(out_dtype) for k, v in d.items()}
     return LoRA(cast(a), cast(b), masks), b1.to(out_dtype), b2.to(out_dtype)

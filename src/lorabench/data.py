@@ -42,7 +42,8 @@ def task_loss(pred: Tensor, target: Tensor, task: str) -> Tensor:
     summed into two halves.
     """
     if task == "regression":
-        return (pred - target).pow(2).flatten(1).mean(dim=1)
+        residual = pred - target
+        return (residual * residual).flatten(1).mean(dim=1)
     log_probs = torch.log_softmax(_logits(pred, task), dim=-1)
     return -(_logits(target, task) * log_probs).sum(dim=-1).mean(dim=-1)
 

@@ -148,11 +148,14 @@ def _random_tfn(cfg: RunConfig, gen: torch.Generator, lora_rank: Optional[int] =
 
 # ---------------------------------------------------------------- pretraining
 def dropout_with(gen: torch.Generator, p: float):
-    """Dropout drawing its mask from ``gen`` the way torch's CPU dropout draws it."""
+    """Dropout drawing its mask from ``gen`` the way torch's CPU dropout draws it: in the
+    memory order of the tensor it drops (token-major for the authors' second site)."""
 
-    def drop(x: Tensor) -> Tensor:
-        noise = torch.empty_like(x).bernoulli_(1 - p, generator=gen)
-        return x * noise.div_(1 - p)
+    def drop(x: Tensor, token_major: bool = False) -> Tensor:
+        shape = (*x.shape[:-2], x.shape[-1], x.shape[-2]) if token_major else x.shape
+        noise = torch.empty(shape, dtype=x.dtype).bernoulli_(1 - p, generator=gen).div_(1 - p)
+        noise = noise.transpose(-1, -2) if token_major else noise
+        return x * noise.to(x.device)
 
     return drop
 

@@ -26,8 +26,10 @@ from torch import Tensor
 
 ACTIVATIONS = ("relu", "linear")
 
-# A dropout callback receives the tensor to drop and returns it masked and rescaled.
-Dropout = Optional[Callable[[Tensor], Tensor]]
+# A dropout callback receives the tensor to drop, laid out (..., B, D, N), and whether the
+# authors' tensor at that point is stored token-major (B, N, D) in memory, which fixes the
+# order its mask is drawn in; it returns the tensor masked and rescaled.
+Dropout = Optional[Callable[[Tensor, bool], Tensor]]
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,19 @@ def fnn_forward(model: FNN, x: Tensor) -> Tensor:
     Leading dimensions of the weights and of x broadcast (per-configuration weights with a
     shared input batch give one output per configuration).
     """
+    stacked = model.weights.dim() == 4 and x.dim() in (2, 3)
+    if stacked:  # (C, L, D, D): one batched multiply-add per layer, the hot path
+        x = x if x.dim() == 3 else x.expand(model.weights.shape[0], *x.shape)
     for layer in range(model.depth):
-        weight = model.weights[..., layer, :, :]
-        x = x @ weight.transpose(-1, -2)
-        if model.biases is not None:
-            x = x + model.biases[..., layer, None, :]
-        x = activate(x, model.activation)
+        weight_t = model.weights[..., layer, :, :].transpose(-1, -2)
+        if stacked and model.biases is not None:
+            x = torch.baddbmm(model.biases[:, layer].unsqueeze(1), x, weight_t)
+        else:
+            x = x @ weight_t
+            if model.biases is not None:
+                x = x + model.biases[..., layer, None, :]
+        # In place: neither product needs its output for the backward pass.
+        x = torch.relu_(x) if model.activation == "relu" else x
     return x
 
 
@@ -116,51 +125,58 @@ class TFN:
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
 
-def _layer_norm_over_width(x: Tensor) -> Tensor:
-    # The authors' LayerNorm keeps its initial affine parameters (1, 0): they are never
-    # trained, so a parameter-free normalisation over D is the same function.
-    return torch.nn.functional.layer_norm(x.transpose(-1, -2), (x.shape[-2],)).transpose(-1, -2)
+def _layer_norm_over_width(h: Tensor) -> Tensor:
+    """LayerNorm over D for hidden states laid out (..., D, B, N).
 
-
-def attention(wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, x: Tensor) -> Tensor:
-    """Multi-head attention of one block, summed over heads.
-
-    wq..wo: (..., H, D, D); x: (..., B, D, N) -> (..., B, D, N).
+    The authors' LayerNorm keeps its initial affine parameters (1, 0): they are never
+    trained, so a parameter-free normalisation is the same function.
     """
-    x = x.unsqueeze(-4)  # (..., 1, B, D, N): broadcast over heads
-    heads = lambda w: w.unsqueeze(-3)  # (..., H, 1, D, D): broadcast over the batch
-    query = heads(wq) @ x
-    key = heads(wk) @ x
-    scores = key.transpose(-1, -2) @ query  # (..., H, B, N_key, N_query)
-    weights = torch.softmax(scores, dim=-2)
-    out = heads(wo) @ ((heads(wv) @ x) @ weights)
-    return out.sum(dim=-4)
+    mean = h.mean(dim=-3, keepdim=True)
+    centred = h - mean
+    variance = (centred * centred).mean(dim=-3, keepdim=True)
+    return centred / torch.sqrt(variance + 1e-5)
 
 
 def tfn_forward(model: TFN, x: Tensor, dropout: Dropout = None) -> Tensor:
     """Output of the TFN; x: (..., B, D, N) -> (..., B, D, N).
 
-    ``dropout`` is only used by the residual variant in training mode; pass None to
-    evaluate.
+    Weights may be stacked per configuration (a leading C) with x shared (B, D, N) or
+    per configuration (C, B, D, N). Internally hidden states are laid out (C, D, B, N) so
+    that every weight multiplies all B*N tokens in one matrix product, and each head's
+    score matrix uses the merged products W_K^T W_Q and W_O W_V (the same function as
+    the paper's per-factor form). ``dropout(t, token_major)`` is only used by the
+    residual variant in training; pass None to evaluate.
     """
-    drop = dropout if (model.residual and dropout is not None) else (lambda t: t)
-    per_block = lambda w, layer: w[..., layer, :, :]
+    stacked = model.wq.dim() == 5
+    if not stacked and x.dim() > 3:  # one model, several input sets: fold them into B
+        out = tfn_forward(model, x.reshape(-1, *x.shape[-2:]), dropout)
+        return out.reshape(*x.shape[:-2], *out.shape[-2:])
+    c = "c" if stacked else ""
+    h = x.movedim(-2, -3)  # (..., D, B, N)
+
+    def drop(t: Tensor, token_major: bool) -> Tensor:
+        if not (model.residual and dropout is not None):
+            return t
+        return dropout(t.movedim(-3, -2), token_major).movedim(-2, -3)
+
     for layer in range(model.depth):
-        attended = attention(
-            model.wq[..., layer, :, :, :],
-            model.wk[..., layer, :, :, :],
-            model.wv[..., layer, :, :, :],
-            model.wo[..., layer, :, :, :],
-            x,
-        )
+        hc = "c" if h.dim() == 4 else ""
+        pick = lambda w: w[..., layer, :, :, :]
+        scores_w = pick(model.wk).transpose(-1, -2) @ pick(model.wq)  # (..., H, D, D)
+        values_w = pick(model.wo) @ pick(model.wv)
+        queries = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", scores_w, h)
+        scores = torch.einsum(f"{hc}dbk,{c}hdbq->{c}hbkq", h, queries)
+        weights = torch.softmax(scores, dim=-2)  # over the keys: each query column sums to 1
+        values = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", values_w, h)
+        attended = torch.einsum(f"{c}hdbk,{c}hbkq->{c}dbq", values, weights)
         if model.residual:
-            attended = _layer_norm_over_width(x + drop(attended))
-        hidden = torch.relu(
-            per_block(model.w1, layer).unsqueeze(-3) @ attended
-            + model.b1[..., layer, None, :, None]
-        )
-        out = per_block(model.w2, layer).unsqueeze(-3) @ hidden + model.b2[..., layer, None, :, None]
+            attended = _layer_norm_over_width(h + drop(attended, False))
+        w1, w2 = model.w1[..., layer, :, :], model.w2[..., layer, :, :]
+        b1, b2 = model.b1[..., layer, :, None, None], model.b2[..., layer, :, None, None]
+        hidden = torch.relu(torch.einsum(f"{c}ed,{c}dbn->{c}ebn", w1, attended) + b1)
+        out = torch.einsum(f"{c}ed,{c}dbn->{c}ebn", w2, hidden) + b2
         if model.residual:
-            out = _layer_norm_over_width(attended + drop(out))
-        x = out
-    return model.w_out.unsqueeze(-3) @ x
+            out = _layer_norm_over_width(attended + drop(out, True))
+        h = out
+    hc = "c" if h.dim() == 4 else ""
+    return torch.einsum(f"{c}ed,{hc}dbn->{c}ebn", model.w_out, h).movedim(-3, -2)

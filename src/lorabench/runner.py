@@ -13,7 +13,7 @@ import platform
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -65,19 +65,26 @@ def cells(cfgs: Iterable[RunConfig]) -> list[list[RunConfig]]:
     return out
 
 
-class ModelCache:
-    """Models are generated once per seed and family (paper protocol: the rank only
-    changes the adapters' initialisation; reference protocol: the rank changes the
-    authors' random-number order, so it is part of the key)."""
+def model_key(cfg: RunConfig) -> RunConfig:
+    """The config that names ``cfg``'s models: its settings that model generation reads
+    (paper protocol: the rank only changes the adapters' initialisation; reference
+    protocol: the rank changes the authors' random-number order, so it is part of the key).
+    ``generate_models(model_key(cfg))`` gives ``cfg``'s models."""
+    neutral = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1)
+    if cfg.protocol == "paper":
+        neutral.update(rank=1, rank_step=0)
+    return cfg.replace(**neutral)
 
-    def __init__(self):
-        self._cache: dict[RunConfig, Models] = {}
+
+class ModelCache:
+    """Models are generated once per model key (see ``model_key``). ``models`` preloads
+    the cache with pre-generated models (``{model_key(cfg): Models}``), e.g. from files."""
+
+    def __init__(self, models: Optional[Mapping[RunConfig, Models]] = None):
+        self._cache: dict[RunConfig, Models] = dict(models or {})
 
     def get(self, cfg: RunConfig) -> Models:
-        neutral = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1)
-        if cfg.protocol == "paper":
-            neutral.update(rank=1, rank_step=0)
-        key = cfg.replace(**neutral)
+        key = model_key(cfg)
         if key not in self._cache:
             self._cache[key] = generate_models(key if cfg.protocol == "paper" else cfg)
         models = self._cache[key]
@@ -205,7 +212,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     for checkpoint, params, val in (("last", result.last, result.last_val), ("best", result.best, result.best_val)):
         metrics = []
         chunk = 16 if cfg.exp == "tfn" else 128
-        model = trainable.build(params)
+        model = trainable.model(params)
         for begin in range(0, len(cell), chunk):
             part = _slice_model(model, begin, begin + chunk)
             metrics.extend(_metrics(part, target, sets, cfg, device))
@@ -242,14 +249,17 @@ def run_configs(
     cfgs: Iterable[RunConfig],
     device: str = "auto",
     progress: Optional[Callable[[str, int, int], None]] = None,
+    models: Optional[Mapping[RunConfig, Models]] = None,
 ) -> Iterator[dict]:
     """Run validated configs; yields result rows, cell by cell.
 
-    ``progress(label, done, total)`` is called as steps complete.
+    ``progress(label, done, total)`` is called as steps complete. ``models`` maps
+    ``model_key(cfg)`` to pre-generated models; configs whose key is absent get theirs
+    generated.
     """
     cfgs = [c.validated() for c in cfgs]
     dev = resolve_device(device)
-    cache = ModelCache()
+    cache = ModelCache(models)
     constructions = [c for c in cfgs if c.method == "ours"]
     for i, cfg in enumerate(constructions):
         yield _run_construction(cfg, cache.get(cfg), dev)

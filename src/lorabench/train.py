@@ -40,58 +40,87 @@ def _per_config(values: list[float], like: Tensor, ndim: int) -> Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (ndim - 1)))
 
 
+# ------------------------------------------------------------ flat parameters
+class Layout:
+    """Named tensors of shape (C, ...) stored side by side in one (C, P) tensor, so the
+    optimiser touches every trainable number of a cell in a handful of operations."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = dict(shapes)
+        self.offsets, offset = {}, 0
+        for name, shape in self.shapes.items():
+            size = math.prod(shape)
+            self.offsets[name] = (offset, offset + size)
+            offset += size
+        self.size = offset
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        C = flat.shape[0]
+        return {name: flat[:, a:b].view(C, *self.shapes[name]) for name, (a, b) in self.offsets.items()}
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        return torch.cat([tensors[name].reshape(tensors[name].shape[0], -1) for name in self.shapes], dim=1)
+
+
 # ------------------------------------------------------------------ batched Adam
 @dataclass
 class BatchedAdam:
     """torch.optim.Adam (L2 weight decay added to the gradient, bias correction, eps)
-    with a learning rate and a weight decay per configuration (leading dimension C).
+    with a learning rate and a weight decay per configuration, on (C, P) parameters.
 
-    ``masks`` (broadcastable to each parameter) freeze entries: a masked entry keeps its
-    value and its moments. ``active`` (C,) freezes whole configurations.
+    ``mask`` (broadcastable to (C, P)) marks the trainable entries; the others keep
+    their value (their moments stay zero, so the Adam update is exactly zero).
+    ``active`` (C,) freezes whole configurations (the diverged ones).
     """
 
     lr: list[float]
     weight_decay: list[float]
-    masks: dict[str, Tensor]
+    mask: Tensor
     step_count: int = 0
 
     def __post_init__(self):
-        self.exp_avg: dict[str, Tensor] = {}
-        self.exp_avg_sq: dict[str, Tensor] = {}
+        self.exp_avg: Optional[Tensor] = None
+        self.exp_avg_sq: Optional[Tensor] = None
 
-    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], active: Tensor) -> dict[str, Tensor]:
+    def step(self, param: Tensor, grad: Tensor, active: Tensor) -> Tensor:
+        if self.exp_avg is None:
+            self.exp_avg, self.exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+            self._lr = torch.tensor(self.lr, dtype=torch.float64).view(-1, 1)
+            self._wd = torch.tensor(self.weight_decay, dtype=param.dtype, device=param.device).view(-1, 1)
+            self._mask = self.mask.to(param.dtype).to(param.device)
         self.step_count += 1
         t = self.step_count
-        bias_correction1 = 1 - BETA1**t
-        bias_correction2_sqrt = math.sqrt(1 - BETA2**t)
-        updated = {}
-        for name, param in params.items():
-            grad = grads[name]
-            lr = _per_config(self.lr, param, param.ndim)
-            wd = _per_config(self.weight_decay, param, param.ndim)
-            grad = grad + wd * param
-            m = self.exp_avg.get(name, torch.zeros_like(param))
-            v = self.exp_avg_sq.get(name, torch.zeros_like(param))
-            m_new = torch.lerp(m, grad, 1 - BETA1)
-            v_new = v * BETA2 + (1 - BETA2) * grad * grad
-            denom = v_new.sqrt() / bias_correction2_sqrt + EPS
-            new = param - (lr / bias_correction1) * m_new / denom
-            keep = (self.masks[name] > 0) & active.view(-1, *([1] * (param.ndim - 1)))
-            updated[name] = torch.where(keep, new, param)
-            self.exp_avg[name] = torch.where(keep, m_new, m)
-            self.exp_avg_sq[name] = torch.where(keep, v_new, v)
-        return updated
+        # The same operations, in the same order, as torch.optim.Adam's single-tensor path.
+        grad = (grad + self._wd * param) * self._mask
+        self.exp_avg.lerp_(grad, 1 - BETA1)
+        self.exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+        step_size = (self._lr / (1 - BETA1**t)).to(param.dtype).to(param.device)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2**t)).add_(EPS)
+        new = param - step_size * self.exp_avg / denom
+        return torch.where(active.view(-1, 1), new, param)
 
 
 # -------------------------------------------------------------- parameterisations
 @dataclass(frozen=True)
 class Trainable:
-    """What a cell trains: initial tensors (C, ...), their update masks, and how they make
-    the adapted model."""
+    """What a cell trains: initial values (C, P) laid out by ``layout``, the mask of
+    trainable entries, how the named views make the adapted model, and optionally a
+    hand-written ``value_and_grad(flat, x, y) -> (loss (C,), grad (C, P))``."""
 
-    init: dict[str, Tensor]
-    masks: dict[str, Tensor]
+    layout: Layout
+    init: Tensor
+    mask: Tensor
     build: Callable[[dict[str, Tensor]], Model]
+    value_and_grad: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None
+
+    def model(self, flat: Tensor) -> Model:
+        return self.build(self.layout.views(flat))
+
+
+def _trainable(init: dict[str, Tensor], masks: dict[str, Tensor], build, value_and_grad=None) -> Trainable:
+    layout = Layout({k: tuple(v.shape[1:]) for k, v in init.items()})
+    mask = layout.flatten({k: masks[k].expand_as(init[k]) for k in init})
+    return Trainable(layout, layout.flatten(init), mask, build, value_and_grad)
 
 
 def stack_models(models: list[Model]) -> Model:
@@ -107,6 +136,47 @@ def stack_lora(adapters: list[LoRA]) -> LoRA:
     return LoRA(stack("a"), stack("b"), stack("mask"))
 
 
+def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Loss (C,) and its gradients w.r.t. the stacked weights (C, L, D, D) and biases
+    (C, L, D), by hand: the same products autograd would do, without its bookkeeping
+    (this is the hot loop of the whole benchmark).
+    """
+    weights, biases, relu = model.weights, model.biases, model.activation == "relu"
+    C, L = weights.shape[0], weights.shape[1]
+    outputs = []
+    h = x if x.dim() == 3 else x.expand(C, *x.shape)  # a batch shared by the cell
+    for layer in range(L):
+        wt = weights[:, layer].transpose(1, 2)
+        if biases is not None:
+            h = torch.baddbmm(biases[:, layer].unsqueeze(1), h, wt)
+        else:
+            h = torch.bmm(h, wt)
+        if relu:
+            h = h.clamp_min_(0)
+        outputs.append(h)
+    if task == "regression":  # d mean((h - y)^2) / dh, without autograd
+        residual = h - y
+        loss = (residual * residual).flatten(1).mean(dim=1)
+        grad = residual.mul_(2.0 / residual[0].numel())
+    else:
+        with torch.enable_grad():
+            out = h.detach().requires_grad_(True)
+            loss = data.task_loss(out, y, task)
+            (grad,) = torch.autograd.grad(loss.sum(), [out])
+    d_weights = torch.empty_like(weights)
+    d_biases = None if biases is None else torch.empty_like(biases)
+    for layer in reversed(range(L)):
+        if relu:
+            grad = torch.ops.aten.threshold_backward(grad, outputs[layer], 0)
+        previous = outputs[layer - 1] if layer > 0 else x
+        d_weights[:, layer] = torch.matmul(grad.transpose(1, 2), previous)
+        if d_biases is not None:
+            d_biases[:, layer] = grad.sum(dim=1)
+        if layer > 0:
+            grad = torch.bmm(grad, weights[:, layer])
+    return loss.detach(), d_weights, d_biases
+
+
 def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     """LoRA on every layer (method 'sgd') or full final layers (method 'flt').
 
@@ -115,6 +185,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     C = len(cfgs)
     like = frozen.weights
     has_bias = frozen.biases is not None
+    task = cfgs[0].task
     if cfgs[0].method == "flt":
         L = frozen.depth
         layer_on = torch.tensor(
@@ -122,7 +193,13 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
         )
         init = {"weights": frozen.weights.clone(), "biases": frozen.biases.clone()}
         masks = {"weights": layer_on.view(C, L, 1, 1), "biases": layer_on.view(C, L, 1)}
-        return Trainable(init, masks, lambda p: replace(frozen, weights=p["weights"], biases=p["biases"]))
+        build = lambda p: replace(frozen, weights=p["weights"], biases=p["biases"])
+
+        def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
+            loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task)
+            return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
+
+        return _trainable(init, masks, build, value_and_grad)
 
     init = {"a": lora.a["weights"].clone(), "b": lora.b["weights"].clone()}
     column = lora.mask["weights"].unsqueeze(-2)  # (C, L, 1, D)
@@ -135,7 +212,16 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
         weights = frozen.weights + p["a"] @ p["b"].transpose(-1, -2)
         return replace(frozen, weights=weights, biases=p.get("biases", frozen.biases))
 
-    return Trainable(init, masks, build)
+    def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
+        p = layout.views(flat)
+        loss, d_weights, d_biases = fnn_value_and_grad(build(p), x, y, task)
+        # W = W0 + A B^T: dA = dW B, dB = dW^T A.
+        grads = {"a": d_weights @ p["b"], "b": d_weights.transpose(-1, -2) @ p["a"]}
+        if has_bias:
+            grads["biases"] = d_biases
+        return loss, layout.flatten(grads)
+
+    return _trainable(init, masks, build, value_and_grad)
 
 
 def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
@@ -156,7 +242,16 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
         adapters = LoRA({k: p[f"a_{k}"] for k in lora.a}, {k: p[f"b_{k}"] for k in lora.a}, lora.mask)
         return apply_lora(replace(frozen, b1=p["b1"], b2=p["b2"]), adapters)
 
-    return Trainable(init, masks, build)
+    return _trainable(init, masks, build)
+
+
+def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str, dropout=None):
+    leaf = flat.detach().requires_grad_(True)
+    loss = data.task_loss(forward(trainable.model(leaf), x, dropout), y, task)
+    # Non-finite losses are masked out so they cannot reach other configs' gradients.
+    total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
+    (grad,) = torch.autograd.grad(total, [leaf])
+    return loss.detach(), grad
 
 
 # ------------------------------------------------------------------ data streams
@@ -186,7 +281,9 @@ class PaperStream:
             return None
         gen, p = self.drop_gen, self.cfg.dropout
 
-        def drop(x: Tensor) -> Tensor:
+        def drop(x: Tensor, token_major: bool) -> Tensor:
+            # One mask per step shared by every config: a config's numbers then do not
+            # depend on which others share its cell.
             noise = torch.empty(x.shape[-3:]).bernoulli_(1 - p, generator=gen).div_(1 - p)
             return x * noise.to(x.device)
 
@@ -257,8 +354,8 @@ class ReferenceTFNStream:
             return None
         drops = [dropout_with(g, self.cfg.dropout) for g in self.gens]
 
-        def drop(x: Tensor) -> Tensor:
-            return torch.stack([d(x[c].cpu()) for c, d in enumerate(drops)]).to(x.device)
+        def drop(x: Tensor, token_major: bool) -> Tensor:
+            return torch.stack([d(x[c].cpu(), token_major) for c, d in enumerate(drops)]).to(x.device)
 
         return drop
 
@@ -279,8 +376,8 @@ def _target_outputs(target: Model, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
-    last: dict[str, Tensor]
-    best: dict[str, Tensor]
+    last: Tensor  # (C, P) final parameters
+    best: Tensor  # (C, P) best-validation parameters
     best_val: Tensor  # (C,) validation loss of the best state
     best_step: Tensor  # (C,) step (1-based) of the best state
     last_val: Tensor  # (C,) validation loss of the final state
@@ -300,14 +397,14 @@ def train_cell(
     cfg = cfgs[0]
     task = cfg.task
     C = len(cfgs)
-    params = {k: v.clone() for k, v in trainable.init.items()}
-    device = next(iter(params.values())).device
-    optimizer = BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], trainable.masks)
+    flat = trainable.init.clone()
+    device = flat.device
+    optimizer = BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], trainable.mask)
     # The reference protocol tracks improvements the authors' way (accuracy for the
     # classification tasks); the paper protocol always selects by validation loss.
     by_accuracy = cfg.protocol == "reference" and task != "regression"
     inf = torch.full((C,), math.inf, dtype=torch.float64, device=device)
-    best = {k: v.clone() for k, v in params.items()}
+    best = flat.clone()
     best_val, best_metric = inf.clone(), inf.clone()
     best_step = torch.zeros(C, dtype=torch.long, device=device)
     diverged_step = torch.full((C,), -1, dtype=torch.long, device=device)
@@ -317,18 +414,18 @@ def train_cell(
 
     for step in range(1, cfg.n_epochs + 1):
         x, y = stream.train_batch(step)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        pred = forward(trainable.build(leaves), x, stream.dropout())
-        loss = data.task_loss(pred, y, task)
-        finite = torch.isfinite(loss.detach())
+        dropout = stream.dropout()
+        if trainable.value_and_grad is not None and dropout is None:
+            loss, grad = trainable.value_and_grad(trainable.layout, flat, x, y)
+        else:
+            loss, grad = autograd_value_and_grad(trainable, flat, x, y, task, dropout)
+        finite = torch.isfinite(loss)
         diverged_step = torch.where(active & ~finite, step, diverged_step)
         active = active & finite
-        total = torch.where(active, loss, torch.zeros_like(loss)).sum()
-        grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
         with torch.no_grad():
-            params = optimizer.step(params, grads, active)
+            flat = optimizer.step(flat, grad, active)
             vx, vy = stream.val_batch()
-            vpred = forward(trainable.build(params), vx)
+            vpred = forward(trainable.model(flat), vx)
             val = data.task_loss(vpred, vy, task).to(torch.float64)
             metric = -data.accuracy(vpred, vy, task) if by_accuracy else val
             improved = active & (metric < best_metric)
@@ -337,11 +434,9 @@ def train_cell(
             best_metric = torch.where(improved, metric, best_metric)
             best_val = torch.where(improved, val, best_val)
             best_step = torch.where(improved, step, best_step)
-            for k in params:
-                keep = improved.view(-1, *([1] * (params[k].ndim - 1)))
-                best[k] = torch.where(keep, params[k], best[k])
+            best = torch.where(improved.view(-1, 1), flat, best)
             stream.observe(improved)
-            last_val, last_train = val, loss.detach().to(torch.float64)
+            last_val, last_train = val, loss.to(torch.float64)
             if step % cfg.curve_every == 0 or step == cfg.n_epochs:
                 curve_steps.append(step)
                 train_curve.append(last_train.cpu())
@@ -350,7 +445,7 @@ def train_cell(
             progress(step)
 
     return TrainResult(
-        last=params,
+        last=flat,
         best=best,
         best_val=best_val,
         best_step=best_step,

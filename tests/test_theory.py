@@ -1,0 +1,105 @@
+"""Theory values: thresholds of the paper's settings and closed forms against constructions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lorabench.config import RunConfig
+from lorabench.construction import fnn_construction
+from lorabench.generation import generate_models, group_product, uniform_singular_values
+from lorabench.theory import (
+    discrepancy,
+    fnn_group_singular_values,
+    fnn_single_layer_mse_bound,
+    fnn_threshold_rank,
+    linear_optimal_mse,
+    linear_optimal_spectral_error,
+    linear_threshold_rank,
+    tfn_threshold_rank,
+    uniform_singular_value_mse,
+)
+
+F64 = torch.float64
+D = 16
+
+
+def fnn_models(target_depth, frozen_depth, seed, **settings):
+    cfg = RunConfig(width=D, target_depth=target_depth, frozen_depth=frozen_depth, seed=seed, **settings).validated()
+    models = generate_models(cfg)
+    cast = lambda m: replace(m, weights=m.weights.to(F64), biases=None if m.biases is None else m.biases.to(F64))
+    return cast(models.frozen), cast(models.target)
+
+
+@pytest.mark.parametrize("target_depth,frozen_depth,expected", [(1, 2, 8), (2, 4, 8), (1, 8, 2)])
+def test_fnn_thresholds_of_the_paper(target_depth, frozen_depth, expected):
+    assert fnn_threshold_rank(D, frozen_depth, target_depth) == expected
+
+
+def test_fnn_threshold_depth_sweep():
+    assert [fnn_threshold_rank(D, L, 1) for L in range(2, 15, 2)] == [8, 4, 3, 2, 2, 2, 2]
+    assert fnn_threshold_rank(D, 5, 2) == 8  # groups of 2 and 3 layers: the smaller decides
+    assert fnn_threshold_rank(8, 2, 1) == 4
+
+
+def test_tfn_threshold():
+    assert tfn_threshold_rank(16) == 8
+    assert tfn_threshold_rank(7) == 4
+
+
+def test_linear_threshold_uses_rank_of_discrepancy():
+    gen = torch.Generator().manual_seed(0)
+    frozen = torch.randn(2, D, D, generator=gen, dtype=F64)
+    low_rank = torch.randn(D, 4, generator=gen, dtype=F64) @ torch.randn(4, D, generator=gen, dtype=F64)
+    target = group_product(frozen, range(2)) + low_rank
+    assert linear_threshold_rank(discrepancy(frozen, target), 2) == 2
+    assert linear_threshold_rank(torch.randn(D, D, generator=gen, dtype=F64), 2) == 8
+    assert linear_optimal_mse(frozen, target, 2) == pytest.approx(0.0, abs=1e-20)
+    assert linear_optimal_spectral_error(frozen, target, 1) > 0
+
+
+def test_linear_optimal_values_from_singular_values():
+    gen = torch.Generator().manual_seed(1)
+    frozen = torch.randn(2, D, D, generator=gen, dtype=F64)
+    target = torch.randn(D, D, generator=gen, dtype=F64)
+    sigma = torch.linalg.svdvals(target - frozen[1] @ frozen[0])
+    assert linear_optimal_mse(frozen, target, 3) == pytest.approx(float((sigma[6:] ** 2).sum() / D), rel=1e-12)
+    assert linear_optimal_mse(frozen, target, [1, 5]) == pytest.approx(linear_optimal_mse(frozen, target, 3), rel=1e-12)
+    assert linear_optimal_spectral_error(frozen, target, 3) == pytest.approx(float(sigma[6]), rel=1e-12)
+    assert linear_optimal_spectral_error(frozen, target, 8) == 0.0
+    assert linear_optimal_mse(frozen, target, 9) == 0.0
+
+
+def test_uniform_singular_values_formula_against_construction():
+    frozen, target = fnn_models(1, 2, seed=0, activation="linear", use_bias=0)
+    target = uniform_singular_values(frozen, target)
+    sigma = fnn_group_singular_values(frozen, target)
+    assert sigma.shape == (1, D)
+    s = float(sigma.mean())
+    assert torch.allclose(sigma, torch.full_like(sigma, s), rtol=1e-12)
+    for rank in range(0, D + 1):
+        lora, _ = fnn_construction(frozen, target, rank, None)
+        product = group_product(frozen.weights + lora.delta("weights"), range(2))
+        mse = float(((product - target.weights[0]) ** 2).sum() / D)  # N(0, I) inputs
+        assert mse == pytest.approx(uniform_singular_value_mse(s, D, 2, rank), rel=1e-9, abs=1e-20)
+        assert uniform_singular_value_mse(s, D, 2, rank) == pytest.approx(linear_optimal_mse(frozen.weights, target.weights[0], rank), rel=1e-9, abs=1e-20)
+
+
+def test_fnn_group_singular_values_per_group():
+    frozen, target = fnn_models(2, 5, seed=1)
+    sigma = fnn_group_singular_values(frozen, target)
+    assert sigma.shape == (2, D)
+    w = frozen.weights
+    assert torch.allclose(sigma[1], torch.linalg.svdvals(target.weights[1] - w[4] @ w[3] @ w[2]))
+    assert torch.all(sigma[:, :-1] >= sigma[:, 1:])
+
+
+def test_single_layer_bound():
+    frozen, target = fnn_models(1, 2, seed=2)
+    assert fnn_single_layer_mse_bound(frozen, target, 3) == linear_optimal_mse(frozen.weights, target.weights[0], 3)
+    assert fnn_single_layer_mse_bound(frozen, target, 8) == 0.0
+    deeper_target = fnn_models(2, 4, seed=2)
+    with pytest.raises(ValueError):
+        fnn_single_layer_mse_bound(*deeper_target, 3)
