@@ -189,7 +189,9 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     if cfgs[0].method == "flt":
         L = frozen.depth
         layer_on = torch.tensor(
-            [[1.0 if layer >= L - c.last_layers else 0.0 for layer in range(L)] for c in cfgs], dtype=like.dtype
+            [[1.0 if layer >= L - c.last_layers else 0.0 for layer in range(L)] for c in cfgs],
+            dtype=like.dtype,
+            device=like.device,
         )
         init = {"weights": frozen.weights.clone(), "biases": frozen.biases.clone()}
         masks = {"weights": layer_on.view(C, L, 1, 1), "biases": layer_on.view(C, L, 1)}
@@ -206,7 +208,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     masks = {"a": column, "b": column}
     if has_bias:
         init["biases"] = frozen.biases.clone()
-        masks["biases"] = torch.tensor([float(c.tune_bias) for c in cfgs], dtype=like.dtype).view(C, 1, 1)
+        masks["biases"] = torch.tensor([float(c.tune_bias) for c in cfgs], dtype=like.dtype, device=like.device).view(C, 1, 1)
 
     def build(p: dict[str, Tensor]) -> FNN:
         weights = frozen.weights + p["a"] @ p["b"].transpose(-1, -2)
@@ -233,7 +235,7 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
         init[f"a_{name}"] = lora.a[name].clone()
         init[f"b_{name}"] = lora.b[name].clone()
         masks[f"a_{name}"] = masks[f"b_{name}"] = lora.mask[name].unsqueeze(-2)
-    tune = torch.tensor([float(c.tune_bias) for c in cfgs], dtype=frozen.b1.dtype).view(C, 1, 1)
+    tune = torch.tensor([float(c.tune_bias) for c in cfgs], dtype=frozen.b1.dtype, device=frozen.b1.device).view(C, 1, 1)
     for name in ("b1", "b2"):
         init[name] = getattr(frozen, name).clone()
         masks[name] = tune
