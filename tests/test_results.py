@@ -1,0 +1,94 @@
+import math
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lorabench.config import RunConfig
+from lorabench.results import SCHEMA_KEY, ResultsError, read_rows, read_table, write_rows
+from lorabench.runner import run_configs
+from lorabench.selection import select_by_validation
+
+SMALL = dict(width=8, batch_size=32, n_test=100, n_epochs=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    cfgs = [RunConfig(**SMALL, method="sgd", rank=r, lr=lr) for r in (1, 2) for lr in (1e-2, 1e-3)]
+    cfgs.append(RunConfig(**SMALL, method="ours", rank=2))
+    return list(run_configs(cfgs, device="cpu"))
+
+
+def test_rows_round_trip_with_provenance(tmp_path, rows):
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    frame = read_rows(path)
+    assert len(frame) == len(rows) == 9
+    for column in ("config_hash", "seed", "protocol", "lorabench_version", "torch_version", "device", "wall_time_s"):
+        assert frame[column].notna().all(), column
+    assert set(frame["checkpoint"]) == {"last", "best", "construction"}
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_rerun_gives_bit_identical_rows(tmp_path, rows):
+    cfgs = [RunConfig(**SMALL, method="sgd", rank=r, lr=lr) for r in (1, 2) for lr in (1e-2, 1e-3)]
+    cfgs.append(RunConfig(**SMALL, method="ours", rank=2))
+    again = list(run_configs(cfgs, device="cpu"))
+    numbers = ("test_loss", "test_shift_loss", "val_loss", "train_loss")
+    key = lambda r: (r["config_hash"], r["checkpoint"])
+    first = {key(r): r for r in rows}
+    for row in again:
+        for column in numbers:
+            a, b = first[key(row)][column], row[column]
+            assert (a is None and b is None) or a == b, column
+
+
+def test_wrong_schema_version_is_refused(tmp_path, rows):
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"0"}), path)
+    with pytest.raises(ResultsError, match="schema version 0"):
+        read_table(path)
+
+
+def test_missing_column_and_corrupt_file_are_refused(tmp_path, rows):
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    table = pq.read_table(path)
+    pq.write_table(table.drop(["config_hash"]), path)
+    with pytest.raises(ResultsError, match="config_hash"):
+        read_table(path)
+    path.write_bytes(b"not parquet")
+    with pytest.raises(ResultsError, match="not a readable Parquet"):
+        read_table(path)
+
+
+def test_rows_outside_the_schema_are_refused(tmp_path, rows):
+    with pytest.raises(ResultsError, match="outside the schema"):
+        write_rows([{**rows[0], "surprise": 1}], tmp_path / "x.parquet")
+    with pytest.raises(ResultsError, match="missing values"):
+        write_rows([{**rows[0], "config_hash": None}], tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_selection_takes_lowest_validation_and_skips_diverged(rows):
+    frame = pd.DataFrame([r for r in rows if r["checkpoint"] == "last"])
+    frame.loc[frame.index[0], "diverged"] = True
+    frame.loc[frame.index[0], "val_loss"] = -1.0  # would win if diverged runs were eligible
+    selected = select_by_validation(frame)
+    assert len(selected) == 2  # ranks 1 and 2
+    for _, row in selected.iterrows():
+        group = frame[(frame["rank"] == row["rank"]) & ~frame["diverged"]]
+        assert row["val_loss"] == group["val_loss"].min()
+        assert row["n_candidates"] == 2
+    assert selected["n_excluded"].sum() == 1
+
+
+def test_group_with_only_diverged_runs_stays_visible_as_nan(rows):
+    frame = pd.DataFrame([r for r in rows if r["checkpoint"] == "last" and r["rank"] == 1])
+    frame["diverged"] = True
+    selected = select_by_validation(frame)
+    assert len(selected) == 1 and bool(selected["diverged"].iloc[0])
+    assert math.isnan(selected["test_loss"].iloc[0]) and selected["n_excluded"].iloc[0] == 2
