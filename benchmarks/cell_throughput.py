@@ -7,11 +7,14 @@ configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
   in one process and in one process per core;
 * the same configs run one per process through ``python -m lorabench run`` (this
   project's single-config path, process start-up included);
-* the authors' measured rate (benchmarks/authors_baseline.json) and the ratio;
+* the authors' rate and the ratio: measured in the same run when ``--authors DIR`` names a
+  checkout of their repository (UW-Madison-Lee-Lab/Expressive_Power_of_LoRA), else the
+  figure stored in benchmarks/authors_baseline.json;
 * achieved GFLOP/s against a plain torch.bmm of the same shapes (the practical roofline);
 * peak memory of one cell, and the projected time of the paper's full grids.
 
     python benchmarks/cell_throughput.py               # CPU, takes ~10 minutes
+    python benchmarks/cell_throughput.py --authors ../Expressive_Power_of_LoRA
     python benchmarks/cell_throughput.py --device cuda --quick
 """
 
@@ -124,6 +127,33 @@ def single_config_rate(family, short, long, n_configs):
     return {"per_step_s": per_step, "fixed_s": fixed, "wall_5000_s": fixed + PAPER_STEPS * per_step}
 
 
+def authors_rate(family: str, repo: Path, steps: tuple[int, int]) -> dict:
+    """The authors' run_exp.py, one config per process as they run it (wandb off), timed
+    at two lengths; their code imports wandb, so an empty stand-in module is provided."""
+    import tempfile
+
+    stub = Path(tempfile.mkdtemp(prefix="wandb-stub-"))
+    (stub / "wandb.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": f"{stub}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    base = FNN if family == "fnn" else {**TFN, "frozen_depth": TFN["target_depth"]}
+
+    def run(n: int) -> float:
+        args = [sys.executable, "run_exp.py", "--wandb", "0", "--rank", "4", "--lr", "1e-3", "--seed", "0",
+                "--n_epochs", str(n)]
+        for key, value in base.items():
+            args += [f"--{key}", str(value)]
+        start = time.perf_counter()
+        # Their TFN path raises after training when wandb is off (an unset attribute):
+        # the training being timed has finished by then, so the exit status is ignored.
+        subprocess.run(args, cwd=repo, env=env, capture_output=True)
+        return time.perf_counter() - start
+
+    short_t, long_t = run(steps[0]), run(steps[1])
+    per_step = (long_t - short_t) / (steps[1] - steps[0])
+    wall = short_t + (PAPER_STEPS - steps[0]) * per_step
+    return {"wall_5000_s": wall, "config_steps_per_s": PAPER_STEPS / wall}
+
+
 def bmm_gflops(family, device):
     import torch
 
@@ -147,6 +177,19 @@ def bmm_gflops(family, device):
     return 2 * C * tokens * 16 * 16 * n / (time.perf_counter() - start) / 1e9
 
 
+class Entry(dict):
+    """A dict that prints each figure as soon as it is measured."""
+
+    def __init__(self, first: dict):
+        super().__init__()
+        for key, value in first.items():
+            self[key] = value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"  {key:40s} {value:,.2f}" if isinstance(value, float) else f"  {key:40s} {value}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", choices=["fnn", "tfn"])
@@ -156,18 +199,19 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="shorter runs, no one-config-per-process baseline")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--authors", type=Path, help="a checkout of the authors' repository, timed side by side")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.seed, args.device, args.threads)))
         return
 
     baseline = json.loads((HERE / "authors_baseline.json").read_text()) if (HERE / "authors_baseline.json").exists() else {}
-    cores = os.cpu_count() if args.device == "cpu" else 1
+    cores = len(os.sched_getaffinity(0)) if args.device == "cpu" else 1
     if args.device == "cuda":
         lengths = {"fnn": (200, 1000), "tfn": (20, 120)}
     else:
-        lengths = {"fnn": (100, 300), "tfn": (5, 15)} if args.quick else {"fnn": (200, 1000), "tfn": (10, 40)}
-    report = {"device": args.device, "cpu_count": os.cpu_count(), "families": {}}
+        lengths = {"fnn": (100, 300), "tfn": (4, 12)} if args.quick else {"fnn": (200, 1000), "tfn": (5, 20)}
+    report = {"device": args.device, "cpu_count": cores, "families": {}}
     if args.device == "cuda":
         import torch
 
@@ -176,7 +220,8 @@ def main():
         short, long = lengths[family]
         cell = steady_state(family, short, long, args.device)
         rate = cell["configs"] / cell["per_step_s"]
-        entry = {
+        print(f"\n== {family.upper()} cell: {cell['configs']} configs on {args.device} ==", flush=True)
+        entry = Entry({
             "cell_configs": cell["configs"],
             "cell_config_steps_per_s": rate,
             "cell_fixed_s": cell["fixed_s"],
@@ -185,14 +230,20 @@ def main():
             "peak_gpu_mb": cell["peak_gpu_mb"],
             "achieved_gflops": rate * flops_per_config_step(family) / 1e9,
             "bmm_gflops_same_shapes": bmm_gflops(family, args.device),
-        }
+        })
         if args.device == "cpu" and cores > 1:
             entry["cell_config_steps_per_s_all_cores"] = parallel_rate(family, long, args.device, cores)
         if not args.quick and args.device == "cpu":
-            single = single_config_rate(family, *((20, 220) if family == "fnn" else (3, 13)), n_configs=3)
+            single = single_config_rate(family, *((20, 220) if family == "fnn" else (2, 8)), n_configs=3)
             entry["single_process_5000_step_wall_s"] = single["wall_5000_s"]
             entry["single_process_config_steps_per_s"] = PAPER_STEPS / single["wall_5000_s"]
         authors = baseline.get(family, {}).get("config_steps_per_s")
+        entry["authors_source"] = "benchmarks/authors_baseline.json"
+        if args.authors:
+            measured = authors_rate(family, args.authors, (500, 2500) if family == "fnn" else (30, 90))
+            authors = measured["config_steps_per_s"]
+            entry["authors_source"] = f"measured now from {args.authors}"
+            entry["authors_5000_step_wall_s"] = measured["wall_5000_s"]
         if authors:
             entry["authors_config_steps_per_s"] = authors
             best = entry.get("cell_config_steps_per_s_all_cores", rate)
@@ -201,10 +252,6 @@ def main():
         entry["projected_paper_grid_hours"] = GRID[family] * PAPER_STEPS / all_cores / 3600
         report["families"][family] = entry
 
-    for family, e in report["families"].items():
-        print(f"\n== {family.upper()} cell: {e['cell_configs']} configs on {args.device} ==")
-        for key, value in e.items():
-            print(f"  {key:40s} {value:,.2f}" if isinstance(value, float) else f"  {key:40s} {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

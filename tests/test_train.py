@@ -103,3 +103,20 @@ def test_training_reduces_loss_and_best_checkpoint_has_lowest_validation():
     assert last["train_curve"][-1] < last["train_curve"][0]
     assert best["val_loss"] <= min(last["val_curve"]) + 1e-12
     assert 1 <= best["best_step"] <= cfg.n_epochs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("exp", ["fnn", "tfn"])
+def test_cuda_gives_the_cpu_numbers(exp):
+    if exp == "fnn":
+        base = RunConfig(**FNN_CELL, rank=3, lr=1e-2)
+    else:
+        base = RunConfig(exp="tfn", width=8, target_depth=1, frozen_depth=1, seq_length=4, batch_size=32, n_test=200,
+                         n_epochs=10, method="sgd", rank=2, lr=1e-3, seed=1)
+    cfgs = [base, base.replace(method="ours")]
+    cpu = {(r["method"], r["checkpoint"]): r for r in run_configs(cfgs, device="cpu")}
+    cuda = {(r["method"], r["checkpoint"]): r for r in run_configs(cfgs, device="cuda")}
+    assert {r["device"] for r in cuda.values()} == {"cuda"}
+    for key, row in cpu.items():
+        for column in ("test_loss", "test_shift_loss", "val_loss"):
+            assert math.isclose(row[column], cuda[key][column], rel_tol=1e-3, abs_tol=1e-9), (key, column)

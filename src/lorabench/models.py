@@ -70,19 +70,32 @@ def fnn_forward(model: FNN, x: Tensor) -> Tensor:
     shared input batch give one output per configuration).
     """
     stacked = model.weights.dim() == 4 and x.dim() in (2, 3)
-    if stacked:  # (C, L, D, D): one batched multiply-add per layer, the hot path
-        x = x if x.dim() == 3 else x.expand(model.weights.shape[0], *x.shape)
     for layer in range(model.depth):
-        weight_t = model.weights[..., layer, :, :].transpose(-1, -2)
-        if stacked and model.biases is not None:
-            x = torch.baddbmm(model.biases[:, layer].unsqueeze(1), x, weight_t)
+        weight = model.weights[..., layer, :, :]
+        bias = None if model.biases is None else model.biases[..., layer, :]
+        if stacked and x.dim() == 2:
+            x = shared_input_layer(x, weight, bias)
+        elif stacked and bias is not None:
+            x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(-1, -2))
         else:
-            x = x @ weight_t
-            if model.biases is not None:
-                x = x + model.biases[..., layer, None, :]
+            x = x @ weight.transpose(-1, -2)
+            if bias is not None:
+                x = x + bias.unsqueeze(-2)
         # In place: neither product needs its output for the backward pass.
         x = torch.relu_(x) if model.activation == "relu" else x
     return x
+
+
+def shared_input_layer(x: Tensor, weights: Tensor, biases: Optional[Tensor]) -> Tensor:
+    """``x W_c^T + b_c`` for every configuration c of a batch x shared by all of them.
+
+    x: (B, D); weights: (C, D, D); biases: (C, D) -> (C, B, D) (a strided view of one
+    (B, C*D) product: a single large matrix product instead of C small ones).
+    """
+    C, D_out, D_in = weights.shape
+    stacked_t = weights.permute(2, 0, 1).reshape(D_in, C * D_out)
+    out = (x @ stacked_t).view(x.shape[0], C, D_out).transpose(0, 1)
+    return out if biases is None else out + biases.unsqueeze(1)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from . import data
 from .adapters import LoRA, apply_lora, column_mask, layer_ranks, reference_layer_ranks
 from .config import RunConfig
 from .generation import dropout_with
-from .models import FNN, TFN, fnn_forward, tfn_forward
+from .models import FNN, TFN, fnn_forward, shared_input_layer, tfn_forward
 
 Model = Union[FNN, TFN]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, used by the authors
@@ -144,13 +144,15 @@ def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str) -> tuple[Ten
     weights, biases, relu = model.weights, model.biases, model.activation == "relu"
     C, L = weights.shape[0], weights.shape[1]
     outputs = []
-    h = x if x.dim() == 3 else x.expand(C, *x.shape)  # a batch shared by the cell
+    h = x
     for layer in range(L):
-        wt = weights[:, layer].transpose(1, 2)
-        if biases is not None:
-            h = torch.baddbmm(biases[:, layer].unsqueeze(1), h, wt)
+        bias = None if biases is None else biases[:, layer]
+        if h.dim() == 2:  # a batch shared by the cell
+            h = shared_input_layer(h, weights[:, layer], bias)
+        elif bias is not None:
+            h = torch.baddbmm(bias.unsqueeze(1), h, weights[:, layer].transpose(1, 2))
         else:
-            h = torch.bmm(h, wt)
+            h = torch.bmm(h, weights[:, layer].transpose(1, 2))
         if relu:
             h = h.clamp_min_(0)
         outputs.append(h)
@@ -163,17 +165,22 @@ def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str) -> tuple[Ten
             out = h.detach().requires_grad_(True)
             loss = data.task_loss(out, y, task)
             (grad,) = torch.autograd.grad(loss.sum(), [out])
-    d_weights = torch.empty_like(weights)
-    d_biases = None if biases is None else torch.empty_like(biases)
+    d_weights, d_biases = [], []
     for layer in reversed(range(L)):
         if relu:
             grad = torch.ops.aten.threshold_backward(grad, outputs[layer], 0)
         previous = outputs[layer - 1] if layer > 0 else x
-        d_weights[:, layer] = torch.matmul(grad.transpose(1, 2), previous)
-        if d_biases is not None:
-            d_biases[:, layer] = grad.sum(dim=1)
+        if previous.dim() == 2:  # dW_c = g_c^T x for all c as one (D, B) x (B, C*D) product
+            stacked = grad.transpose(0, 1).reshape(previous.shape[0], C * grad.shape[-1])
+            d_weights.append((previous.t() @ stacked).view(-1, C, grad.shape[-1]).permute(1, 2, 0))
+        else:
+            d_weights.append(torch.bmm(grad.transpose(1, 2), previous))
+        if biases is not None:
+            d_biases.append(grad.sum(dim=1))
         if layer > 0:
             grad = torch.bmm(grad, weights[:, layer])
+    d_weights = torch.stack(d_weights[::-1], dim=1)
+    d_biases = torch.stack(d_biases[::-1], dim=1) if biases is not None else None
     return loss.detach(), d_weights, d_biases
 
 
