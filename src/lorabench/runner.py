@@ -9,6 +9,7 @@ construction yields one row, ``checkpoint = construction``.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections import OrderedDict
@@ -171,7 +172,9 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         checkpoint="construction",
         train_loss=None,
         best_step=None,
-        diverged=False,
+        # A construction "diverges" when its numbers are not finite (e.g. a singular
+        # frozen matrix): it is then excluded from selection like a diverged run.
+        diverged=not (math.isfinite(row["test_loss"]) and math.isfinite(row["val_loss"])),
         diverged_step=None,
         wall_time_s=time.perf_counter() - start,
         cell_size=1,
