@@ -1,7 +1,6 @@
 import math
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .results import ResultsError
@@ -120,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads (default 1: the models are small, and extra threads "
                           "only contend; run several processes to use more cores)")
+    from . import pipeline
+
+    pipeline.add_subparsers(sub)
+    for name, what in (("figures", "every figure (with --comparison_out, the protocol comparison too)"),
+                       ("claims", "claims.md/.csv and the protocol comparison")):
+        report = sub.add_parser(name, help=f"write {what} from the Parquet results (lorabench.{name})")
+        report.add_argument("--runs", help="runs.parquet")
+        report.add_argument("--selected", help="selected.parquet (default: selected from --runs)")
+        report.add_argument("--out", required=True, help="output folder")
+        report.add_argument("--checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
+    sub.choices["figures"].add_argument("--protocol", choices=PROTOCOLS, help="default: paper where it has rows")
+    sub.choices["figures"].add_argument("--comparison_out", help="also write protocol_comparison.* here")
+    sub.choices["claims"].add_argument("--no_comparison", action="store_true", help="skip protocol_comparison.*")
     return parser
 
 
@@ -207,16 +221,56 @@ def _summary(row: dict) -> str:
     return f"{row['method']} " + " ".join(parts + metrics) + flag
 
 
+def _check_workflow_inputs(args: argparse.Namespace) -> None:
+    """Refuse an unreadable job spec or a corrupt models file (e.g. one left by an earlier,
+    killed run) with one line naming the file, before any work and before any output."""
+    from . import pipeline
+
+    spec = getattr(args, "spec", None)
+    if spec:
+        try:
+            pipeline.read_spec(spec)
+        except FileNotFoundError:
+            raise UsageError(f"{spec}: no such job spec") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UsageError(f"{spec}: not a lorabench job spec ({type(error).__name__}: {error})") from None
+    models = getattr(args, "models", None)
+    if models and Path(models).exists():
+        # A missing file is left to the job (a dispatched job reports it with its log).
+        try:
+            pipeline.load_models(models)
+        except Exception as error:  # torch.load raises many types on a truncated or foreign file
+            raise ResultsError(
+                f"{models}: not a readable models file, corrupt or truncated "
+                f"({type(error).__name__}: {error}); delete it and rerun"
+            ) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return run_command(args)
+        if args.command in ("figures", "claims"):
+            from . import claims, figures
+
+            return figures.figures_command(args) if args.command == "figures" else claims.claims_command(args)
+        from . import pipeline
+
+        if args.command in pipeline.COMMANDS:
+            _check_workflow_inputs(args)
+            return pipeline.main(args)
     except (ConfigError, UsageError, ResultsError) as error:
         parser.exit(2, f"lorabench: error: {error}\n")
     except RuntimeError as error:
         if "device" in str(error):
             parser.exit(2, f"lorabench: error: {error}\n")
+        raise
+    except Exception as error:
+        from .dispatch import DispatchError
+
+        if isinstance(error, DispatchError):
+            parser.exit(1, f"lorabench: error: {error}\n")
         raise
     return 0

@@ -7,7 +7,6 @@ dimension C and a loss comes back with shape (C,).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -18,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write
 from .config import RunConfig
 
 SCHEMA_VERSION = "1"
@@ -108,16 +108,7 @@ def validate_table(table: pa.Table, where: str, schema: pa.Schema = RUNS_SCHEMA)
 
 
 def atomic_write_table(table: pa.Table, path: Union[str, os.PathLike]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_rows(rows: Iterable[dict], path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> None:

@@ -154,20 +154,30 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
     # computes in float32 as the authors' code does.
     dtype = torch.float64 if cfg.protocol == "paper" else torch.float32
     cast = lambda m: _cast(m, dtype)
-    if isinstance(frozen, FNN):
-        calibration = data.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
-        lora, biases = fnn_construction(
-            cast(frozen), cast(target), cfg.rank, calibration, authors_bias_propagation=cfg.protocol == "reference"
-        )
-        adapted = apply_lora(replace(cast(frozen), biases=biases), lora)
-    else:
-        lora, b1, b2 = tfn_construction(cast(frozen), cast(target), cfg.rank)
-        adapted = apply_lora(replace(cast(frozen), b1=b1, b2=b2), lora)
-    adapted, target = adapted.to(device), cast(target).to(device)
-    sets = data.eval_sets(cfg)
-    sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
+    try:
+        if isinstance(frozen, FNN):
+            calibration = data.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
+            lora, biases = fnn_construction(
+                cast(frozen), cast(target), cfg.rank, calibration, authors_bias_propagation=cfg.protocol == "reference"
+            )
+            adapted = apply_lora(replace(cast(frozen), biases=biases), lora)
+        else:
+            lora, b1, b2 = tfn_construction(cast(frozen), cast(target), cfg.rank)
+            adapted = apply_lora(replace(cast(frozen), b1=b1, b2=b2), lora)
+    except torch.linalg.LinAlgError:
+        # Non-finite or singular weights: no construction exists; record it as diverged
+        # (NaN metrics) instead of failing the whole job.
+        adapted = None
     row = _base_row(cfg, models, device)
-    row.update(_metrics(adapted, target, sets, cfg, device)[0])
+    if adapted is None:
+        row.update({f"{name}_loss": math.nan for name in ("test", "test_shift", "val")})
+        if cfg.task != "regression":
+            row.update({f"{name}_accuracy": math.nan for name in ("test", "test_shift", "val")})
+    else:
+        adapted, target = adapted.to(device), cast(target).to(device)
+        sets = data.eval_sets(cfg)
+        sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
+        row.update(_metrics(adapted, target, sets, cfg, device)[0])
     row.update(
         checkpoint="construction",
         train_loss=None,

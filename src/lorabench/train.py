@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import data
-from .adapters import LoRA, apply_lora, column_mask, layer_ranks, reference_layer_ranks
+from .adapters import LoRA, apply_lora
 from .config import RunConfig
 from .generation import dropout_with
 from .models import FNN, TFN, fnn_forward, shared_input_layer, tfn_forward

@@ -1,0 +1,31 @@
+# lorabench: the synthetic experiments of Zeng & Lee, "The Expressive Power of Low-Rank
+# Adaptation" (ICLR 2024). Target: all_figures. See README.md "Running the workflow".
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all_figures:
+    input:
+        FIGURES,
+        CLAIMS,
+    default_target: True
+
+
+rule all_results:
+    input:
+        "results/runs.parquet",
+        "results/selected.parquet",

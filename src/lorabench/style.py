@@ -1,0 +1,162 @@
+"""Figure styling in one place: colours, labels, panel sizes, and atomic PNG/PDF output.
+
+Matplotlib runs with the Agg backend and mathtext only (no LaTeX installation needed).
+Every figure module draws through these helpers, so a change of look is made here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .atomic import atomic_write  # noqa: E402
+
+PNG_DPI = 120
+FORMATS = ("png", "pdf")  # every figure is written in each
+PANEL_SIZE = (3.3, 2.6)  # inches per panel
+
+RC = {
+    "text.usetex": False,
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.labelsize": 8,
+    "legend.fontsize": 6.5,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 3.5,
+    "legend.frameon": False,
+    "pdf.fonttype": 42,
+    "svg.fonttype": "none",
+}
+
+# Series styles: the same method looks the same in every figure.
+SERIES = {
+    "construction": dict(color="#1f77b4", marker="o", label="Our construction"),
+    "gd": dict(color="#d62728", marker="s", label="Gradient update"),
+    "gd_train": dict(color="#ff7f0e", marker="^", label="Gradient update (train)"),
+    "gd_shift": dict(color="#d62728", marker="s", linestyle="--", markerfacecolor="none", label="Gradient update, shifted"),
+    "construction_shift": dict(color="#1f77b4", marker="o", linestyle="--", markerfacecolor="none", label="Our construction, shifted"),
+    "flt": dict(color="#2ca02c", marker="D", label="Tuning final layers"),
+    "fixed_bias": dict(color="#9467bd", marker="v", label="Fixed biases"),
+    "updatable_bias": dict(color="#d62728", marker="s", label="Updatable biases"),
+    "paper": dict(linestyle="-", label="paper"),
+    "reference": dict(linestyle="--", markerfacecolor="none", label="reference"),
+}
+THEORY = dict(color="black", linestyle=":", linewidth=1.2, label="Theory")
+THRESHOLD = dict(color="0.45", linestyle="--", linewidth=0.9)
+CHANCE = dict(color="0.6", linestyle="-.", linewidth=0.8)
+BAND_ALPHA = 0.18
+RANK_CMAP = "viridis"
+
+FROZEN_LABEL = {0: "Random", 1: "Pretrained"}
+
+
+def apply() -> None:
+    plt.rcParams.update(RC)
+
+
+def panels(nrows: int, ncols: int, *, sharey: bool = False) -> tuple[Figure, list[list[Axes]]]:
+    """A figure of nrows x ncols panels; axes always returned as a 2-d list."""
+    apply()
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.35),
+        squeeze=False, sharey=sharey, constrained_layout=True,
+    )
+    return fig, [list(row) for row in axes]
+
+
+def series_style(key: str, **override) -> dict:
+    style = dict(SERIES.get(key, {}))
+    style.update(override)
+    return style
+
+
+def colours(n: int) -> list:
+    cmap = plt.get_cmap(RANK_CMAP)
+    return [cmap(i / max(n - 1, 1) * 0.9) for i in range(n)]
+
+
+def no_data(ax: Axes, what: str = "") -> None:
+    """Mark a panel that has nothing to draw, visibly."""
+    ax.text(0.5, 0.5, "no data" + (f"\n{what}" if what else ""), ha="center", va="center",
+            transform=ax.transAxes, color="0.4", fontsize=9, style="italic")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def note(ax: Axes, text: str) -> None:
+    """A small note in the panel's lower left corner (e.g. excluded runs)."""
+    if text:
+        ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=6, color="0.35", ha="left", va="bottom")
+
+
+def threshold_line(ax: Axes, rank: Optional[float], label: bool = True, **override) -> None:
+    if rank is None:
+        return
+    style = dict(THRESHOLD)
+    style.update(override)
+    ax.axvline(rank, label=f"threshold $R^*={rank:g}$" if label else None, **style)
+
+
+def legend(ax: Axes, **kwargs) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(**{"loc": "best", **kwargs})
+
+
+def suptitle(fig: Figure, text: str, footnote: str = "") -> None:
+    """Title on top; the footnote as the figure's x label, so the layout makes room for it."""
+    fig.suptitle(text, fontsize=9.5)
+    if footnote:
+        fig.supxlabel(footnote, fontsize=6, color="0.35")
+
+
+def integer_ticks(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _atomic_savefig(fig: Figure, path: Path, fmt: str) -> None:
+    kwargs = {"dpi": PNG_DPI} if fmt == "png" else {"metadata": {"CreationDate": None}}
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def save(fig: Figure, out_dir, name: str, formats: Optional[Sequence[str]] = None) -> list[Path]:
+    """Write ``out_dir/name.<fmt>`` for each format (default FORMATS), each atomically;
+    closes the figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for fmt in formats or FORMATS:
+            path = out / f"{name}.{fmt}"
+            _atomic_savefig(fig, path, fmt)
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def log_safe(values: Iterable[float]):
+    """Values for a log axis: non-positive ones (an exact zero) become gaps, not numbers."""
+    import numpy as np
+
+    arr = np.asarray(list(values), dtype=float)
+    return np.where(arr > 0, arr, np.nan)

@@ -1,0 +1,190 @@
+"""The workflow config's expansion into RunConfigs and jobs (lorabench.experiments)."""
+
+import copy
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from lorabench import experiments as lbx
+from lorabench.config import ConfigError, RunConfig
+from lorabench.theory import fnn_threshold_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
+SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+NAMES = ["linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
+         "training_curves", "uniform_sv"]
+
+
+def load(preset="paper", **changes):
+    config = copy.deepcopy(CONFIG)
+    config["preset"] = preset
+    config.update(changes)
+    return lbx.load(config)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load("paper")
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return load("smoke")
+
+
+def test_config_matches_schema():
+    jsonschema.validate(CONFIG, SCHEMA)
+
+
+def test_schema_settings_are_the_runconfig_fields():
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"protocol", "method"}
+    assert set(SCHEMA["definitions"]["settings"]["properties"]) == fields
+
+
+# EXPERIMENTS.md's grid: 5 seeds, lr (3) x wd (4) for gradient runs, ranks 1..16.
+GRID = 12
+PAPER_COUNTS = {
+    "linear": 2 * 5 * (16 + 16 * GRID),  # random/pretrained; ours + sgd
+    "fnn": 2 * 2 * 5 * (16 + 16 * GRID),  # 2 depth pairs
+    "tfn": 2 * 2 * 5 * (16 + 16 * GRID),
+    "flt": 2 * 5 * (7 * GRID + 16 * GRID),  # last 1..7 layers; LoRA ranks 1..16
+    "bias": 2 * 5 * 2 * 16 * GRID,  # tune_bias 0/1
+    "rank_step": 2 * 5 * 5 * GRID,  # 5 steps at rank 8
+    "classification": 2 * 2 * 5 * (17 + 16 * GRID),  # 2 tasks x 2 depths; ours ranks 0..16
+    "depth": 7 * 5 * 16 * GRID,  # L = 2..14
+    "generalization": 2 * 5 * (16 + 16 * GRID),
+    "training_curves": 2 * 5 * 5 * GRID,  # ranks 1,4,8,13,16
+    "uniform_sv": 5 * (16 + 16 * GRID),
+}
+
+
+def test_paper_preset_counts_match_the_paper_grid(paper):
+    assert list(paper.experiments) == NAMES
+    assert {name: len(cfgs) for name, cfgs in paper.experiments.items()} == PAPER_COUNTS
+    assert paper.protocols == ("paper", "reference")
+
+
+def test_paper_preset_settings(paper):
+    for name, cfgs in paper.experiments.items():
+        assert {c.seed for c in cfgs} == set(range(5)), name
+        assert {c.width for c in cfgs} == {16}
+        for c in cfgs:
+            if c.method == "ours":
+                assert (c.lr, c.weight_decay) == (RunConfig.lr, RunConfig.weight_decay)  # not swept
+            else:
+                assert c.batch_size == 256 and c.n_val == 256
+                assert c.n_epochs == (20000 if name == "generalization" else 5000)
+        gradient = [c for c in cfgs if c.method != "ours"]
+        assert {(c.lr, c.weight_decay) for c in gradient} == {
+            (lr, wd) for lr in (1e-2, 1e-3, 1e-4) for wd in (0.0, 1e-4, 1e-3, 1e-2)
+        }
+    tfn = paper.experiments["tfn"]
+    assert {(c.target_depth, c.frozen_depth, c.n_head, c.seq_length) for c in tfn} == {(1, 1, 2, 10), (2, 2, 2, 10)}
+    assert {c.n_train for c in paper.experiments["generalization"]} == {400, 800}
+    assert {c.method for c in paper.experiments["flt"]} == {"flt", "sgd"}
+    assert {c.last_layers for c in paper.experiments["flt"] if c.method == "flt"} == set(range(1, 8))
+    assert {c.rank_step for c in paper.experiments["rank_step"]} == {-2, -1, 0, 1, 2}
+    assert {c.pretrained for c in paper.experiments["classification"]} == {0}
+    assert {c.init_mode for c in paper.experiments["uniform_sv"]} == {"uniform_singular_values"}
+
+
+def test_smoke_preset_is_small_but_complete(smoke):
+    assert list(smoke.experiments) == NAMES
+    total = sum(len(c) for c in smoke.experiments.values())
+    assert total < 500
+    for name, cfgs in smoke.experiments.items():
+        assert {c.seed for c in cfgs} == {0, 1}
+        assert all(c.n_test == 500 for c in cfgs)
+        gradient = [c for c in cfgs if c.method != "ours"]
+        assert all(c.n_epochs == (10 if name == "tfn" else 30) and c.lr == 1e-2 and c.weight_decay == 0 for c in gradient)
+    # the threshold rank of the FNN experiments is kept, so the figures show it
+    for c in smoke.experiments["fnn"]:
+        assert fnn_threshold_rank(16, c.frozen_depth, c.target_depth) in {
+            x.rank for x in smoke.experiments["fnn"] if x.frozen_depth == c.frozen_depth
+        }
+
+
+def test_quick_preset_lies_between(smoke, paper):
+    quick = load("quick")
+    sizes = [sum(len(c) for c in wf.experiments.values()) for wf in (smoke, quick, paper)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_jobs_cut_per_experiment_protocol_and_seed(smoke, split):
+    wf = dataclasses.replace(smoke, split_seeds=split)
+    jobs = wf.jobs()
+    ids = Counter((j.experiment, j.protocol, j.kind, j.id) for j in jobs)
+    assert max(ids.values()) == 1
+    kinds = Counter(j.kind for j in jobs)
+    assert kinds["models"] == len(NAMES) * 2 * (2 if split else 1)  # experiments x protocols (x seeds)
+    for job in jobs:
+        assert {c.seed for c in job.configs} == ({job.seed} if split else {0, 1})
+        assert job.id.startswith(f"s{job.seed}-" if split else "all-")
+        assert {c.protocol for c in job.configs} == {job.protocol}
+        if job.kind == "construct":
+            assert {c.method for c in job.configs} == {"ours"}
+        if job.kind == "train":
+            assert "ours" not in {c.method for c in job.configs}
+    for name, cfgs in smoke.experiments.items():  # every config of every experiment in one job
+        configs = [c for j in jobs if j.kind != "models" and j.experiment == name for c in j.configs]
+        assert len(configs) == len(set(configs)) == 2 * len(cfgs)
+
+
+def test_changing_one_experiment_changes_only_its_job_ids():
+    before = {(j.experiment, j.protocol, j.kind, j.seed): j.id for j in load("smoke").jobs()}
+    config = copy.deepcopy(CONFIG)
+    config["preset"] = "smoke"
+    config["experiments"]["bias"]["settings"]["pretrained_lr"] = 2.0e-3
+    after = {(j.experiment, j.protocol, j.kind, j.seed): j.id for j in lbx.load(config).jobs()}
+    assert before.keys() == after.keys()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed and {key[0] for key in changed} == {"bias"}
+
+
+def test_paper_protocol_models_do_not_depend_on_rank(smoke):
+    smoke = dataclasses.replace(smoke, split_seeds=True)
+    models = [j for j in smoke.jobs() if j.kind == "models" and j.protocol == "paper" and j.experiment == "fnn"]
+    # one model key per (pretrained, depth pair) and seed
+    assert all(len(j.configs) == 4 for j in models)
+    reference = [j for j in smoke.jobs() if j.kind == "models" and j.protocol == "reference" and j.experiment == "fnn"]
+    assert all(len(j.configs) > 4 for j in reference)  # the authors' ranks change their random stream
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c["experiments"]["fnn"]["settings"].update(rnak=3), "rnak"),
+        (lambda c: c["experiments"]["fnn"]["methods"].update(adam={}), "adam"),
+        (lambda c: c["experiments"]["linear"]["methods"]["sgd"].update(rank=[0, 1]), "rank"),
+        (lambda c: c["defaults"].update(width=0), "width"),
+        (lambda c: c["defaults"].update(protocol="paper"), "protocol"),
+        (lambda c: c.update(preset="huge"), "preset"),
+        (lambda c: c.update(dispatch="pbs"), "dispatch"),
+        (lambda c: c.update(device="tpu"), "device"),
+        (lambda c: c.update(protocols=["paper", "authors"]), "authors"),
+        (lambda c: c["presets"]["smoke"]["set"].update(colour=1), "colour"),
+    ],
+)
+def test_bad_configs_are_refused_by_name(change, needle):
+    config = copy.deepcopy(CONFIG)
+    change(config)
+    with pytest.raises(ConfigError, match=needle):
+        lbx.load(config)
+
+
+def test_sweep_and_preset_mechanics():
+    spec = {"settings": {"pretrained": [0, 1]}, "variants": [{"target_depth": 1, "frozen_depth": 2}],
+            "methods": {"ours": {"rank": [1, 2, 3]}, "sgd": {"rank": [1, 2, 3]}}}
+    defaults = {"width": 4, "seed": [0, 1], "lr": [1e-2, 1e-3], "n_epochs": 100, "n_test": 50}
+    cfgs = lbx.expand_experiment("x", spec, defaults, {})
+    assert Counter(c.method for c in cfgs) == {"ours": 2 * 2 * 3, "sgd": 2 * 2 * 3 * 2}
+    preset = {"set": {"seed": [7]}, "cap": {"n_epochs": 10}, "subset": {"rank": [2, 9]}}
+    cfgs = lbx.expand_experiment("x", spec, defaults, preset)
+    assert {c.seed for c in cfgs} == {7} and {c.rank for c in cfgs} == {2}
+    assert {c.n_epochs for c in cfgs if c.method == "sgd"} == {10}

@@ -1,0 +1,309 @@
+"""Figures on small synthetic results: schema-valid rows (results.rows_to_table), selected
+by validation as the workflow does, drawn without training.
+
+The helpers at the top (``synthetic_runs`` and friends) are shared with test_claims.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from lorabench import figures, style
+from lorabench.config import RunConfig
+from lorabench.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
+from lorabench.runner import threshold_rank, trainable_parameter_count
+from lorabench.selection import select_by_validation
+
+# Small models: the figures regenerate them for the theory overlays.
+BASE = dict(width=4, n_test=64, batch_size=32, n_val=32, pretrained_epochs=5, n_epochs=10, seq_length=3, curve_every=5)
+SEEDS = (0, 1, 2)
+RANKS = (1, 2, 3, 4)
+LRS = (1e-2, 1e-3)
+
+
+def _construction_mse(cfg: RunConfig) -> float:
+    thr = threshold_rank(cfg)
+    return 0.2 * max(thr - cfg.rank, 0) / thr * (1 + 0.1 * cfg.seed) * (0.5 if cfg.pretrained else 1.0) + 1e-14
+
+
+def default_metrics(experiment: str, cfg: RunConfig) -> dict:
+    """Synthetic numbers shaped like the paper's: the construction exact from the threshold
+    on, gradient update better below it and never exact, LoRA below FLT, and so on."""
+    thr = threshold_rank(cfg)
+    lr_penalty = 1.0 if cfg.lr == LRS[0] else 1.3
+    if cfg.method == "ours":
+        test = _construction_mse(cfg)
+    elif cfg.method == "flt":
+        test = (0.3 / cfg.last_layers + 0.05) * (1 + 0.1 * cfg.seed) * lr_penalty
+    else:
+        test = (0.15 * max(thr - cfg.rank, 0) / thr * (1 + 0.1 * cfg.seed) + 1e-3) * lr_penalty
+        if cfg.tune_bias == 0:
+            test *= 1.5
+    out = dict(test_loss=test, test_shift_loss=25 * test, val_loss=test * 1.01, train_loss=test * 0.99)
+    if cfg.n_train is not None and cfg.method == "sgd":
+        out["train_loss"] = test / (100 if cfg.target_depth == 1 else 1.2)
+    if cfg.task != "regression":
+        acc = 0.5 + 0.5 * min(cfg.rank / thr, 1.0) if cfg.method == "ours" else 0.85
+        out.update(test_accuracy=acc, test_shift_accuracy=acc - 0.1, val_accuracy=acc)
+    return out
+
+
+def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) -> dict:
+    cfg = cfg.validated()
+    row = cfg.to_dict()
+    steps = list(range(0, cfg.n_epochs + 1, cfg.curve_every)) if cfg.method != "ours" else []
+    final = metrics.get("train_loss") or 0.0
+    row.update(
+        experiment=experiment, config_hash=cfg.config_hash(), checkpoint=checkpoint,
+        test_loss=None, test_shift_loss=None, val_loss=None, train_loss=None,
+        test_accuracy=None, test_shift_accuracy=None, val_accuracy=None,
+        best_step=cfg.n_epochs if cfg.method != "ours" else None, diverged=False, diverged_step=None,
+        n_trainable_params=trainable_parameter_count(cfg), threshold_rank=threshold_rank(cfg),
+        pretrain_steps=3 if cfg.pretrained else None,
+        curve_steps=steps, train_curve=[final * (10 ** (1 - i / max(len(steps) - 1, 1))) for i in range(len(steps))],
+        val_curve=[final] * len(steps),
+        lorabench_version="0.1.0", torch_version="test", device="cpu", device_name="cpu", torch_threads=1,
+        wall_time_s=0.0, cell_size=1,
+    )
+    if cfg.method == "ours":
+        metrics = {k: v for k, v in metrics.items() if k != "train_loss"}
+    row.update(metrics)
+    if metrics.get("diverged"):
+        row.update({k: math.nan for k in ("test_loss", "test_shift_loss", "val_loss", "train_loss")}, diverged_step=1)
+    return row
+
+
+def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[RunConfig]:
+    """The contract's experiment grid, shrunk (D = 4, ranks 1..4, 3 seeds)."""
+    b = RunConfig(**(base or BASE))
+    out = []
+    both = (0, 1)
+    fnn_pairs = ((1, 2), (2, 4))
+    for seed in SEEDS:
+        s = b.replace(seed=seed)
+        if experiment == "linear":
+            for pre in both:
+                for rank in RANKS:
+                    out.append(s.replace(activation="linear", use_bias=0, pretrained=pre, rank=rank, method="ours"))
+                    out.append(s.replace(activation="linear", use_bias=0, pretrained=pre, rank=rank, method="sgd"))
+        elif experiment == "fnn":
+            for (lbar, depth) in fnn_pairs:
+                for pre in both:
+                    for rank in RANKS:
+                        c = s.replace(target_depth=lbar, frozen_depth=depth, pretrained=pre, rank=rank)
+                        out += [c.replace(method="ours"), c.replace(method="sgd")]
+        elif experiment == "tfn":
+            for depth in (1, 2):
+                for pre in both:
+                    for rank in RANKS:
+                        c = s.replace(exp="tfn", target_depth=depth, frozen_depth=depth, pretrained=pre, rank=rank)
+                        out += [c.replace(method="ours"), c.replace(method="sgd")]
+        elif experiment == "flt":
+            for pre in both:
+                c = s.replace(target_depth=1, frozen_depth=8, pretrained=pre)
+                out += [c.replace(method="flt", last_layers=k, rank=1) for k in range(1, 8)]
+                out += [c.replace(method="sgd", rank=r) for r in RANKS]
+        elif experiment == "bias":
+            for pre in both:
+                for rank in RANKS:
+                    out += [s.replace(method="sgd", pretrained=pre, rank=rank, tune_bias=t) for t in (0, 1)]
+        elif experiment == "rank_step":
+            for pre in both:
+                out += [s.replace(method="sgd", target_depth=2, frozen_depth=4, pretrained=pre, rank=1, rank_step=k)
+                        for k in (-1, 0, 1)]
+        elif experiment == "classification":
+            for task in ("classification", "binary_classification"):
+                for (lbar, depth) in fnn_pairs:
+                    c = s.replace(task=task, target_depth=lbar, frozen_depth=depth)
+                    out += [c.replace(method="ours", rank=r) for r in (0,) + RANKS]
+                    out += [c.replace(method="sgd", rank=r) for r in RANKS]
+        elif experiment == "depth":
+            for depth in (2, 4):
+                out += [s.replace(method="sgd", frozen_depth=depth, rank=r) for r in RANKS]
+        elif experiment == "generalization":
+            for (lbar, depth) in fnn_pairs:
+                c = s.replace(target_depth=lbar, frozen_depth=depth, n_train=40 * lbar)
+                out += [c.replace(method=m, rank=r) for r in RANKS for m in ("ours", "sgd")]
+        elif experiment == "training_curves":
+            for (lbar, depth) in fnn_pairs:
+                out += [s.replace(method="sgd", target_depth=lbar, frozen_depth=depth, rank=r) for r in (1, 2, 4)]
+        elif experiment == "uniform_sv":
+            out += [s.replace(init_mode="uniform_singular_values", method=m, rank=r) for r in RANKS for m in ("ours", "sgd")]
+        else:
+            raise ValueError(experiment)
+    return out
+
+
+EXPERIMENTS = ("linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
+               "training_curves", "uniform_sv")
+
+
+def synthetic_runs(
+    experiments: Iterable[str] = EXPERIMENTS,
+    protocols: Iterable[str] = ("paper", "reference"),
+    metrics: Callable[[str, RunConfig], dict] = default_metrics,
+    lrs: Iterable[float] = LRS,
+    base: Optional[dict] = None,
+) -> list[dict]:
+    """Result rows for the experiments: one 'construction' row per construction, 'last'
+    and 'best' rows for each learning rate of every gradient run."""
+    rows = []
+    for experiment in experiments:
+        for protocol in protocols:
+            for cfg in experiment_configs(experiment, base):
+                cfg = cfg.replace(protocol=protocol)
+                if cfg.method == "ours":
+                    rows.append(make_row(experiment, cfg, "construction", metrics(experiment, cfg)))
+                    continue
+                for lr in lrs:
+                    c = cfg.replace(lr=lr)
+                    m = metrics(experiment, c)
+                    rows += [make_row(experiment, c, "last", m), make_row(experiment, c, "best", m)]
+    return rows
+
+
+def to_frames(rows: list[dict], tmp_path: Path, select: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Through Parquet, as the workflow does: runs.parquet, then selected.parquet. With
+    ``select=False`` every row is its own selection group (fast; one grid point per run)."""
+    write_rows(rows, tmp_path / "runs.parquet")
+    runs = read_rows(tmp_path / "runs.parquet")
+    if select:
+        selected = select_by_validation(runs)
+    else:
+        selected = runs.assign(n_candidates=1, n_excluded=0)
+    atomic_write_table(pa.Table.from_pandas(selected, schema=SELECTED_SCHEMA, preserve_index=False), tmp_path / "selected.parquet")
+    return runs, read_rows(tmp_path / "selected.parquet", SELECTED_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    return to_frames(synthetic_runs(lrs=LRS[:1]), tmp_path_factory.mktemp("synthetic"), select=False)
+
+
+@pytest.fixture(scope="module")
+def written(frames, tmp_path_factory):
+    runs, selected = frames
+    out = tmp_path_factory.mktemp("figures")
+    return out, figures.write_all_figures(runs, selected, out)
+
+
+@pytest.fixture
+def png_only(monkeypatch):
+    """Only PNG files: halves the drawing time of tests that check robustness, not format."""
+    monkeypatch.setattr(style, "FORMATS", ("png",))
+
+
+def _check_outputs(paths: list[Path], name: str) -> None:
+    assert sorted(p.name for p in paths) == sorted(f"{name}.{fmt}" for fmt in style.FORMATS)
+    for path in paths:
+        assert path.stat().st_size > 1000
+        if path.suffix == ".pdf":
+            assert path.read_bytes()[:5] == b"%PDF-"
+        else:
+            image = mpimg.imread(path)
+            assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+# ------------------------------------------------------------------ tests
+def test_synthetic_rows_follow_the_schema(frames):
+    runs, selected = frames
+    assert set(RUNS_SCHEMA.names) <= set(runs.columns)
+    assert set(SELECTED_SCHEMA.names) <= set(selected.columns)
+    assert set(selected["experiment"]) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", figures.FIGURE_NAMES)
+def test_each_figure_writes_png_and_pdf(written, name):
+    out, paths = written
+    _check_outputs([p for p in paths if p.stem == name], name)
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_write_all_figures_writes_every_name(written):
+    _, paths = written
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in figures.FIGURE_NAMES for e in ("png", "pdf"))
+
+
+@pytest.mark.parametrize("name", figures.FIGURE_NAMES)
+def test_each_figure_survives_missing_experiment(tmp_path, png_only, name):
+    """No rows at all (an empty selection with the schema's columns): every panel says 'no data'."""
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in SELECTED_SCHEMA.names})
+    _check_outputs(figures.FIGURES[name](empty, tmp_path), name)
+
+
+def test_reference_only_results_fall_back_to_reference(tmp_path, png_only):
+    """Only the reference protocol present: figures draw it; runs alone suffice."""
+    runs, _ = to_frames(synthetic_runs(["fnn"], protocols=("reference",), lrs=LRS[:1]), tmp_path, select=False)
+    paths = figures.write_all_figures(runs, None, tmp_path / "figures", names=["fnn"])
+    _check_outputs(paths, "fnn")
+    assert figures.choose_protocol(select_by_validation(runs), "fnn") == "reference"
+    assert figures.choose_protocol(select_by_validation(runs), "fnn", "paper") == "paper"
+
+
+def test_all_diverged_groups_are_excluded_and_counted(tmp_path, png_only):
+    """Every gradient run of seed 0 diverged: its selected rows are NaN, the curves use the
+    remaining seeds and say how many were left out."""
+
+    def metrics(experiment, cfg):
+        out = default_metrics(experiment, cfg)
+        if cfg.method != "ours" and cfg.seed == 0:
+            out["diverged"] = True
+        return out
+
+    _, selected = to_frames(synthetic_runs(["fnn", "training_curves"], protocols=("paper",), metrics=metrics), tmp_path)
+    gd = figures.rows(selected, "fnn", "paper", "sgd", target_depth=1, frozen_depth=2, pretrained=0)
+    assert gd.loc[gd["seed"] == 0, "diverged"].all() and gd.loc[gd["seed"] == 0, "test_loss"].isna().all()
+    c = figures.curve(gd, "rank", "test_loss")
+    assert c.n_dropped == len(RANKS) and c.n_grid_excluded == len(RANKS) * len(LRS)
+    assert np.all(np.isfinite(c.median)) and set(c.n) == {len(SEEDS) - 1}
+    for name in ("fnn_log", "training_curves"):
+        _check_outputs(figures.FIGURES[name](selected, tmp_path / "out"), name)
+
+
+def test_every_run_diverged_still_draws(tmp_path, png_only):
+    def metrics(experiment, cfg):
+        return {**default_metrics(experiment, cfg), "diverged": cfg.method != "ours"}
+
+    _, selected = to_frames(synthetic_runs(["bias", "flt"], protocols=("paper",), metrics=metrics), tmp_path)
+    for name in ("bias", "flt"):
+        _check_outputs(figures.FIGURES[name](selected, tmp_path), name)
+
+
+def test_curve_median_and_band():
+    df = pd.DataFrame({"rank": [1, 1, 1, 2, 2, 2], "seed": [0, 1, 2] * 2, "test_loss": [1.0, 3.0, 2.0, 5.0, np.nan, 4.0],
+                       "diverged": [False] * 6, "val_loss": [0.0] * 6})
+    c = figures.curve(df, "rank", "test_loss")
+    assert c.x.tolist() == [1, 2] and c.median.tolist() == [2.0, 4.5]
+    assert c.low.tolist() == [1.0, 4.0] and c.high.tolist() == [3.0, 5.0] and c.n_dropped == 1
+
+
+def test_linear_theory_overlay_is_the_median_svd_tail(frames):
+    from lorabench import theory
+    from lorabench.generation import generate_models
+
+    _, selected = frames
+    ours = figures.rows(selected, "linear", "paper", "ours", pretrained=0)
+    c = figures.curve(figures.theory_rows(ours), "rank", "value")
+    expected = []
+    for seed in SEEDS:
+        cfg = figures.config_of(ours[ours["seed"] == seed].iloc[0])
+        models = generate_models(cfg)
+        expected.append(theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), 1))
+    assert c.at(1) == pytest.approx(float(np.median(expected)), rel=1e-9)
+    assert c.at(2) == pytest.approx(0.0, abs=1e-12)  # R L = 4 = D: exact
+
+
+def test_relative_mse_uses_the_target_scale(frames):
+    _, selected = frames
+    ours = figures.rows(selected, "tfn", "paper", "ours", target_depth=2, pretrained=1)
+    rel = figures.relative_mse(ours)
+    assert np.all(rel[ours["rank"] >= 2] < 1e-12)
+    assert np.all(rel[ours["rank"] == 1] > 0)

@@ -1,0 +1,212 @@
+"""The Snakemake workflow end to end on the smoke preset, in temporary copies of the repo's
+Snakefile, workflow/ and config.yaml (Snakemake runs as a subprocess; ~3-4 minutes on 2 cores).
+
+Slurm tests (a single-node cluster brought up by .ci/slurm/up.sh) are opt-in:
+LORABENCH_SLURM_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lorabench.results import RUNS_SCHEMA, SELECTED_SCHEMA, read_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
+# columns that legitimately differ between two runs of the same configs
+VOLATILE = ["wall_time_s", "device_name", "torch_threads"]
+
+pytestmark = pytest.mark.skipif(not Path(SNAKEMAKE).exists(), reason="snakemake is not installed next to python")
+
+
+def make_workdir(path: Path, config: dict | None = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "Snakefile", path / "Snakefile")
+    shutil.copytree(ROOT / "workflow", path / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "envs", path / "envs")
+    (path / "config.yaml").write_text(yaml.safe_dump(config if config is not None else CONFIG, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "--directory", str(workdir), "--snakefile", str(workdir / "Snakefile"), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_config(experiments=("fnn", "classification"), **top) -> dict:
+    """The smoke preset restricted to a few experiments and the paper protocol."""
+    config = copy.deepcopy(CONFIG)
+    config["experiments"] = {name: config["experiments"][name] for name in experiments}
+    for preset in config["presets"].values():  # per-experiment scaling of experiments left out
+        overrides = (preset or {}).get("experiments") or {}
+        for name in list(overrides):
+            if name not in experiments:
+                del overrides[name]
+    config.update(preset="smoke", protocols=["paper"], **top)
+    return config
+
+
+def planned_outputs(workdir: Path, *args: str) -> list[str]:
+    """The output files of the jobs a dry run would run."""
+    proc = snakemake(workdir, "-n", *args)
+    return re.findall(r"^\s+output: (.+)$", proc.stdout, flags=re.M)
+
+
+def comparable(path: Path, schema=RUNS_SCHEMA) -> pd.DataFrame:
+    df = read_table(path, schema).to_pandas().drop(columns=VOLATILE)
+    keys = ["experiment", "config_hash", "checkpoint"]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+# --------------------------------------------------------------- the smoke run
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("smoke"))
+    start = time.perf_counter()
+    snakemake(workdir, "all_figures", "--config", "preset=smoke")
+    print(f"smoke workflow: {time.perf_counter() - start:.0f} s")
+    return workdir
+
+
+def test_smoke_writes_both_parquet_files_with_their_schemas(smoke_run):
+    runs = read_table(smoke_run / "results/runs.parquet", RUNS_SCHEMA).to_pandas()
+    selected = read_table(smoke_run / "results/selected.parquet", SELECTED_SCHEMA).to_pandas()
+    assert set(runs["experiment"]) == set(CONFIG["experiments"])
+    assert set(runs["protocol"]) == {"paper", "reference"}
+    assert runs["experiment"].notna().all()
+    assert set(runs["checkpoint"]) == {"construction", "last", "best"}
+    assert len(selected) > 0 and set(selected["experiment"]) == set(runs["experiment"])
+    assert (selected["n_candidates"] >= 1).all()
+
+
+def test_smoke_writes_every_figure(smoke_run):
+    from lorabench.figures import FIGURE_NAMES
+
+    for name in FIGURE_NAMES:
+        for ext in ("png", "pdf"):
+            assert (smoke_run / "results/figures" / f"{name}.{ext}").stat().st_size > 0
+    for name in ("claims.md", "claims.csv", "protocol_comparison.png", "protocol_comparison.md"):
+        assert (smoke_run / "results" / name).exists()
+
+
+def test_second_invocation_has_nothing_to_do(smoke_run):
+    proc = snakemake(smoke_run, "-n", "all_figures", "--config", "preset=smoke")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_report_embeds_every_figure_with_a_caption(smoke_run):
+    from lorabench.figures import FIGURE_NAMES
+
+    snakemake(smoke_run, "--report", "report.html", "--config", "preset=smoke")
+    html = (smoke_run / "report.html").read_text()
+    for name in FIGURE_NAMES:
+        assert f"{name}.png" in html
+    assert "Transformer networks" in html  # a caption from workflow/report/tfn.rst
+
+
+def test_changing_one_experiment_reruns_only_its_jobs(smoke_run):
+    path = smoke_run / "config.yaml"
+    original = path.read_text()
+    config = yaml.safe_load(original)
+    config["experiments"]["bias"]["settings"]["pretrained_lr"] = 2.0e-3
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        outputs = planned_outputs(smoke_run, "all_figures", "--config", "preset=smoke")
+    finally:
+        path.write_text(original)
+    per_job = [o for o in outputs if re.match(r"results/(models|constructions|cells)/", o)]
+    assert per_job, outputs
+    assert {o.split("/")[2] for o in per_job} == {"bias"}
+    # both protocols' models and training of that experiment, then aggregation and figures
+    assert len(per_job) == 4
+    assert "results/runs.parquet" in outputs and "results/selected.parquet" in outputs
+
+
+# --------------------------------------------------------------- refused configs
+BAD = [
+    (["preset=huge"], "huge"),
+    (["dispatch=pbs"], "pbs"),
+    (["device=tpu"], "tpu"),
+    (["threads=two"], "threads"),
+    (["colour=red"], "colour"),
+    (["protocols=[paper,authors]"], "authors"),
+]
+
+
+@pytest.mark.parametrize("overrides, needle", BAD)
+def test_malformed_config_is_refused_and_nothing_is_written(tmp_path, overrides, needle):
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "all_figures", "--config", *overrides, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
+    # nothing of the workflow's (Snakemake may keep its own log under .snakemake/)
+    assert sorted(p.name for p in workdir.iterdir() if p.name != ".snakemake") == ["Snakefile", "config.yaml", "envs", "workflow"]
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c["experiments"]["fnn"]["settings"].update(rnak=3), "rnak"),
+        (lambda c: c["experiments"]["fnn"]["methods"]["sgd"].update(rank=[0, 1]), "rank"),
+        (lambda c: c["experiments"]["fnn"]["settings"].update(pretrained="yes"), "pretrained"),
+    ],
+)
+def test_malformed_experiment_is_refused(tmp_path, change, needle):
+    config = tiny_config()
+    change(config)
+    workdir = make_workdir(tmp_path, config)
+    proc = snakemake(workdir, "all_results", check=False)
+    assert proc.returncode != 0 and needle in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+# --------------------------------------------------------------- dispatch and resumption
+def test_submitit_local_dispatch(tmp_path):
+    workdir = make_workdir(tmp_path, tiny_config(experiments=("fnn",), dispatch="submitit-local"))
+    snakemake(workdir, "all_results")
+    runs = read_table(workdir / "results/runs.parquet").to_pandas()
+    assert set(runs["method"]) == {"ours", "sgd"}
+    assert list((workdir / "logs/submitit").rglob("*_log.out")), "no submitit job logs"
+
+
+def test_interrupted_run_resumes_with_rerun_incomplete(tmp_path):
+    config = tiny_config(experiments=("fnn", "classification"))
+    whole = make_workdir(tmp_path / "whole", config)
+    snakemake(whole, "all_results")
+
+    cut = make_workdir(tmp_path / "cut", config)
+    cmd = [SNAKEMAKE, "--directory", str(cut), "--snakefile", str(cut / "Snakefile"), "--cores", "2", "all_results"]
+    proc = subprocess.Popen(cmd, cwd=cut, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180  # kill once a training job has started, before it ends
+        while time.time() < deadline and not list((cut / "logs/train").rglob("*.log")):
+            time.sleep(0.05)
+        assert list((cut / "logs/train").rglob("*.log")), "training never started"
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: Snakemake and its jobs
+        proc.wait()
+    assert not (cut / "results/runs.parquet").exists()
+    snakemake(cut, "--unlock")
+    snakemake(cut, "all_results", "--rerun-incomplete")
+    for name, schema in (("runs", RUNS_SCHEMA), ("selected", SELECTED_SCHEMA)):
+        pd.testing.assert_frame_equal(
+            comparable(cut / f"results/{name}.parquet", schema), comparable(whole / f"results/{name}.parquet", schema)
+        )
+    assert "Nothing to be done" in snakemake(cut, "-n", "all_results").stdout
