@@ -234,7 +234,8 @@ def main():
         if args.device == "cpu" and cores > 1:
             entry["cell_config_steps_per_s_all_cores"] = parallel_rate(family, long, args.device, cores)
         if not args.quick and args.device == "cpu":
-            single = single_config_rate(family, *((20, 220) if family == "fnn" else (2, 8)), n_configs=3)
+            # Long enough that the per-step cost stands out of process start-up noise.
+            single = single_config_rate(family, *((100, 3100) if family == "fnn" else (2, 12)), n_configs=3)
             entry["single_process_5000_step_wall_s"] = single["wall_5000_s"]
             entry["single_process_config_steps_per_s"] = PAPER_STEPS / single["wall_5000_s"]
         authors = baseline.get(family, {}).get("config_steps_per_s")
