@@ -14,7 +14,6 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .results import ResultsError
@@ -221,31 +220,6 @@ def _summary(row: dict) -> str:
     return f"{row['method']} " + " ".join(parts + metrics) + flag
 
 
-def _check_workflow_inputs(args: argparse.Namespace) -> None:
-    """Refuse an unreadable job spec or a corrupt models file (e.g. one left by an earlier,
-    killed run) with one line naming the file, before any work and before any output."""
-    from . import pipeline
-
-    spec = getattr(args, "spec", None)
-    if spec:
-        try:
-            pipeline.read_spec(spec)
-        except FileNotFoundError:
-            raise UsageError(f"{spec}: no such job spec") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UsageError(f"{spec}: not a lorabench job spec ({type(error).__name__}: {error})") from None
-    models = getattr(args, "models", None)
-    if models and Path(models).exists():
-        # A missing file is left to the job (a dispatched job reports it with its log).
-        try:
-            pipeline.load_models(models)
-        except Exception as error:  # torch.load raises many types on a truncated or foreign file
-            raise ResultsError(
-                f"{models}: not a readable models file, corrupt or truncated "
-                f"({type(error).__name__}: {error}); delete it and rerun"
-            ) from None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -259,7 +233,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import pipeline
 
         if args.command in pipeline.COMMANDS:
-            _check_workflow_inputs(args)
             return pipeline.main(args)
     except (ConfigError, UsageError, ResultsError) as error:
         parser.exit(2, f"lorabench: error: {error}\n")

@@ -52,11 +52,14 @@ class FNN:
         return self.weights.shape[-1]
 
     def to(self, device) -> "FNN":
-        return replace(
-            self,
-            weights=self.weights.to(device),
-            biases=None if self.biases is None else self.biases.to(device),
-        )
+        return map_tensors(self, lambda t: t.to(device))
+
+
+def map_tensors(model, fn: Callable[[Tensor], Tensor]):
+    """The model with ``fn`` applied to every weight and bias (cast, move, slice)."""
+    if isinstance(model, FNN):
+        return replace(model, weights=fn(model.weights), biases=None if model.biases is None else fn(model.biases))
+    return replace(model, **{k: fn(v) for k, v in model.tensors().items()})
 
 
 def activate(x: Tensor, activation: str) -> Tensor:
@@ -135,7 +138,7 @@ class TFN:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
     def to(self, device) -> "TFN":
-        return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+        return map_tensors(self, lambda t: t.to(device))
 
 
 def _layer_norm_over_width(h: Tensor) -> Tensor:

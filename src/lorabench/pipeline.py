@@ -17,15 +17,22 @@ import json
 from pathlib import Path
 
 from .atomic import atomic_write
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .dispatch import DISPATCHES, SlurmSettings
+from .results import ResultsError
 
 
 # ------------------------------------------------------------------- helpers
 def read_spec(path: str) -> dict:
-    with open(path) as f:
-        spec = json.load(f)
-    spec["configs"] = [RunConfig(**values) for values in spec["configs"]]
+    """A job spec; a missing or malformed one is refused with one line naming the file."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+        spec["configs"] = [RunConfig(**values) for values in spec["configs"]]
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job spec") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: not a lorabench job spec ({type(error).__name__}: {error})") from None
     return spec
 
 
@@ -44,10 +51,21 @@ def save_models(models: dict, path: str) -> None:
 
 
 def load_models(path: str) -> dict:
+    """``{model key: Models}`` from a models file. A missing file raises
+    FileNotFoundError as usual; an unreadable one (e.g. left truncated by a killed run) is
+    refused with one line naming it."""
     import torch
 
-    payload = torch.load(path, weights_only=False)
-    return {RunConfig(**key): value for key, value in payload}
+    try:
+        payload = torch.load(path, weights_only=False)
+        return {RunConfig(**key): value for key, value in payload}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many types on a truncated or foreign file
+        raise ResultsError(
+            f"{path}: not a readable models file, corrupt or truncated "
+            f"({type(error).__name__}: {error}); delete it and rerun"
+        ) from None
 
 
 def _rows_with_experiment(rows, experiment: str) -> list[dict]:

@@ -116,13 +116,17 @@ def write_rows(rows: Iterable[dict], path: Union[str, os.PathLike], schema: pa.S
 
 
 def check_writable(path: Union[str, os.PathLike]) -> None:
-    """Fail before any work if the folder of ``path`` cannot take a new file."""
+    """Fail before any work if the folder of ``path`` cannot take a new file.
+
+    Creates nothing (a refused run writes nothing): the nearest existing ancestor must be
+    a writable folder, in which the atomic write will later create the rest."""
     folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ResultsError(f"cannot create results folder {folder}: {error.strerror}") from None
-    if not os.access(folder, os.W_OK):
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResultsError(f"cannot create results folder {folder}: {existing.name} is not a folder")
+    if not os.access(existing, os.W_OK):
         raise ResultsError(f"results folder {folder} is not writable")
 
 

@@ -23,7 +23,7 @@ from .adapters import LoRA, apply_lora, layer_ranks, lora_parameter_count
 from .config import RunConfig
 from .construction import fnn_construction, tfn_construction
 from .generation import Models, generate_models
-from .models import FNN
+from .models import FNN, map_tensors
 from .train import (
     PaperStream,
     ReferenceFNNStream,
@@ -196,9 +196,7 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
 
 
 def _cast(model, dtype):
-    if isinstance(model, FNN):
-        return replace(model, weights=model.weights.to(dtype), biases=None if model.biases is None else model.biases.to(dtype))
-    return replace(model, **{k: v.to(dtype) for k, v in model.tensors().items()})
+    return map_tensors(model, lambda t: t.to(dtype))
 
 
 def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.device, progress) -> list[dict]:
@@ -255,9 +253,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
 
 
 def _slice_model(model, begin: int, end: int):
-    if isinstance(model, FNN):
-        return replace(model, weights=model.weights[begin:end], biases=None if model.biases is None else model.biases[begin:end])
-    return replace(model, **{k: v[begin:end] for k, v in model.tensors().items()})
+    return map_tensors(model, lambda t: t[begin:end])
 
 
 def run_configs(

@@ -36,10 +36,6 @@ def forward(model: Model, x: Tensor, dropout=None) -> Tensor:
     return fnn_forward(model, x) if isinstance(model, FNN) else tfn_forward(model, x, dropout)
 
 
-def _per_config(values: list[float], like: Tensor, ndim: int) -> Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (ndim - 1)))
-
-
 # ------------------------------------------------------------ flat parameters
 class Layout:
     """Named tensors of shape (C, ...) stored side by side in one (C, P) tensor, so the
