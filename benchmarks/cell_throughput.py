@@ -3,8 +3,10 @@
 Prints, for an FNN cell (D=16, Lbar=2, L=4, 16 ranks x 3 lr x 4 weight decays = 192
 configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
 
-* config-steps per second of the batched cell (steady state, from two run lengths),
-  in one process and in one process per core;
+* config-steps per second of the batched cell (steady state, from two run lengths):
+  in one process on one core, in one process on every core (threads), and in one process
+  per core; for the FNN with both engines (``native``: fnn_step.c, ``torch``: stacked
+  torch operations; see lorabench/native.py);
 * the same configs run one per process through ``python -m lorabench run`` (this
   project's single-config path, process start-up included);
 * the authors' rate and the ratio: measured in the same run when ``--authors DIR`` names a
@@ -55,7 +57,8 @@ def flops_per_config_step(family: str) -> float:
     return 4 * forward  # backward ~ 2x forward, plus the validation forward
 
 
-def worker(family: str, steps: int, seed: int, device: str, threads: int) -> dict:
+def worker(family: str, steps: int, seed: int, device: str, threads: int, engine: str) -> dict:
+    os.environ["LORABENCH_ENGINE"] = engine
     import torch
 
     torch.set_num_threads(threads)
@@ -68,40 +71,49 @@ def worker(family: str, steps: int, seed: int, device: str, threads: int) -> dic
     start = time.perf_counter()
     rows = list(run_configs(cfgs, device=device))
     wall = time.perf_counter() - start
+    engines = sorted({r["engine"] for r in rows})
+    if engines != [engine] and engine != "auto":
+        raise SystemExit(f"asked for engine {engine}, rows say {engines}")
     peak_gpu = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {
         "wall_s": wall,
         "configs": len(cfgs),
         "rows": len(rows),
+        "engine": engines[0],
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": None if peak_gpu is None else peak_gpu / 2**20,
     }
 
 
-def run_worker(family, steps, seed, device, threads=1):
-    cmd = [sys.executable, __file__, "--worker", family, "--steps", str(steps), "--seed", str(seed),
-           "--device", device, "--threads", str(threads)]
+def _worker_cmd(family, steps, seed, device, threads, engine):
+    return [sys.executable, __file__, "--worker", family, "--steps", str(steps), "--seed", str(seed),
+            "--device", device, "--threads", str(threads), "--engine", engine]
+
+
+def run_worker(family, steps, seed, device, threads=1, engine="auto"):
+    cmd = _worker_cmd(family, steps, seed, device, threads, engine)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def steady_state(family, short, long, device):
+def steady_state(family, short, long, device, threads=1, engine="auto"):
     """Per-step cost and fixed cost of a cell from two run lengths."""
-    a, b = run_worker(family, short, 0, device), run_worker(family, long, 0, device)
+    a = run_worker(family, short, 0, device, threads, engine)
+    b = run_worker(family, long, 0, device, threads, engine)
     per_step = (b["wall_s"] - a["wall_s"]) / (long - short)
     fixed = a["wall_s"] - short * per_step
     return {"per_step_s": per_step, "fixed_s": fixed, "configs": a["configs"], "max_rss_mb": b["max_rss_mb"],
-            "peak_gpu_mb": b["peak_gpu_mb"]}
+            "peak_gpu_mb": b["peak_gpu_mb"], "engine": b["engine"]}
 
 
-def parallel_rate(family, steps, device, processes):
-    """Aggregate config-steps/s of one cell process per core (different seeds)."""
-    cmd = lambda seed: [sys.executable, __file__, "--worker", family, "--steps", str(steps), "--seed", str(seed),
-                        "--device", device, "--threads", "1"]
+def parallel_rate(family, steps, device, processes, engine="auto"):
+    """Aggregate config-steps/s of one cell process per core (different seeds), fixed
+    costs included."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd(seed), stdout=subprocess.PIPE, text=True) for seed in range(processes)]
+    procs = [subprocess.Popen(_worker_cmd(family, steps, seed, device, 1, engine), stdout=subprocess.PIPE, text=True)
+             for seed in range(processes)]
     results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     wall = time.perf_counter() - start
     return sum(r["configs"] for r in results) * steps / wall
@@ -197,12 +209,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--engine", default="auto", choices=["auto", "native", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="shorter runs, no one-config-per-process baseline")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--authors", type=Path, help="a checkout of the authors' repository, timed side by side")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.seed, args.device, args.threads)))
+        print(json.dumps(worker(args.worker, args.steps, args.seed, args.device, args.threads, args.engine)))
         return
 
     baseline = json.loads((HERE / "authors_baseline.json").read_text()) if (HERE / "authors_baseline.json").exists() else {}
@@ -222,6 +235,7 @@ def main():
         rate = cell["configs"] / cell["per_step_s"]
         print(f"\n== {family.upper()} cell: {cell['configs']} configs on {args.device} ==", flush=True)
         entry = Entry({
+            "engine": cell["engine"],
             "cell_configs": cell["configs"],
             "cell_config_steps_per_s": rate,
             "cell_fixed_s": cell["fixed_s"],
@@ -231,8 +245,18 @@ def main():
             "achieved_gflops": rate * flops_per_config_step(family) / 1e9,
             "bmm_gflops_same_shapes": bmm_gflops(family, args.device),
         })
+        all_cores = rate
         if args.device == "cpu" and cores > 1:
-            entry["cell_config_steps_per_s_all_cores"] = parallel_rate(family, long, args.device, cores)
+            threaded = steady_state(family, short, long, args.device, threads=cores)
+            entry["cell_config_steps_per_s_one_process_all_threads"] = threaded["configs"] / threaded["per_step_s"]
+            entry["cell_config_steps_per_s_one_process_per_core"] = parallel_rate(family, long, args.device, cores)
+            all_cores = max(entry["cell_config_steps_per_s_one_process_all_threads"],
+                            entry["cell_config_steps_per_s_one_process_per_core"])
+            entry["cell_config_steps_per_s_all_cores"] = all_cores
+        if args.device == "cpu" and cell["engine"] == "native":
+            other = steady_state(family, short, long, args.device, engine="torch")
+            entry["torch_engine_config_steps_per_s"] = other["configs"] / other["per_step_s"]
+            entry["native_over_torch_engine"] = rate / entry["torch_engine_config_steps_per_s"]
         if not args.quick and args.device == "cpu":
             # Long enough that the per-step cost stands out of process start-up noise.
             single = single_config_rate(family, *((100, 3100) if family == "fnn" else (2, 12)), n_configs=3)
@@ -247,9 +271,7 @@ def main():
             entry["authors_5000_step_wall_s"] = measured["wall_5000_s"]
         if authors:
             entry["authors_config_steps_per_s"] = authors
-            best = entry.get("cell_config_steps_per_s_all_cores", rate)
-            entry["speedup_vs_authors"] = best / authors
-        all_cores = entry.get("cell_config_steps_per_s_all_cores", rate)
+            entry["speedup_vs_authors"] = all_cores / authors
         entry["projected_paper_grid_hours"] = GRID[family] * PAPER_STEPS / all_cores / 3600
         report["families"][family] = entry
 

@@ -70,7 +70,7 @@ def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) ->
         pretrain_steps=3 if cfg.pretrained else None,
         curve_steps=steps, train_curve=[final * (10 ** (1 - i / max(len(steps) - 1, 1))) for i in range(len(steps))],
         val_curve=[final] * len(steps),
-        lorabench_version="0.1.0", torch_version="test", device="cpu", device_name="cpu", torch_threads=1,
+        lorabench_version="0.1.0", torch_version="test", device="cpu", device_name="cpu", torch_threads=1, engine="torch",
         wall_time_s=0.0, cell_size=1,
     )
     if cfg.method == "ours":

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write
 from .config import RunConfig
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the engine column
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -67,6 +67,7 @@ _RESULT_FIELDS = [
     pa.field("device", pa.string(), nullable=False),
     pa.field("device_name", pa.string()),
     pa.field("torch_threads", pa.int64()),
+    pa.field("engine", pa.string()),  # native | torch: the trainer that produced the row
     pa.field("wall_time_s", pa.float64(), nullable=False),
     pa.field("cell_size", pa.int64(), nullable=False),
 ]

@@ -180,6 +180,7 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         row.update(_metrics(adapted, target, sets, cfg, device)[0])
     row.update(
         checkpoint="construction",
+        engine="torch",
         train_loss=None,
         best_step=None,
         # A construction "diverges" when its numbers are not finite (e.g. a singular
@@ -235,6 +236,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
             diverged = bool(result.diverged_step[c] >= 0)
             row.update(
                 checkpoint=checkpoint,
+                engine=trainable.engine,
                 # The fixed-set validation loss seen during training (reference TFN: the
                 # authors' per-step batch), rather than the re-evaluation above.
                 val_loss=float(val[c]),

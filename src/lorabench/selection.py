@@ -18,7 +18,7 @@ _NOT_KEYS = set(HYPERPARAMETERS) | {
     "config_hash", "test_loss", "test_shift_loss", "val_loss", "train_loss", "test_accuracy",
     "test_shift_accuracy", "val_accuracy", "best_step", "diverged", "diverged_step", "pretrain_steps",
     "curve_steps", "train_curve", "val_curve", "wall_time_s", "cell_size", "device", "device_name",
-    "torch_threads", "lorabench_version", "torch_version", "n_trainable_params", "threshold_rank",
+    "torch_threads", "engine", "lorabench_version", "torch_version", "n_trainable_params", "threshold_rank",
 }
 
 

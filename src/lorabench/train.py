@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import data
+from . import data, native
 from .adapters import LoRA, apply_lora
 from .config import RunConfig
 from .generation import dropout_with
@@ -78,22 +78,40 @@ class BatchedAdam:
         self.exp_avg: Optional[Tensor] = None
         self.exp_avg_sq: Optional[Tensor] = None
 
-    def step(self, param: Tensor, grad: Tensor, active: Tensor) -> Tensor:
+    def _prepare(self, param: Tensor) -> tuple[Tensor, float]:
+        """Creates the moments on first use; advances the step count; returns the
+        per-config step size lr / (1 - beta1^t) (as torch computes it, in float64 then
+        cast) and sqrt(1 - beta2^t)."""
         if self.exp_avg is None:
             self.exp_avg, self.exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
             self._lr = torch.tensor(self.lr, dtype=torch.float64).view(-1, 1)
             self._wd = torch.tensor(self.weight_decay, dtype=param.dtype, device=param.device).view(-1, 1)
-            self._mask = self.mask.to(param.dtype).to(param.device)
+            self._mask = self.mask.to(param.dtype).to(param.device).expand_as(param).contiguous()
         self.step_count += 1
         t = self.step_count
+        step_size = (self._lr / (1 - BETA1**t)).to(param.dtype).to(param.device)
+        return step_size, math.sqrt(1 - BETA2**t)
+
+    def step(self, param: Tensor, grad: Tensor, active: Tensor) -> Tensor:
+        step_size, bias_correction2_sqrt = self._prepare(param)
         # The same operations, in the same order, as torch.optim.Adam's single-tensor path.
         grad = (grad + self._wd * param) * self._mask
         self.exp_avg.lerp_(grad, 1 - BETA1)
         self.exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-        step_size = (self._lr / (1 - BETA1**t)).to(param.dtype).to(param.device)
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - BETA2**t)).add_(EPS)
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
         new = param - step_size * self.exp_avg / denom
         return torch.where(active.view(-1, 1), new, param)
+
+    def native_step(self, kernel: native.FNNStep, param: Tensor, batch: tuple[Tensor, Tensor],
+                    val_batch: tuple[Tensor, Tensor], active: Tensor, threads: int) -> tuple[Tensor, Tensor]:
+        """Loss, gradient, this Adam update (in place on ``param``) and validation loss in
+        one native call; returns (training loss before, validation loss after), (C,)."""
+        step_size, bias_correction2_sqrt = self._prepare(param)
+        x, y = (t.contiguous() for t in batch)
+        vx, vy = (t.contiguous() for t in val_batch)
+        return kernel(param, self.exp_avg, self.exp_avg_sq, self._mask, step_size.flatten().contiguous(),
+                      self._wd.flatten().contiguous(), (BETA1, BETA2), EPS, bias_correction2_sqrt,
+                      x, y, vx, vy, active, threads)
 
 
 # -------------------------------------------------------------- parameterisations
@@ -101,13 +119,19 @@ class BatchedAdam:
 class Trainable:
     """What a cell trains: initial values (C, P) laid out by ``layout``, the mask of
     trainable entries, how the named views make the adapted model, and optionally a
-    hand-written ``value_and_grad(flat, x, y) -> (loss (C,), grad (C, P))``."""
+    hand-written ``value_and_grad(flat, x, y) -> (loss (C,), grad (C, P))``, and the native
+    step that replaces loss, gradient, Adam and validation where it applies."""
 
     layout: Layout
     init: Tensor
     mask: Tensor
     build: Callable[[dict[str, Tensor]], Model]
     value_and_grad: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None
+    native_step: Optional[native.FNNStep] = None
+
+    @property
+    def engine(self) -> str:
+        return "native" if self.native_step is not None else "torch"
 
     def model(self, flat: Tensor) -> Model:
         return self.build(self.layout.views(flat))
@@ -204,7 +228,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
             loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task)
             return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
 
-        return _trainable(init, masks, build, value_and_grad)
+        return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], frozen, None)
 
     init = {"a": lora.a["weights"].clone(), "b": lora.b["weights"].clone()}
     column = lora.mask["weights"].unsqueeze(-2)  # (C, L, 1, D)
@@ -226,7 +250,25 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
             grads["biases"] = d_biases
         return loss, layout.flatten(grads)
 
-    return _trainable(init, masks, build, value_and_grad)
+    return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], frozen, frozen.weights)
+
+
+def _with_native(trainable: Trainable, cfg: RunConfig, frozen: FNN, frozen_weights: Optional[Tensor]) -> Trainable:
+    """Attaches the native step when the engine setting and the cell allow it."""
+    if trainable.init.dtype != torch.float32 or not native.use_native(cfg, trainable.init.device):
+        return trainable
+    step = native.FNNStep(
+        frozen_weights=frozen_weights,
+        offsets=trainable.layout.offsets,
+        n_param=trainable.layout.size,
+        depth=frozen.depth,
+        width=frozen.weights.shape[-1],
+        has_bias=frozen.biases is not None,
+        relu=frozen.activation == "relu",
+        task=cfg.task,
+        full=frozen_weights is None,
+    )
+    return replace(trainable, native_step=step)
 
 
 def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
@@ -399,6 +441,19 @@ def train_cell(
     stream,
     progress: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
+    use_native = trainable.native_step is not None and stream.dropout() is None
+    threads = torch.get_num_threads()
+    if use_native:
+        # The native step runs its own threads; torch's OpenMP workers, woken by the small
+        # bookkeeping ops between steps, would spin on the same cores.
+        torch.set_num_threads(1)
+    try:
+        return _train_loop(cfgs, trainable, stream, progress, use_native, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(cfgs, trainable, stream, progress, use_native: bool, threads: int) -> TrainResult:
     cfg = cfgs[0]
     task = cfg.task
     C = len(cfgs)
@@ -420,7 +475,12 @@ def train_cell(
     for step in range(1, cfg.n_epochs + 1):
         x, y = stream.train_batch(step)
         dropout = stream.dropout()
-        if trainable.value_and_grad is not None and dropout is None:
+        if use_native:
+            # Loss, gradient, Adam and validation loss in one call; the update skips
+            # configs that are inactive or whose loss is not finite, as below.
+            vx, vy = stream.val_batch()
+            loss, val = optimizer.native_step(trainable.native_step, flat, (x, y), (vx, vy), active, threads)
+        elif trainable.value_and_grad is not None and dropout is None:
             loss, grad = trainable.value_and_grad(trainable.layout, flat, x, y)
         else:
             loss, grad = autograd_value_and_grad(trainable, flat, x, y, task, dropout)
@@ -428,10 +488,14 @@ def train_cell(
         diverged_step = torch.where(active & ~finite, step, diverged_step)
         active = active & finite
         with torch.no_grad():
-            flat = optimizer.step(flat, grad, active)
-            vx, vy = stream.val_batch()
-            vpred = forward(trainable.model(flat), vx)
-            val = data.task_loss(vpred, vy, task).to(torch.float64)
+            if use_native:
+                val = val.to(torch.float64)
+                vpred = forward(trainable.model(flat), vx) if by_accuracy else None
+            else:
+                flat = optimizer.step(flat, grad, active)
+                vx, vy = stream.val_batch()
+                vpred = forward(trainable.model(flat), vx)
+                val = data.task_loss(vpred, vy, task).to(torch.float64)
             metric = -data.accuracy(vpred, vy, task) if by_accuracy else val
             improved = active & (metric < best_metric)
             if step == 1 and cfg.protocol == "reference":
@@ -439,7 +503,10 @@ def train_cell(
             best_metric = torch.where(improved, metric, best_metric)
             best_val = torch.where(improved, val, best_val)
             best_step = torch.where(improved, step, best_step)
-            best = torch.where(improved.view(-1, 1), flat, best)
+            # Only the improved rows are copied: a full (C, P) select every step costs more
+            # than the native step's own update at the paper's sizes.
+            rows = improved.nonzero().flatten()
+            best.index_copy_(0, rows, flat.index_select(0, rows))
             stream.observe(improved)
             last_val, last_train = val, loss.to(torch.float64)
             if step % cfg.curve_every == 0 or step == cfg.n_epochs:

@@ -1,0 +1,216 @@
+"""The native FNN training step (fnn_step.c): built on first use, loaded with ctypes.
+
+The C source is compiled once per machine into a cache folder (``LORABENCH_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/lorabench``, else ``~/.cache/lorabench``). The library's name
+holds a hash of the source, the compiler's version and the CPU model and flags: it is
+built for the CPU it runs on (``-march=native``), so nodes with different CPUs sharing a
+home folder each get their own. The library is written under a temporary name and renamed.
+
+``LORABENCH_ENGINE`` picks the trainer of FNN cells on the CPU:
+
+* ``auto`` (default): native for the paper protocol where it applies and builds, else
+  torch (with a warning when the build fails). The reference protocol stays on torch: it
+  exists to repeat the authors' operations one for one, and its accuracy-driven choice of
+  training batch turns round-off differences into different trajectories;
+* ``native``: native where it applies; a failed build is an error;
+* ``torch``: the stacked-tensor torch trainer everywhere.
+
+Each result row records the engine that produced it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ENGINES = ("auto", "native", "torch")
+WIDTHS = (16, 32, 48, 64)  # the widths fnn_step.c is specialised for
+TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno"]
+
+
+class NativeError(RuntimeError):
+    """The native step was asked for and cannot be had; the message says why."""
+
+
+def engine_setting() -> str:
+    value = os.environ.get("LORABENCH_ENGINE", "auto")
+    if value not in ENGINES:
+        raise NativeError(f"LORABENCH_ENGINE must be one of {ENGINES}, got {value!r}")
+    return value
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("depth", "width", "batch", "val_batch", "full", "has_bias", "relu", "task")] + [
+        (name, ctypes.c_long) for name in ("n_param", "off_a", "off_b", "off_bias", "x_stride", "y_stride")]
+
+
+class _AdamConsts(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_float) for name in ("beta1", "beta2", "eps", "bias_correction2_sqrt")]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LORABENCH_CACHE_DIR"):
+        return Path(os.environ["LORABENCH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lorabench"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+@lru_cache(maxsize=None)
+def _build() -> ctypes.CDLL:
+    source = resources.files("lorabench").joinpath("fnn_step.c").read_bytes()
+    compiler = _compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise NativeError(f"no C compiler ({compiler!r}: {error}); set CC or LORABENCH_ENGINE=torch") from None
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    library = folder / f"fnn_step-{key}.so"
+    if not library.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NativeError(f"cannot create the build cache {folder}: {error}") from None
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src, out = Path(tmp) / "fnn_step.c", Path(tmp) / "fnn_step.so"
+            src.write_bytes(source)
+            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise NativeError(f"building the native FNN step failed:\n{proc.stderr.strip()}")
+            os.replace(out, library)
+    lib = ctypes.CDLL(str(library))
+    lib.fnn_step.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the native library builds and loads here (errors are not raised)."""
+    try:
+        _build()
+        return True
+    except NativeError:
+        return False
+
+
+def applies(cfg, device: torch.device) -> bool:
+    """Whether the native step can train ``cfg``'s cells: FNN cells on the CPU at the
+    widths it is specialised for (the TFN, and other widths, train with torch)."""
+    return cfg.exp == "fnn" and device.type == "cpu" and cfg.width in WIDTHS and cfg.task in TASK_CODES
+
+
+def use_native(cfg, device: torch.device) -> bool:
+    """The engine decision for one cell, by ``LORABENCH_ENGINE``."""
+    setting = engine_setting()
+    if setting == "torch" or not applies(cfg, device):
+        return False
+    if setting == "auto" and cfg.protocol == "reference":
+        return False
+    if setting == "native":
+        _build()
+        return True
+    try:
+        _build()
+        return True
+    except NativeError as error:
+        warnings.warn(f"native FNN step unavailable, training with torch: {error}", stacklevel=2)
+        return False
+
+
+def _ptr(t: Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class FNNStep:
+    """The native step for one cell: frozen weights (C, L, D, D) (None for final-layer
+    tuning), the flat-parameter offsets of the cell's layout, and the run settings."""
+
+    def __init__(self, *, frozen_weights: Optional[Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
+                 depth: int, width: int, has_bias: bool, relu: bool, task: str, full: bool):
+        self.lib = _build()
+        self.frozen = None if frozen_weights is None else frozen_weights.detach().to(torch.float32).contiguous()
+        self.offsets, self.n_param = offsets, n_param
+        self.depth, self.width, self.has_bias, self.relu = depth, width, has_bias, relu
+        self.task, self.full = TASK_CODES[task], full
+
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _Shape:
+        first = "weights" if self.full else "a"
+        return _Shape(
+            depth=self.depth, width=self.width, batch=x.shape[-2], val_batch=vx.shape[-2], full=int(self.full),
+            has_bias=int(self.has_bias), relu=int(self.relu), task=self.task, n_param=self.n_param,
+            off_a=self.offsets[first][0], off_b=self.offsets["b"][0] if "b" in self.offsets else 0,
+            off_bias=self.offsets["biases"][0] if self.has_bias else 0,
+            x_stride=0 if x.dim() == 2 else x.shape[-2] * x.shape[-1],
+            y_stride=0 if y.dim() == 2 else y.shape[-2] * y.shape[-1],
+        )
+
+    def __call__(self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor, step_size: Tensor,
+                 weight_decay: Tensor, betas: tuple[float, float], eps: float, bias_correction2_sqrt: float,
+                 x: Tensor, y: Tensor, vx: Tensor, vy: Tensor, active: Tensor, threads: int
+                 ) -> tuple[Tensor, Tensor]:
+        """Updates param, exp_avg, exp_avg_sq in place (active configs with a finite
+        training loss); returns the training loss (before the update) and the validation
+        loss (after it), both (C,) float32."""
+        C = param.shape[0]
+        tensors = [param, exp_avg, exp_avg_sq, mask, step_size, weight_decay, x, y, vx, vy]
+        for t in tensors:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise NativeError("native FNN step: every tensor must be contiguous float32 on the CPU")
+        if vx.dim() != 2 or vy.dim() != 2:
+            raise NativeError("native FNN step: the validation set must be shared by the cell")
+        shape = self._shape(x, y, vx)
+        consts = _AdamConsts(beta1=betas[0], beta2=betas[1], eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
+        active_bytes = active.to(torch.uint8).contiguous()
+        train_loss = torch.empty(C, dtype=torch.float32)
+        val_loss = torch.empty(C, dtype=torch.float32)
+        frozen = self.frozen if self.frozen is not None else param  # unused for final-layer tuning
+
+        def run(begin: int, end: int) -> int:
+            # ctypes releases the GIL for the call: threads run configurations in parallel.
+            return self.lib.fnn_step(
+                ctypes.byref(shape), ctypes.byref(consts), begin, end, _ptr(frozen), _ptr(param), _ptr(exp_avg),
+                _ptr(exp_avg_sq), _ptr(mask), _ptr(step_size), _ptr(weight_decay), _ptr(x), _ptr(y), _ptr(vx),
+                _ptr(vy), _ptr(active_bytes), _ptr(train_loss), _ptr(val_loss))
+
+        threads = max(1, min(threads, C))
+        bounds = [C * i // threads for i in range(threads + 1)]
+        if threads == 1:
+            codes = [run(0, C)]
+        else:
+            codes = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+        if any(code != 0 for code in codes):
+            raise NativeError("native FNN step: out of memory or shape out of range")
+        return train_loss, val_loss
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lorabench-native")

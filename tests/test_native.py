@@ -1,0 +1,183 @@
+"""The native FNN step (fnn_step.c) against the torch trainer it replaces."""
+
+import math
+
+import pytest
+import torch
+
+from lorabench import native
+from lorabench.config import RunConfig
+from lorabench.data import task_loss
+from lorabench.generation import generate_models
+from lorabench.runner import run_configs
+from lorabench.train import BatchedAdam, forward, fnn_trainable, stack_lora, stack_models
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native step cannot be built")
+
+CELL = dict(exp="fnn", width=16, target_depth=1, frozen_depth=3, batch_size=48, n_test=300, n_epochs=12,
+            method="sgd", seed=5)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    def use(value: str):
+        monkeypatch.setenv("LORABENCH_ENGINE", value)
+
+    return use
+
+
+def _cell(cfgs, engine_value, monkeypatch):
+    monkeypatch.setenv("LORABENCH_ENGINE", engine_value)
+    models = [generate_models(c) for c in cfgs]
+    trainable = fnn_trainable(cfgs, stack_models([m.frozen for m in models]), stack_lora([m.lora_init for m in models]))
+    return trainable, models[0].target
+
+
+CASES = [
+    dict(method="sgd"),
+    dict(method="sgd", width=32),
+    dict(method="sgd", use_bias=0, activation="linear"),
+    dict(method="flt"),
+    dict(method="sgd", task="classification"),
+    dict(method="sgd", task="binary_classification"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("shared_batch", [True, False])
+def test_native_step_equals_torch_step(case, shared_batch, monkeypatch):
+    """Loss, gradient, Adam update and validation loss of one step, for every config of a
+    cell (mixed ranks, learning rates, weight decays, bias tuning, tuned layers)."""
+    cfgs = [RunConfig(**{**CELL, **case}, rank=r, lr=lr, weight_decay=wd, tune_bias=tb, last_layers=1 + r % 2)
+            for r in (1, 6) for lr in (1e-2, 1e-3) for wd in (0.0, 1e-2) for tb in (0, 1)]
+    native_cell, target = _cell(cfgs, "native", monkeypatch)
+    torch_cell, _ = _cell(cfgs, "torch", monkeypatch)
+    assert native_cell.engine == "native" and torch_cell.engine == "torch"
+    gen = torch.Generator().manual_seed(2)
+    C, D = len(cfgs), cfgs[0].width
+    # Away from the initialisation (A = 0), so every gradient term is exercised.
+    start = (native_cell.init + 0.05 * torch.randn(native_cell.init.shape, generator=gen)).contiguous()
+    x = torch.randn(48, D, generator=gen) if shared_batch else torch.randn(C, 48, D, generator=gen)
+    y = forward(target, x)
+    vx = torch.randn(40, D, generator=gen)
+    vy = forward(target, vx)
+    active = torch.ones(C, dtype=torch.bool)
+    active[3] = False  # an inactive config never moves
+
+    ours, theirs = BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], native_cell.mask), \
+        BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], torch_cell.mask)
+    flat_native, flat_torch = start.clone(), start.clone()
+    for step in range(3):
+        loss, val = ours.native_step(native_cell.native_step, flat_native, (x, y), (vx, vy), active, 1)
+        loss_ref, grad = torch_cell.value_and_grad(torch_cell.layout, flat_torch, x, y)
+        flat_torch = theirs.step(flat_torch, grad, active)
+        val_ref = task_loss(forward(torch_cell.model(flat_torch), vx), vy, cfgs[0].task)
+        torch.testing.assert_close(loss, loss_ref, rtol=2e-5, atol=1e-9)
+        torch.testing.assert_close(val, val_ref, rtol=2e-5, atol=1e-9)
+        # Adam's step is ~lr * g / |g| for a fresh entry: where a gradient entry is ~0
+        # (a ReLU unit at its threshold for one sample, say), float32 rounding alone can
+        # change that step by up to 2 lr. Nearly every entry agrees to round-off; none
+        # differs by more than Adam's bound.
+        close = torch.isclose(flat_native, flat_torch, rtol=1e-5, atol=5e-6)
+        assert close.float().mean() > 0.995
+        assert (flat_native - flat_torch).abs().max() <= 2 * 1e-2 * (step + 1)
+        # (The torch trainer also moves an inactive config's moments; neither moves its weights.)
+        close = torch.isclose(ours.exp_avg_sq[active], theirs.exp_avg_sq[active], rtol=1e-4, atol=1e-12)
+        assert close.float().mean() > 0.995
+    assert torch.equal(flat_native[3], start[3])
+    # Entries the masks freeze (padded rank columns, untuned biases or layers) never move.
+    frozen_entries = native_cell.mask == 0
+    assert torch.equal(flat_native[frozen_entries], start[frozen_entries])
+
+
+def _rows(cfgs, **kwargs):
+    return {(r["rank"], r["lr"], r["checkpoint"]): r for r in run_configs(cfgs, device="cpu", **kwargs)}
+
+
+def test_config_alone_inside_a_cell_and_across_threads_is_bit_identical(engine):
+    engine("native")
+    base = RunConfig(**CELL)
+    cell = [base.replace(rank=r, lr=lr) for r in (1, 4, 16) for lr in (1e-2, 1e-3)]
+    alone = _rows([base.replace(rank=4, lr=1e-2)])
+    together = _rows(cell)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two_threads = _rows(cell)
+    finally:
+        torch.set_num_threads(threads)
+    for checkpoint in ("last", "best"):
+        key = (4, 1e-2, checkpoint)
+        for column in ("test_loss", "val_loss", "train_loss", "best_step", "val_curve"):
+            assert alone[key][column] == together[key][column] == two_threads[key][column], column
+    assert {r["engine"] for r in together.values()} == {"native"}
+
+
+def test_native_training_tracks_the_torch_trainer(engine):
+    """Over many steps the engines differ only by float32 rounding, amplified by training:
+    the same order as between two torch runs whose initial values differ by 1e-7."""
+    base = RunConfig(**{**CELL, "n_epochs": 60})
+    cfgs = [base.replace(rank=r, lr=1e-3, weight_decay=wd) for r in (2, 8) for wd in (0.0, 1e-3)]
+    engine("native")
+    native_rows = _rows(cfgs)
+    engine("torch")
+    torch_rows = _rows(cfgs)
+    for key, row in torch_rows.items():
+        assert native_rows[key]["engine"] == "native" and row["engine"] == "torch"
+        for column in ("test_loss", "val_loss", "train_loss"):
+            assert math.isclose(native_rows[key][column], row[column], rel_tol=1e-4), (key, column)
+
+
+def test_diverging_config_under_the_native_step(engine):
+    engine("native")
+    base = RunConfig(**CELL, rank=2)
+    rows = _rows([base.replace(lr=1e-2), base.replace(lr=1e9)])
+    good, bad = rows[(2, 1e-2, "last")], rows[(2, 1e9, "last")]
+    assert bad["diverged"] and bad["diverged_step"] >= 1 and bad["engine"] == "native"
+    assert not good["diverged"] and math.isfinite(good["test_loss"])
+    alone = _rows([base.replace(lr=1e-2)])[(2, 1e-2, "last")]
+    assert alone["test_loss"] == good["test_loss"]
+
+
+def test_engine_setting_is_checked(engine):
+    engine("fast")
+    with pytest.raises(native.NativeError, match="LORABENCH_ENGINE must be one of"):
+        list(run_configs([RunConfig(**CELL)], device="cpu"))
+
+
+def test_unsupported_cells_train_with_torch(engine):
+    engine("native")
+    rows = run_configs([RunConfig(**{**CELL, "width": 8}), RunConfig(exp="tfn", width=16, target_depth=1,
+                        frozen_depth=1, seq_length=3, batch_size=8, n_test=20, n_epochs=2, method="sgd")],
+                       device="cpu")
+    assert {r["engine"] for r in rows} == {"torch"}
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A build in an empty cache folder, forgotten afterwards."""
+    monkeypatch.setenv("LORABENCH_CACHE_DIR", str(tmp_path / "cache"))
+    native._build.cache_clear()
+    yield tmp_path / "cache"
+    native._build.cache_clear()
+
+
+def test_build_is_cached_and_written_whole(fresh_build):
+    assert native.available()
+    built = list(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("fnn_step-") and built[0].suffix == ".so"
+    native._build.cache_clear()
+    before = built[0].stat().st_mtime_ns
+    assert native.available() and built[0].stat().st_mtime_ns == before  # reused, not rebuilt
+
+
+def test_missing_compiler(fresh_build, monkeypatch, engine):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    engine("native")
+    with pytest.raises(native.NativeError, match="no C compiler"):
+        list(run_configs([RunConfig(**CELL)], device="cpu"))
+    engine("auto")
+    with pytest.warns(UserWarning, match="training with torch"):
+        rows = list(run_configs([RunConfig(**CELL)], device="cpu"))
+    assert {r["engine"] for r in rows} == {"torch"}
+    assert not fresh_build.exists() or not any(fresh_build.iterdir())  # nothing half-written
