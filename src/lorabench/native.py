@@ -1,4 +1,4 @@
-"""The native FNN training step (fnn_step.c): built on first use, loaded with ctypes.
+"""The native training steps (training_steps.c): built on first use, loaded with ctypes.
 
 The C source is compiled once per machine into a cache folder (``LORABENCH_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/lorabench``, else ``~/.cache/lorabench``). The library's name
@@ -6,7 +6,7 @@ holds a hash of the source, the compiler's version and the CPU model and flags: 
 built for the CPU it runs on (``-march=native``), so nodes with different CPUs sharing a
 home folder each get their own. The library is written under a temporary name and renamed.
 
-``LORABENCH_ENGINE`` picks the trainer of FNN cells on the CPU:
+``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
 * ``auto`` (default): native for the paper protocol where it applies and builds, else
   torch (with a warning when the build fails). The reference protocol stays on torch: it
@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 ENGINES = ("auto", "native", "torch")
-WIDTHS = (16, 32, 48, 64)  # the widths fnn_step.c is specialised for
+WIDTHS = (16, 32, 48, 64)  # the widths training_steps.c is specialised for
+MAX_TOKENS = 64
 TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno"]
 
@@ -57,6 +58,12 @@ class _Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in
                 ("depth", "width", "batch", "val_batch", "full", "has_bias", "relu", "task")] + [
         (name, ctypes.c_long) for name in ("n_param", "off_a", "off_b", "off_bias", "x_stride", "y_stride")]
+
+
+class _TfnShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch")] + [
+        ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * 6), ("off_b", ctypes.c_long * 6),
+        ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long), ("x_stride", ctypes.c_long), ("y_stride", ctypes.c_long)]
 
 
 class _AdamConsts(ctypes.Structure):
@@ -85,7 +92,7 @@ def _compiler() -> str:
 
 @lru_cache(maxsize=None)
 def _build() -> ctypes.CDLL:
-    source = resources.files("lorabench").joinpath("fnn_step.c").read_bytes()
+    source = resources.files("lorabench").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
@@ -94,21 +101,21 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
     folder = cache_dir()
-    library = folder / f"fnn_step-{key}.so"
+    library = folder / f"training_steps-{key}.so"
     if not library.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise NativeError(f"cannot create the build cache {folder}: {error}") from None
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / "fnn_step.c", Path(tmp) / "fnn_step.so"
+            src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
             src.write_bytes(source)
             proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise NativeError(f"building the native FNN step failed:\n{proc.stderr.strip()}")
+                raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
             os.replace(out, library)
     lib = ctypes.CDLL(str(library))
-    lib.fnn_step.restype = ctypes.c_int
+    lib.fnn_step.restype = lib.tfn_step.restype = ctypes.c_int
     return lib
 
 
@@ -122,9 +129,14 @@ def available() -> bool:
 
 
 def applies(cfg, device: torch.device) -> bool:
-    """Whether the native step can train ``cfg``'s cells: FNN cells on the CPU at the
-    widths it is specialised for (the TFN, and other widths, train with torch)."""
-    return cfg.exp == "fnn" and device.type == "cpu" and cfg.width in WIDTHS and cfg.task in TASK_CODES
+    """Whether the native step can train ``cfg``'s cells: on the CPU, at the widths it is
+    specialised for; FNN cells of every method and task; TFN regression cells of the paper
+    protocol without the residual/dropout variant (the others train with torch)."""
+    if device.type != "cpu" or cfg.width not in WIDTHS:
+        return False
+    if cfg.exp == "fnn":
+        return cfg.task in TASK_CODES
+    return cfg.task == "regression" and not cfg.better_optim and cfg.protocol == "paper" and cfg.seq_length <= MAX_TOKENS
 
 
 def use_native(cfg, device: torch.device) -> bool:
@@ -141,7 +153,7 @@ def use_native(cfg, device: torch.device) -> bool:
         _build()
         return True
     except NativeError as error:
-        warnings.warn(f"native FNN step unavailable, training with torch: {error}", stacklevel=2)
+        warnings.warn(f"native training step unavailable, training with torch: {error}", stacklevel=2)
         return False
 
 
@@ -149,13 +161,63 @@ def _ptr(t: Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-class FNNStep:
-    """The native step for one cell: frozen weights (C, L, D, D) (None for final-layer
-    tuning), the flat-parameter offsets of the cell's layout, and the run settings."""
+class NativeStep:
+    """The native step of one cell. ``__call__`` updates param, exp_avg, exp_avg_sq in
+    place (active configs with a finite training loss) and returns the training loss
+    (before the update) and the validation loss (after it), both (C,) float32."""
+
+    def __init__(self):
+        self.lib = _build()
+
+    def rows(self, t: Tensor) -> Tensor:
+        """Inputs and targets as the kernel reads them."""
+        return t.contiguous()
+
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor):
+        raise NotImplementedError
+
+    def _run(self, shape, consts, begin: int, end: int, tensors: list) -> int:
+        raise NotImplementedError
+
+    def __call__(self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor, step_size: Tensor,
+                 weight_decay: Tensor, betas: tuple[float, float], eps: float, bias_correction2_sqrt: float,
+                 x: Tensor, y: Tensor, vx: Tensor, vy: Tensor, active: Tensor, threads: int
+                 ) -> tuple[Tensor, Tensor]:
+        C = param.shape[0]
+        x, y, vx, vy = (self.rows(t) for t in (x, y, vx, vy))
+        tensors = [param, exp_avg, exp_avg_sq, mask, step_size, weight_decay, x, y, vx, vy]
+        for t in tensors:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise NativeError("native step: every tensor must be contiguous float32 on the CPU")
+        if vx.dim() != len(self.sample_shape) + 1 or vy.dim() != vx.dim():
+            raise NativeError("native step: the validation set must be shared by the cell")
+        shape = self._shape(x, y, vx)
+        consts = _AdamConsts(beta1=betas[0], beta2=betas[1], eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
+        train_loss = torch.empty(C, dtype=torch.float32)
+        val_loss = torch.empty(C, dtype=torch.float32)
+        tensors += [active.to(torch.uint8).contiguous(), train_loss, val_loss]
+
+        def run(begin: int, end: int) -> int:
+            # ctypes releases the GIL for the call: threads run configurations in parallel.
+            return self._run(shape, consts, begin, end, tensors)
+
+        threads = max(1, min(threads, C))
+        bounds = [C * i // threads for i in range(threads + 1)]
+        codes = [run(0, C)] if threads == 1 else list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+        if any(code != 0 for code in codes):
+            raise NativeError("native step: out of memory or shape out of range")
+        return train_loss, val_loss
+
+
+class FNNStep(NativeStep):
+    """Frozen weights (C, L, D, D) (None for final-layer tuning), the flat-parameter
+    offsets of the cell's layout, and the run settings."""
+
+    sample_shape = ("D",)
 
     def __init__(self, *, frozen_weights: Optional[Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
                  depth: int, width: int, has_bias: bool, relu: bool, task: str, full: bool):
-        self.lib = _build()
+        super().__init__()
         self.frozen = None if frozen_weights is None else frozen_weights.detach().to(torch.float32).contiguous()
         self.offsets, self.n_param = offsets, n_param
         self.depth, self.width, self.has_bias, self.relu = depth, width, has_bias, relu
@@ -172,43 +234,49 @@ class FNNStep:
             y_stride=0 if y.dim() == 2 else y.shape[-2] * y.shape[-1],
         )
 
-    def __call__(self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor, step_size: Tensor,
-                 weight_decay: Tensor, betas: tuple[float, float], eps: float, bias_correction2_sqrt: float,
-                 x: Tensor, y: Tensor, vx: Tensor, vy: Tensor, active: Tensor, threads: int
-                 ) -> tuple[Tensor, Tensor]:
-        """Updates param, exp_avg, exp_avg_sq in place (active configs with a finite
-        training loss); returns the training loss (before the update) and the validation
-        loss (after it), both (C,) float32."""
-        C = param.shape[0]
-        tensors = [param, exp_avg, exp_avg_sq, mask, step_size, weight_decay, x, y, vx, vy]
-        for t in tensors:
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-                raise NativeError("native FNN step: every tensor must be contiguous float32 on the CPU")
-        if vx.dim() != 2 or vy.dim() != 2:
-            raise NativeError("native FNN step: the validation set must be shared by the cell")
-        shape = self._shape(x, y, vx)
-        consts = _AdamConsts(beta1=betas[0], beta2=betas[1], eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
-        active_bytes = active.to(torch.uint8).contiguous()
-        train_loss = torch.empty(C, dtype=torch.float32)
-        val_loss = torch.empty(C, dtype=torch.float32)
-        frozen = self.frozen if self.frozen is not None else param  # unused for final-layer tuning
+    def _run(self, shape, consts, begin, end, tensors) -> int:
+        frozen = self.frozen if self.frozen is not None else tensors[0]  # unused for final-layer tuning
+        return self.lib.fnn_step(ctypes.byref(shape), ctypes.byref(consts), begin, end, _ptr(frozen),
+                                 *map(_ptr, tensors))
 
-        def run(begin: int, end: int) -> int:
-            # ctypes releases the GIL for the call: threads run configurations in parallel.
-            return self.lib.fnn_step(
-                ctypes.byref(shape), ctypes.byref(consts), begin, end, _ptr(frozen), _ptr(param), _ptr(exp_avg),
-                _ptr(exp_avg_sq), _ptr(mask), _ptr(step_size), _ptr(weight_decay), _ptr(x), _ptr(y), _ptr(vx),
-                _ptr(vy), _ptr(active_bytes), _ptr(train_loss), _ptr(val_loss))
 
-        threads = max(1, min(threads, C))
-        bounds = [C * i // threads for i in range(threads + 1)]
-        if threads == 1:
-            codes = [run(0, C)]
-        else:
-            codes = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
-        if any(code != 0 for code in codes):
-            raise NativeError("native FNN step: out of memory or shape out of range")
-        return train_loss, val_loss
+TFN_FROZEN = ("wq", "wk", "wv", "wo", "w1", "w2", "w_out")
+
+
+class TFNStep(NativeStep):
+    """Frozen stacked TFN tensors (C, ...), the flat-parameter offsets of the cell's layout
+    (a_/b_ factors of wq wk wv wo w2 w_out, biases b1 b2) and the model's sizes. Inputs
+    (B, D, N) are handed to the kernel as token rows (B, N, D)."""
+
+    sample_shape = ("D", "N")
+
+    def __init__(self, *, frozen: dict[str, Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
+                 depth: int, heads: int, width: int):
+        super().__init__()
+        self.frozen = [frozen[name].detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
+        C = self.frozen[0].shape[0]
+        self.frozen_ptrs = (ctypes.c_void_p * 7)(*[t.data_ptr() for t in self.frozen])
+        self.frozen_strides = (ctypes.c_long * 7)(*[t.numel() // C for t in self.frozen])
+        self.offsets, self.n_param = offsets, n_param
+        self.depth, self.heads, self.width = depth, heads, width
+
+    def rows(self, t: Tensor) -> Tensor:
+        return t.transpose(-1, -2).contiguous()
+
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _TfnShape:
+        names = ("wq", "wk", "wv", "wo", "w2", "w_out")
+        return _TfnShape(
+            depth=self.depth, heads=self.heads, width=self.width, tokens=x.shape[-2], batch=x.shape[-3],
+            val_batch=vx.shape[-3], n_param=self.n_param,
+            off_a=(ctypes.c_long * 6)(*[self.offsets[f"a_{n}"][0] for n in names]),
+            off_b=(ctypes.c_long * 6)(*[self.offsets[f"b_{n}"][0] for n in names]),
+            off_b1=self.offsets["b1"][0], off_b2=self.offsets["b2"][0],
+            x_stride=0 if x.dim() == 3 else x[0].numel(), y_stride=0 if y.dim() == 3 else y[0].numel(),
+        )
+
+    def _run(self, shape, consts, begin, end, tensors) -> int:
+        return self.lib.tfn_step(ctypes.byref(shape), ctypes.byref(consts), begin, end, self.frozen_ptrs,
+                                 self.frozen_strides, *map(_ptr, tensors))
 
 
 @lru_cache(maxsize=None)

@@ -102,13 +102,12 @@ class BatchedAdam:
         new = param - step_size * self.exp_avg / denom
         return torch.where(active.view(-1, 1), new, param)
 
-    def native_step(self, kernel: native.FNNStep, param: Tensor, batch: tuple[Tensor, Tensor],
+    def native_step(self, kernel: native.NativeStep, param: Tensor, batch: tuple[Tensor, Tensor],
                     val_batch: tuple[Tensor, Tensor], active: Tensor, threads: int) -> tuple[Tensor, Tensor]:
         """Loss, gradient, this Adam update (in place on ``param``) and validation loss in
         one native call; returns (training loss before, validation loss after), (C,)."""
         step_size, bias_correction2_sqrt = self._prepare(param)
-        x, y = (t.contiguous() for t in batch)
-        vx, vy = (t.contiguous() for t in val_batch)
+        (x, y), (vx, vy) = batch, val_batch
         return kernel(param, self.exp_avg, self.exp_avg_sq, self._mask, step_size.flatten().contiguous(),
                       self._wd.flatten().contiguous(), (BETA1, BETA2), EPS, bias_correction2_sqrt,
                       x, y, vx, vy, active, threads)
@@ -127,7 +126,7 @@ class Trainable:
     mask: Tensor
     build: Callable[[dict[str, Tensor]], Model]
     value_and_grad: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None
-    native_step: Optional[native.FNNStep] = None
+    native_step: Optional[native.NativeStep] = None
 
     @property
     def engine(self) -> str:
@@ -289,7 +288,12 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
         adapters = LoRA({k: p[f"a_{k}"] for k in lora.a}, {k: p[f"b_{k}"] for k in lora.a}, lora.mask)
         return apply_lora(replace(frozen, b1=p["b1"], b2=p["b2"]), adapters)
 
-    return _trainable(init, masks, build)
+    trainable = _trainable(init, masks, build)
+    if trainable.init.dtype != torch.float32 or frozen.residual or not native.use_native(cfgs[0], trainable.init.device):
+        return trainable
+    step = native.TFNStep(frozen=frozen.tensors(), offsets=trainable.layout.offsets, n_param=trainable.layout.size,
+                          depth=frozen.depth, heads=frozen.n_head, width=frozen.width)
+    return replace(trainable, native_step=step)
 
 
 def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str, dropout=None):

@@ -1,0 +1,711 @@
+/* One training step of many configurations (FNN or TFN), each in its own core-local
+ * working set.
+ *
+ * For every configuration c of [c_begin, c_end): the effective weights (W0 + A B^T for
+ * LoRA, the weights themselves for final-layer tuning), forward pass on the training
+ * batch, loss and hand-written backward pass, torch.optim.Adam's update (L2 weight decay
+ * added to the gradient, bias correction, eps) on the trainable entries, then the loss
+ * on the validation set with the updated parameters.
+ *
+ * Why C: at the paper's width (D = 16) a configuration's whole step is a few MFLOP on
+ * 16 x 16 matrices. Done as stacked torch operations, the time goes to elementwise
+ * passes over (C, B, D) tensors and to batched products of tiny matrices; here a
+ * configuration's activations stay in cache from the forward pass to the update, and
+ * every 16-wide row is one SIMD register.
+ *
+ * Configurations are independent: a configuration's numbers do not depend on which
+ * others share the call, nor on how callers split [0, C) across threads.
+ *
+ * FNN layouts (float32, row-major): frozen weights (C, L, D, D) with W[i][j] mapping input
+ * j to output i (y = W x + b); parameters (C, P): LoRA a (L, D, D), b (L, D, D), then
+ * biases (L, D) when present; final-layer tuning: weights (L, D, D), biases (L, D).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define LANES 16 /* floats per vector; the width must be a multiple (native.py checks) */
+#define MAX_WIDTH 64
+#define MAX_TOKENS 64
+
+/* GCC/Clang vector extensions: one 16-float row chunk; AVX-512 does it in one instruction,
+ * AVX2 in two. `vec_u` may be unaligned. */
+typedef float vec __attribute__((vector_size(4 * LANES)));
+typedef float vec_u __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef int ivec __attribute__((vector_size(4 * LANES)));
+
+INLINE vec load(const float *p) { return *(const vec_u *)p; }
+INLINE void store(float *p, vec v) { *(vec_u *)p = v; }
+INLINE vec splat(float x) { return (vec){0} + x; }
+/* v where keep is true, else 0 (a NaN in v is kept when keep is true). */
+INLINE vec keep_where(ivec keep, vec v) { return (vec)((ivec)v & keep); }
+INLINE float sum_lanes(vec v) {
+    float total = 0.0f;
+    for (int k = 0; k < LANES; k++) total += v[k];
+    return total;
+}
+
+enum { REGRESSION = 0, CLASSIFICATION = 1, BINARY = 2 };
+
+typedef struct {
+    int depth, width, batch, val_batch;
+    int full;     /* 1: parameters are the weights (final-layer tuning); 0: LoRA */
+    int has_bias; /* biases exist (and are stored in the parameters) */
+    int relu;     /* 1: ReLU after every layer; 0: linear */
+    int task;
+    long n_param, off_a, off_b, off_bias; /* final-layer tuning: the weights at off_a */
+    long x_stride, y_stride;              /* 0: one batch shared by every configuration */
+} Shape;
+
+typedef struct {
+    float beta1, beta2, eps, bias_correction2_sqrt;
+} AdamConsts;
+
+/* Rows times a matrix, a block of R rows at a time: R independent accumulators per output
+ * vector keep the FMA units busy (one row alone is a chain of D dependent FMAs). */
+#define ROW_BLOCK 8
+
+/* out[r] = in[r] M (+ bias, or + out[r] with accumulate), then zeroed where negative (relu; a NaN stays a NaN, as with
+ * torch.relu) or where gate[r] is not positive (the backward pass through a ReLU). */
+INLINE void rows_times(const float *restrict in, const int R, const float *restrict M, const float *restrict bias,
+                       int relu, const float *restrict gate, int accumulate, float *restrict out, const int D,
+                       const int NV) {
+    vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NV; q++)
+            acc[r][q] = accumulate ? load(out + r * D + q * LANES) : bias ? load(bias + q * LANES) : splat(0.0f);
+    for (int j = 0; j < D; j++)
+        for (int q = 0; q < NV; q++) {
+            const vec m = load(M + j * D + q * LANES);
+            for (int r = 0; r < R; r++) acc[r][q] += splat(in[r * D + j]) * m;
+        }
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NV; q++) {
+            vec o = acc[r][q];
+            if (relu) o = keep_where(~(o < 0.0f), o);
+            if (gate) o = keep_where(load(gate + r * D + q * LANES) > 0.0f, o);
+            store(out + r * D + q * LANES, o);
+        }
+}
+
+INLINE void matmul(const float *restrict in, long n, const float *restrict M, const float *restrict bias, int relu,
+                   const float *restrict gate, float *restrict out, const int D, const int NV) {
+    long b = 0;
+    for (; b + ROW_BLOCK <= n; b += ROW_BLOCK)
+        rows_times(in + (long)b * D, ROW_BLOCK, M, bias, relu, gate ? gate + (long)b * D : NULL, 0,
+                   out + (long)b * D, D, NV);
+    for (; b < n; b++)
+        rows_times(in + (long)b * D, 1, M, bias, relu, gate ? gate + (long)b * D : NULL, 0, out + (long)b * D, D, NV);
+}
+
+/* out[r] += in[r] M. */
+INLINE void matmul_add(const float *restrict in, long n, const float *restrict M, float *restrict out, const int D,
+                       const int NV) {
+    long b = 0;
+    for (; b + ROW_BLOCK <= n; b += ROW_BLOCK)
+        rows_times(in + b * D, ROW_BLOCK, M, NULL, 0, NULL, 1, out + b * D, D, NV);
+    for (; b < n; b++) rows_times(in + b * D, 1, M, NULL, 0, NULL, 1, out + b * D, D, NV);
+}
+
+/* out[b] = act(W in[b] + bias), with wt = W^T. */
+INLINE void affine(const float *restrict in, int n, const float *restrict wt, const float *restrict bias, int relu,
+                   float *restrict out, const int D, const int NV) {
+    matmul(in, n, wt, bias, relu, NULL, out, D, NV);
+}
+
+/* dW = g^T h (D x D), a block of output rows at a time; db = column sums of g (either may
+ * be NULL). */
+INLINE void weight_gradient(const float *restrict g, const float *restrict h, long n, float *restrict dW,
+                            float *restrict db, const int D, const int NV) {
+    for (int i0 = 0; dW && i0 < D; i0 += ROW_BLOCK) {
+        vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int q = 0; q < NV; q++) acc[r][q] = splat(0.0f);
+        for (int b = 0; b < n; b++)
+            for (int q = 0; q < NV; q++) {
+                const vec hv = load(h + (long)b * D + q * LANES);
+                for (int r = 0; r < ROW_BLOCK; r++) acc[r][q] += splat(g[(long)b * D + i0 + r]) * hv;
+            }
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int q = 0; q < NV; q++) store(dW + (i0 + r) * D + q * LANES, acc[r][q]);
+    }
+    if (!db) return;
+    for (int q = 0; q < NV; q++) {
+        vec part[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+        int b = 0;
+        for (; b + 4 <= n; b += 4)
+            for (int k = 0; k < 4; k++) part[k] += load(g + (long)(b + k) * D + q * LANES);
+        for (; b < n; b++) part[0] += load(g + (long)b * D + q * LANES);
+        store(db + q * LANES, (part[0] + part[1]) + (part[2] + part[3]));
+    }
+}
+
+/* Loss of outputs `out` against targets `y` (n x D), and when `grad` is given, its
+ * gradient with respect to `out`. Sums in double; the loss is a mean over samples. */
+INLINE float task_loss(const float *restrict out, const float *restrict y, int n, int task, float *restrict grad,
+                       const int D, const int NV) {
+    double total = 0.0;
+    if (task == REGRESSION) {
+        const vec scale = splat(2.0f / (float)((long)n * D));
+        for (long b = 0; b < n; b++) {
+            vec squares = splat(0.0f);
+            for (int q = 0; q < NV; q++) {
+                const long at = b * D + q * LANES;
+                const vec r = load(out + at) - load(y + at);
+                squares += r * r;
+                if (grad) store(grad + at, scale * r);
+            }
+            total += sum_lanes(squares);
+        }
+        return (float)(total / ((double)n * D));
+    }
+    /* Cross entropy with the target's outputs as soft, unnormalised class weights;
+     * binary: both first summed over the two halves of the coordinates. */
+    const int K = task == BINARY ? 2 : D;
+    const int half = D / 2;
+    for (int b = 0; b < n; b++) {
+        const float *o = out + (long)b * D, *t = y + (long)b * D;
+        float logit[MAX_WIDTH], weight[MAX_WIDTH];
+        if (task == BINARY) {
+            logit[0] = logit[1] = weight[0] = weight[1] = 0.0f;
+            for (int i = 0; i < D; i++) {
+                logit[i >= half] += o[i];
+                weight[i >= half] += t[i];
+            }
+        } else {
+            memcpy(logit, o, D * sizeof(float));
+            memcpy(weight, t, D * sizeof(float));
+        }
+        float peak = logit[0];
+        for (int k = 1; k < K; k++) peak = logit[k] > peak ? logit[k] : peak;
+        double norm = 0.0, weight_sum = 0.0, sample = 0.0;
+        for (int k = 0; k < K; k++) norm += exp((double)logit[k] - peak);
+        const double log_norm = peak + log(norm);
+        for (int k = 0; k < K; k++) {
+            sample -= (double)weight[k] * ((double)logit[k] - log_norm);
+            weight_sum += weight[k];
+        }
+        total += sample;
+        if (grad) {
+            float d[MAX_WIDTH];
+            for (int k = 0; k < K; k++)
+                d[k] = (float)((exp((double)logit[k] - log_norm) * weight_sum - weight[k]) / n);
+            float *g = grad + (long)b * D;
+            for (int i = 0; i < D; i++) g[i] = task == BINARY ? d[i >= half] : d[i];
+        }
+    }
+    return (float)(total / n);
+}
+
+INLINE void transpose(const float *restrict m, float *restrict t, const int D) {
+    for (int i = 0; i < D; i++)
+        for (int j = 0; j < D; j++) t[j * D + i] = m[i * D + j];
+}
+
+/* W = W0 + A B^T (LoRA) or the parameters themselves, and W^T. `scratch`: D x D. */
+INLINE void effective_weights(const Shape *s, const float *restrict w0, const float *restrict p, float *restrict w,
+                              float *restrict wt, float *restrict scratch, const int D, const int NV) {
+    const long DD = (long)D * D;
+    for (int l = 0; l < s->depth; l++) {
+        float *W = w + l * DD;
+        if (s->full) {
+            memcpy(W, p + s->off_a + l * DD, DD * sizeof(float));
+        } else {
+            const float *A = p + s->off_a + l * DD, *W0 = w0 + l * DD;
+            float *BT = scratch;
+            transpose(p + s->off_b + l * DD, BT, D);
+            for (int i = 0; i < D; i++) {
+                vec acc[MAX_WIDTH / LANES];
+                for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
+                for (int r = 0; r < D; r++) {
+                    const vec a = splat(A[i * D + r]);
+                    for (int q = 0; q < NV; q++) acc[q] += a * load(BT + r * D + q * LANES);
+                }
+                /* The product first, then the sum, as torch's W0 + A @ B^T. */
+                for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(W0 + i * D + q * LANES) + acc[q]);
+            }
+        }
+        transpose(W, wt + l * DD, D);
+    }
+}
+
+INLINE float network_loss(const Shape *s, const float *restrict wt, const float *restrict p, const float *restrict x,
+                          const float *restrict y, int n, float *restrict a, float *restrict b, const int D,
+                          const int NV) {
+    const float *in = x;
+    for (int l = 0; l < s->depth; l++) {
+        float *out = (l % 2 == 0) ? a : b;
+        affine(in, n, wt + (long)l * D * D, s->has_bias ? p + s->off_bias + (long)l * D : NULL, s->relu, out, D, NV);
+        in = out;
+    }
+    return task_loss(in, y, n, s->task, NULL, D, NV);
+}
+
+/* torch.optim.Adam's single-tensor step, operation for operation. */
+INLINE void adam(long n_param, const AdamConsts *k, float step_size, float weight_decay, const float *restrict grad,
+                 const float *restrict mask, float *restrict p, float *restrict m, float *restrict v) {
+    const float one_minus_beta1 = 1.0f - k->beta1, one_minus_beta2 = (float)(1.0 - (double)k->beta2);
+    for (long i = 0; i < n_param; i++) {
+        const float g = (grad[i] + weight_decay * p[i]) * mask[i];
+        m[i] = m[i] + one_minus_beta1 * (g - m[i]);
+        v[i] = v[i] * k->beta2 + one_minus_beta2 * g * g;
+        const float denom = sqrtf(v[i]) / k->bias_correction2_sqrt + k->eps;
+        p[i] = p[i] - step_size * m[i] / denom;
+    }
+}
+
+/* Gradients of W = W0 + A B^T: dA = dW B, dB = dW^T A (each row a vector over the rank). */
+INLINE void lora_gradients(const float *restrict dW, const float *restrict A, const float *restrict B,
+                           float *restrict dA, float *restrict dB, const int D, const int NV) {
+    for (int i = 0; i < D; i++) {
+        vec acc[MAX_WIDTH / LANES];
+        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
+        for (int j = 0; j < D; j++) {
+            const vec d = splat(dW[i * D + j]);
+            for (int q = 0; q < NV; q++) acc[q] += d * load(B + j * D + q * LANES);
+        }
+        for (int q = 0; q < NV; q++) store(dA + i * D + q * LANES, acc[q]);
+    }
+    for (int j = 0; j < D; j++) {
+        vec acc[MAX_WIDTH / LANES];
+        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
+        for (int i = 0; i < D; i++) {
+            const vec d = splat(dW[i * D + j]);
+            for (int q = 0; q < NV; q++) acc[q] += d * load(A + i * D + q * LANES);
+        }
+        for (int q = 0; q < NV; q++) store(dB + j * D + q * LANES, acc[q]);
+    }
+}
+
+INLINE void config_step(const Shape *s, const AdamConsts *k, const float *restrict w0, float *restrict p,
+                        float *restrict m, float *restrict v, const float *restrict mask, float step_size,
+                        float weight_decay, const float *restrict x, const float *restrict y,
+                        const float *restrict vx, const float *restrict vy, int active, float *train_loss,
+                        float *val_loss, float *restrict work, const int D, const int NV) {
+    const int L = s->depth, B = s->batch, nval = s->val_batch;
+    const long DD = (long)D * D, BD = (long)B * D;
+    float *w = work, *wt = w + L * DD, *dw = wt + L * DD, *scratch = dw + L * DD, *grad = scratch + DD;
+    float *g = grad + s->n_param, *g_prev = g + BD, *hidden = g_prev + BD; /* hidden: L x B x D */
+    float *va = hidden + L * BD, *vb = va + (long)nval * D;
+
+    effective_weights(s, w0, p, w, wt, scratch, D, NV);
+    const float *in = x;
+    for (int l = 0; l < L; l++) {
+        affine(in, B, wt + l * DD, s->has_bias ? p + s->off_bias + l * D : NULL, s->relu, hidden + l * BD, D, NV);
+        in = hidden + l * BD;
+    }
+    const float loss = task_loss(hidden + (L - 1) * BD, y, B, s->task, g, D, NV);
+    *train_loss = loss;
+
+    if (active && isfinite(loss)) {
+        memset(grad, 0, s->n_param * sizeof(float));
+        if (s->relu) /* through the last ReLU: zero where its output is not positive */
+            for (long at = 0; at < BD; at += LANES)
+                store(g + at, keep_where(load(hidden + (L - 1) * BD + at) > 0.0f, load(g + at)));
+        for (int l = L - 1; l >= 0; l--) {
+            /* g: gradient w.r.t. layer l's pre-activation output. */
+            const float *h_in = l > 0 ? hidden + (l - 1) * BD : x;
+            weight_gradient(g, h_in, B, dw + l * DD, s->has_bias ? grad + s->off_bias + l * D : NULL, D, NV);
+            if (l > 0) { /* g_prev = g W, through the previous layer's ReLU */
+                matmul(g, B, w + l * DD, NULL, 0, s->relu ? h_in : NULL, g_prev, D, NV);
+                float *swap = g;
+                g = g_prev;
+                g_prev = swap;
+            }
+        }
+        for (int l = 0; l < L; l++) {
+            if (s->full)
+                memcpy(grad + s->off_a + l * DD, dw + l * DD, DD * sizeof(float));
+            else
+                lora_gradients(dw + l * DD, p + s->off_a + l * DD, p + s->off_b + l * DD, grad + s->off_a + l * DD,
+                               grad + s->off_b + l * DD, D, NV);
+        }
+        adam(s->n_param, k, step_size, weight_decay, grad, mask, p, m, v);
+        effective_weights(s, w0, p, w, wt, scratch, D, NV);
+    }
+    *val_loss = network_loss(s, wt, p, vx, vy, nval, va, vb, D, NV);
+}
+
+static long work_floats(const Shape *s) {
+    const long DD = (long)s->width * s->width, BD = (long)s->batch * s->width;
+    return 3 * s->depth * DD + DD + s->n_param + 2 * BD + s->depth * BD + 2L * s->val_batch * s->width;
+}
+
+/* Returns 0, or -1 when the shape is out of range or memory is short (nothing done). */
+int fnn_step(const Shape *s, const AdamConsts *k, int c_begin, int c_end, const float *w0, float *param,
+             float *exp_avg, float *exp_avg_sq, const float *mask, const float *step_size,
+             const float *weight_decay, const float *x, const float *y, const float *vx, const float *vy,
+             const unsigned char *active, float *train_loss, float *val_loss) {
+    if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->batch < 1 ||
+        s->val_batch < 1)
+        return -1;
+    float *work = malloc(work_floats(s) * sizeof(float));
+    if (!work) return -1;
+    const long DD = (long)s->width * s->width, P = s->n_param;
+    for (int c = c_begin; c < c_end; c++) {
+        const float *cw0 = s->full ? NULL : w0 + c * s->depth * DD;
+#define STEP(D)                                                                                                    \
+    config_step(s, k, cw0, param + c * P, exp_avg + c * P, exp_avg_sq + c * P, mask + c * P, step_size[c],       \
+                weight_decay[c], x + c * s->x_stride, y + c * s->y_stride, vx, vy, active[c], train_loss + c,      \
+                val_loss + c, work, D, (D) / LANES)
+        /* One copy of the step per width, so that every loop has a fixed length. */
+        switch (s->width) {
+        case 16: STEP(16); break;
+        case 32: STEP(32); break;
+        case 48: STEP(48); break;
+        case 64: STEP(64); break;
+        }
+#undef STEP
+    }
+    free(work);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ TFN
+ * Hidden states are token rows (B x N x D): every weight multiplies all B N tokens as
+ * one `matmul`. Per block l and head h: Mq = Wk^T Wq, Mv = Wo Wv; for each sample,
+ * S[k][q] = x_k . (Mq x_q), P = softmax of S over the keys k, head output at query q:
+ * sum_k P[k][q] Mv x_k; the heads are summed, then relu(W1 . + b1), then W2 . + b2.
+ * The output layer is W_out. Frozen tensors per configuration (row-major):
+ * wq wk wv wo (L, H, D, D), w1 w2 (L, D, D), w_out (D, D); trainable biases b1, b2 (L, D)
+ * live in the parameters. LoRA factors in the parameters: wq wk wv wo (L, H, D, D),
+ * w2 (D, D) (the last block's), w_out (D, D).
+ */
+enum { TQ = 0, TK, TV, TO, T2, TOUT, T_ADAPTED };
+
+typedef struct {
+    int depth, heads, width, tokens, batch, val_batch;
+    long n_param;
+    long off_a[T_ADAPTED], off_b[T_ADAPTED], off_b1, off_b2;
+    long x_stride, y_stride;
+} TfnShape;
+
+typedef struct {
+    const float *wq, *wk, *wv, *wo, *w1, *w2, *w_out; /* this configuration's frozen weights */
+} TfnFrozen;
+
+/* Small D x D products, C = op(A) op(B) (row-major; t*: transposed). */
+INLINE void small_mm(const float *restrict A, int ta, const float *restrict Bm, int tb, float *restrict Cm,
+                     const int D) {
+    for (int i = 0; i < D; i++)
+        for (int j = 0; j < D; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < D; k++) acc += (ta ? A[k * D + i] : A[i * D + k]) * (tb ? Bm[j * D + k] : Bm[k * D + j]);
+            Cm[i * D + j] = acc;
+        }
+}
+
+/* W = W0 + A B^T for one adapted matrix. */
+INLINE void lora_weight(const float *restrict w0, const float *restrict A, const float *restrict Bf,
+                        float *restrict W, float *restrict scratch, const int D, const int NV) {
+    transpose(Bf, scratch, D);
+    for (int i = 0; i < D; i++) {
+        vec acc[MAX_WIDTH / LANES];
+        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
+        for (int r = 0; r < D; r++) {
+            const vec a = splat(A[i * D + r]);
+            for (int q = 0; q < NV; q++) acc[q] += a * load(scratch + r * D + q * LANES);
+        }
+        for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(w0 + i * D + q * LANES) + acc[q]);
+    }
+}
+
+/* The effective matrices of one configuration: per block and head Wq Wk Wv Wo (kept for
+ * the gradients) and Mq^T, Mv^T (as row-times matrices), W1^T, W2, W2^T, W_out, W_out^T. */
+typedef struct {
+    float *wq, *wk, *wv, *wo, *mq_t, *mv_t, *mq, *mv, *w1_t, *w1, *w2, *w2_t, *w_out, *w_out_t;
+} TfnWeights;
+
+INLINE void tfn_weights(const TfnShape *s, const TfnFrozen *f, const float *restrict p, TfnWeights *w,
+                        float *restrict scratch, const int D, const int NV) {
+    const long DD = (long)D * D;
+    const int L = s->depth, H = s->heads;
+    for (int m = 0; m < L * H; m++) {
+        lora_weight(f->wq + m * DD, p + s->off_a[TQ] + m * DD, p + s->off_b[TQ] + m * DD, w->wq + m * DD, scratch, D, NV);
+        lora_weight(f->wk + m * DD, p + s->off_a[TK] + m * DD, p + s->off_b[TK] + m * DD, w->wk + m * DD, scratch, D, NV);
+        lora_weight(f->wv + m * DD, p + s->off_a[TV] + m * DD, p + s->off_b[TV] + m * DD, w->wv + m * DD, scratch, D, NV);
+        lora_weight(f->wo + m * DD, p + s->off_a[TO] + m * DD, p + s->off_b[TO] + m * DD, w->wo + m * DD, scratch, D, NV);
+        small_mm(w->wk + m * DD, 1, w->wq + m * DD, 0, w->mq + m * DD, D); /* Mq = Wk^T Wq */
+        small_mm(w->wo + m * DD, 0, w->wv + m * DD, 0, w->mv + m * DD, D); /* Mv = Wo Wv */
+        transpose(w->mq + m * DD, w->mq_t + m * DD, D);
+        transpose(w->mv + m * DD, w->mv_t + m * DD, D);
+    }
+    for (int l = 0; l < L; l++) {
+        memcpy(w->w1 + l * DD, f->w1 + l * DD, DD * sizeof(float));
+        transpose(f->w1 + l * DD, w->w1_t + l * DD, D);
+        if (l == L - 1)
+            lora_weight(f->w2 + l * DD, p + s->off_a[T2], p + s->off_b[T2], w->w2 + l * DD, scratch, D, NV);
+        else
+            memcpy(w->w2 + l * DD, f->w2 + l * DD, DD * sizeof(float));
+        transpose(w->w2 + l * DD, w->w2_t + l * DD, D);
+    }
+    lora_weight(f->w_out, p + s->off_a[TOUT], p + s->off_b[TOUT], w->w_out, scratch, D, NV);
+    transpose(w->w_out, w->w_out_t, D);
+}
+
+INLINE float dot(const float *a, const float *b, const int NV) {
+    vec acc = splat(0.0f);
+    for (int q = 0; q < NV; q++) acc += load(a + q * LANES) * load(b + q * LANES);
+    return sum_lanes(acc);
+}
+
+/* One head's attention for n samples of N tokens: probs (n, N keys, N queries), out += the
+ * head's output. x: inputs, qr: Mq x, vr: Mv x (token rows). */
+INLINE void attention(const float *restrict x, const float *restrict qr, const float *restrict vr, int n, int N,
+                      float *restrict probs, float *restrict out, const int D, const int NV) {
+    for (int b = 0; b < n; b++) {
+        const long base = (long)b * N * D;
+        float *P = probs + (long)b * N * N;
+        for (int k = 0; k < N; k++)
+            for (int q = 0; q < N; q++) P[k * N + q] = dot(x + base + k * D, qr + base + q * D, NV);
+        for (int q = 0; q < N; q++) { /* softmax over the keys, as torch: exp(s - max) / sum */
+            float peak = P[q];
+            for (int k = 1; k < N; k++) peak = P[k * N + q] > peak ? P[k * N + q] : peak;
+            float total = 0.0f;
+            for (int k = 0; k < N; k++) total += (P[k * N + q] = expf(P[k * N + q] - peak));
+            for (int k = 0; k < N; k++) P[k * N + q] /= total;
+        }
+        for (int q = 0; q < N; q++) {
+            vec acc[MAX_WIDTH / LANES];
+            for (int v = 0; v < NV; v++) acc[v] = load(out + base + q * D + v * LANES);
+            for (int k = 0; k < N; k++) {
+                const vec pk = splat(P[k * N + q]);
+                for (int v = 0; v < NV; v++) acc[v] += pk * load(vr + base + k * D + v * LANES);
+            }
+            for (int v = 0; v < NV; v++) store(out + base + q * D + v * LANES, acc[v]);
+        }
+    }
+}
+
+/* Activations of one block kept for the backward pass (token rows, n samples). */
+typedef struct {
+    float *x, *q, *v, *probs, *att, *hid, *out; /* q, v, probs: per head */
+} TfnBlock;
+
+INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const float *restrict p, int l, int n,
+                              const float *restrict x, TfnBlock *a, const int D, const int NV) {
+    const int H = s->heads, N = s->tokens;
+    const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
+    memset(a->att, 0, RD * sizeof(float));
+    for (int h = 0; h < H; h++) {
+        const long m = (long)l * H + h;
+        matmul(x, rows, w->mq_t + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
+        matmul(x, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
+        attention(x, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * (long)n * N * N, a->att, D, NV);
+    }
+    matmul(a->att, rows, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, NULL, a->hid, D, NV);
+    matmul(a->hid, rows, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, NULL, a->out, D, NV);
+}
+
+/* Backward through one head's attention: given d_att (gradient w.r.t. the summed head
+ * outputs), adds the key-side term to dx and writes dq (w.r.t. Mq x) and dv (w.r.t. Mv x). */
+INLINE void attention_backward(const float *restrict x, const float *restrict qr, const float *restrict vr,
+                               const float *restrict probs, const float *restrict d_att, int n, int N,
+                               float *restrict dx, float *restrict dq, float *restrict dv, const int D, const int NV) {
+    float dS[MAX_TOKENS * MAX_TOKENS];
+    for (int b = 0; b < n; b++) {
+        const long base = (long)b * N * D;
+        const float *P = probs + (long)b * N * N;
+        for (int k = 0; k < N; k++) {
+            vec acc[MAX_WIDTH / LANES];
+            for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
+            for (int q = 0; q < N; q++) {
+                dS[k * N + q] = dot(vr + base + k * D, d_att + base + q * D, NV); /* dP */
+                const vec pk = splat(P[k * N + q]);
+                for (int v = 0; v < NV; v++) acc[v] += pk * load(d_att + base + q * D + v * LANES);
+            }
+            for (int v = 0; v < NV; v++) store(dv + base + k * D + v * LANES, acc[v]);
+        }
+        for (int q = 0; q < N; q++) { /* softmax backward over the keys */
+            float inner = 0.0f;
+            for (int k = 0; k < N; k++) inner += P[k * N + q] * dS[k * N + q];
+            for (int k = 0; k < N; k++) dS[k * N + q] = P[k * N + q] * (dS[k * N + q] - inner);
+        }
+        for (int k = 0; k < N; k++) { /* S[k][q] = x_k . qr_q */
+            vec acc[MAX_WIDTH / LANES];
+            for (int v = 0; v < NV; v++) acc[v] = load(dx + base + k * D + v * LANES);
+            for (int q = 0; q < N; q++) {
+                const vec d = splat(dS[k * N + q]);
+                for (int v = 0; v < NV; v++) acc[v] += d * load(qr + base + q * D + v * LANES);
+            }
+            for (int v = 0; v < NV; v++) store(dx + base + k * D + v * LANES, acc[v]);
+        }
+        for (int q = 0; q < N; q++) {
+            vec acc[MAX_WIDTH / LANES];
+            for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
+            for (int k = 0; k < N; k++) {
+                const vec d = splat(dS[k * N + q]);
+                for (int v = 0; v < NV; v++) acc[v] += d * load(x + base + k * D + v * LANES);
+            }
+            for (int v = 0; v < NV; v++) store(dq + base + q * D + v * LANES, acc[v]);
+        }
+    }
+}
+
+/* Work space of one configuration, in floats. */
+typedef struct {
+    TfnWeights w;
+    TfnBlock *blocks; /* L of them */
+    float *y_out, *scratch, *d_out, *d_hid, *d_att, *dx, *dq, *dv, *dm, *dw, *grad;
+    float *d_mq, *d_mv; /* (L, H, D, D) */
+} TfnWork;
+
+static long tfn_work_floats(const TfnShape *s) {
+    const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
+    const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
+    const long RD = n * s->tokens * s->width, PP = n * s->tokens * s->tokens;
+    const long weights = 10 * LH * DD + 4 * s->depth * DD + 2 * DD;
+    const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP);
+    return weights + blocks + 7 * RD + 3 * DD + s->n_param;
+}
+
+static float *take(float **cursor, long count) {
+    float *out = *cursor;
+    *cursor += count;
+    return out;
+}
+
+static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock *blocks) {
+    const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
+    const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
+    const long RD = n * s->tokens * s->width, PP = n * s->tokens * s->tokens;
+    float *c = base;
+    TfnWeights *w = &k->w;
+    w->wq = take(&c, LH * DD), w->wk = take(&c, LH * DD), w->wv = take(&c, LH * DD), w->wo = take(&c, LH * DD);
+    w->mq = take(&c, LH * DD), w->mv = take(&c, LH * DD), w->mq_t = take(&c, LH * DD), w->mv_t = take(&c, LH * DD);
+    k->d_mq = take(&c, LH * DD), k->d_mv = take(&c, LH * DD);
+    w->w1 = take(&c, s->depth * DD), w->w1_t = take(&c, s->depth * DD);
+    w->w2 = take(&c, s->depth * DD), w->w2_t = take(&c, s->depth * DD);
+    w->w_out = take(&c, DD), w->w_out_t = take(&c, DD);
+    for (int l = 0; l < s->depth; l++) {
+        blocks[l].q = take(&c, s->heads * RD), blocks[l].v = take(&c, s->heads * RD);
+        blocks[l].probs = take(&c, s->heads * PP);
+        blocks[l].att = take(&c, RD), blocks[l].hid = take(&c, RD), blocks[l].out = take(&c, RD);
+    }
+    k->blocks = blocks;
+    k->y_out = take(&c, RD), k->d_out = take(&c, RD), k->d_hid = take(&c, RD), k->d_att = take(&c, RD);
+    k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD);
+    k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
+    k->grad = take(&c, s->n_param);
+}
+
+/* Forward pass of n samples (token rows x); returns the output rows (k->y_out). */
+INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x, int n,
+                                     const int D, const int NV) {
+    const float *in = x;
+    for (int l = 0; l < s->depth; l++) {
+        k->blocks[l].x = (float *)in;
+        tfn_block_forward(s, &k->w, p, l, n, in, &k->blocks[l], D, NV);
+        in = k->blocks[l].out;
+    }
+    matmul(in, (long)n * s->tokens, k->w.w_out_t, NULL, 0, NULL, k->y_out, D, NV);
+    return k->y_out;
+}
+
+INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFrozen *f, float *restrict p,
+                            float *restrict m, float *restrict v, const float *restrict mask, float step_size,
+                            float weight_decay, const float *restrict x, const float *restrict y,
+                            const float *restrict vx, const float *restrict vy, int active, float *train_loss,
+                            float *val_loss, TfnWork *k, const int D, const int NV) {
+    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch;
+    const long DD = (long)D * D, rows = (long)B * N, RD = rows * D;
+    tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
+    const float *out = tfn_forward_rows(s, k, p, x, B, D, NV);
+    const float loss = task_loss(out, y, (int)rows, REGRESSION, k->d_out, D, NV);
+    *train_loss = loss;
+
+    if (active && isfinite(loss)) {
+        float *grad = k->grad;
+        memset(grad, 0, s->n_param * sizeof(float));
+        const float *top = k->blocks[L - 1].out;
+        weight_gradient(k->d_out, top, rows, k->dw, NULL, D, NV); /* d W_out */
+        lora_gradients(k->dw, p + s->off_a[TOUT], p + s->off_b[TOUT], grad + s->off_a[TOUT], grad + s->off_b[TOUT],
+                       D, NV);
+        float *d_out = k->dx; /* gradient w.r.t. the current block's output */
+        matmul(k->d_out, rows, k->w.w_out, NULL, 0, NULL, d_out, D, NV);
+        for (int l = L - 1; l >= 0; l--) {
+            TfnBlock *a = &k->blocks[l];
+            if (l == L - 1) {
+                weight_gradient(d_out, a->hid, rows, k->dw, grad + s->off_b2 + l * D, D, NV);
+                lora_gradients(k->dw, p + s->off_a[T2], p + s->off_b[T2], grad + s->off_a[T2], grad + s->off_b[T2],
+                               D, NV);
+            } else {
+                weight_gradient(d_out, a->hid, rows, NULL, grad + s->off_b2 + l * D, D, NV);
+            }
+            matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
+            weight_gradient(k->d_hid, a->att, rows, NULL, grad + s->off_b1 + l * D, D, NV);
+            matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
+            /* d_out is consumed: reuse it as the gradient w.r.t. this block's input. */
+            float *dx = d_out;
+            memset(dx, 0, RD * sizeof(float));
+            for (int h = 0; h < H; h++) {
+                const long mi = (long)l * H + h;
+                attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * N, k->d_att, B, N, dx,
+                                   k->dq, k->dv, D, NV);
+                weight_gradient(k->dq, a->x, rows, k->d_mq + mi * DD, NULL, D, NV);
+                weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
+                matmul_add(k->dq, rows, k->w.mq + mi * DD, dx, D, NV);
+                matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
+            }
+            d_out = dx;
+        }
+        for (long mi = 0; mi < (long)L * H; mi++) {
+            const float *dMq = k->d_mq + mi * DD, *dMv = k->d_mv + mi * DD;
+            const float *Wq = k->w.wq + mi * DD, *Wk = k->w.wk + mi * DD, *Wv = k->w.wv + mi * DD,
+                        *Wo = k->w.wo + mi * DD;
+            /* Mq = Wk^T Wq: dWq = Wk dMq, dWk = Wq dMq^T; Mv = Wo Wv: dWo = dMv Wv^T, dWv = Wo^T dMv. */
+            for (int e = TQ; e <= TO; e++) {
+                if (e == TQ) small_mm(Wk, 0, dMq, 0, k->dm, D);
+                if (e == TK) small_mm(Wq, 0, dMq, 1, k->dm, D);
+                if (e == TV) small_mm(Wo, 1, dMv, 0, k->dm, D);
+                if (e == TO) small_mm(dMv, 0, Wv, 1, k->dm, D);
+                lora_gradients(k->dm, p + s->off_a[e] + mi * DD, p + s->off_b[e] + mi * DD,
+                               grad + s->off_a[e] + mi * DD, grad + s->off_b[e] + mi * DD, D, NV);
+            }
+        }
+        adam(s->n_param, ac, step_size, weight_decay, grad, mask, p, m, v);
+        tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
+    }
+    const float *val_out = tfn_forward_rows(s, k, p, vx, s->val_batch, D, NV);
+    *val_loss = task_loss(val_out, vy, s->val_batch * N, REGRESSION, NULL, D, NV);
+}
+
+int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, const float *const *frozen,
+             const long *frozen_stride, float *param, float *exp_avg, float *exp_avg_sq, const float *mask,
+             const float *step_size, const float *weight_decay, const float *x, const float *y, const float *vx,
+             const float *vy, const unsigned char *active, float *train_loss, float *val_loss) {
+    if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
+        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 1)
+        return -1;
+    float *base = malloc(tfn_work_floats(s) * sizeof(float));
+    TfnBlock *blocks = malloc(s->depth * sizeof(TfnBlock));
+    if (!base || !blocks) {
+        free(base);
+        free(blocks);
+        return -1;
+    }
+    TfnWork k;
+    tfn_work_layout(s, base, &k, blocks);
+    const long P = s->n_param;
+    for (int c = c_begin; c < c_end; c++) {
+        /* frozen: wq wk wv wo w1 w2 w_out, each with its per-configuration stride */
+        const float *at[7];
+        for (int t = 0; t < 7; t++) at[t] = frozen[t] + c * frozen_stride[t];
+        const TfnFrozen f = {at[0], at[1], at[2], at[3], at[4], at[5], at[6]};
+#define TFN_STEP(D)                                                                                                \
+    tfn_config_step(s, ac, &f, param + c * P, exp_avg + c * P, exp_avg_sq + c * P, mask + c * P, step_size[c],    \
+                    weight_decay[c], x + c * s->x_stride, y + c * s->y_stride, vx, vy, active[c], train_loss + c,  \
+                    val_loss + c, &k, D, (D) / LANES)
+        switch (s->width) {
+        case 16: TFN_STEP(16); break;
+        case 32: TFN_STEP(32); break;
+        case 48: TFN_STEP(48); break;
+        case 64: TFN_STEP(64); break;
+        }
+#undef TFN_STEP
+    }
+    free(base);
+    free(blocks);
+    return 0;
+}
