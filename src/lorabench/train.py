@@ -507,10 +507,11 @@ def _train_loop(cfgs, trainable, stream, progress, use_native: bool, threads: in
             best_metric = torch.where(improved, metric, best_metric)
             best_val = torch.where(improved, val, best_val)
             best_step = torch.where(improved, step, best_step)
-            # Only the improved rows are copied: a full (C, P) select every step costs more
-            # than the native step's own update at the paper's sizes.
-            rows = improved.nonzero().flatten()
-            best.index_copy_(0, rows, flat.index_select(0, rows))
+            if best.is_cuda:  # in place, and no host sync (nonzero would wait for the GPU)
+                torch.where(improved.view(-1, 1), flat, best, out=best)
+            else:  # only the improved rows: a full (C, P) pass costs ~1/4 of a native step
+                rows = improved.nonzero().flatten()
+                best.index_copy_(0, rows, flat.index_select(0, rows))
             stream.observe(improved)
             last_val, last_train = val, loss.to(torch.float64)
             if step % cfg.curve_every == 0 or step == cfg.n_epochs:

@@ -40,10 +40,19 @@ INLINE void store(float *p, vec v) { *(vec_u *)p = v; }
 INLINE vec splat(float x) { return (vec){0} + x; }
 /* v where keep is true, else 0 (a NaN in v is kept when keep is true). */
 INLINE vec keep_where(ivec keep, vec v) { return (vec)((ivec)v & keep); }
+typedef float half_vec __attribute__((vector_size(2 * LANES)));
+typedef float quarter_vec __attribute__((vector_size(LANES)));
+/* A tree of halvings (the compiler's lane extracts) instead of 16 dependent scalar adds. */
 INLINE float sum_lanes(vec v) {
-    float total = 0.0f;
-    for (int k = 0; k < LANES; k++) total += v[k];
-    return total;
+    half_vec lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    const half_vec half = lo + hi;
+    quarter_vec a, b;
+    memcpy(&a, &half, sizeof a);
+    memcpy(&b, (char *)&half + sizeof a, sizeof b);
+    const quarter_vec quarter = a + b;
+    return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
 enum { REGRESSION = 0, CLASSIFICATION = 1, BINARY = 2 };
@@ -499,7 +508,8 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
 }
 
 /* Backward through one head's attention: given d_att (gradient w.r.t. the summed head
- * outputs), adds the key-side term to dx and writes dq (w.r.t. Mq x) and dv (w.r.t. Mv x). */
+ * outputs), adds the key-side term to dx (unless NULL) and writes dq (w.r.t. Mq x) and dv
+ * (w.r.t. Mv x). */
 INLINE void attention_backward(const float *restrict x, const float *restrict qr, const float *restrict vr,
                                const float *restrict probs, const float *restrict d_att, int n, int N,
                                float *restrict dx, float *restrict dq, float *restrict dv, const int D, const int NV) {
@@ -522,7 +532,7 @@ INLINE void attention_backward(const float *restrict x, const float *restrict qr
             for (int k = 0; k < N; k++) inner += P[k * N + q] * dS[k * N + q];
             for (int k = 0; k < N; k++) dS[k * N + q] = P[k * N + q] * (dS[k * N + q] - inner);
         }
-        for (int k = 0; k < N; k++) { /* S[k][q] = x_k . qr_q */
+        for (int k = 0; dx && k < N; k++) { /* S[k][q] = x_k . qr_q */
             vec acc[MAX_WIDTH / LANES];
             for (int v = 0; v < NV; v++) acc[v] = load(dx + base + k * D + v * LANES);
             for (int q = 0; q < N; q++) {
@@ -636,17 +646,20 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
             matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
             weight_gradient(k->d_hid, a->att, rows, NULL, grad + s->off_b1 + l * D, D, NV);
             matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
-            /* d_out is consumed: reuse it as the gradient w.r.t. this block's input. */
-            float *dx = d_out;
-            memset(dx, 0, RD * sizeof(float));
+            /* d_out is consumed: reuse it as the gradient w.r.t. this block's input (the
+             * first block's input is data: no gradient). */
+            float *dx = l > 0 ? d_out : NULL;
+            if (dx) memset(dx, 0, RD * sizeof(float));
             for (int h = 0; h < H; h++) {
                 const long mi = (long)l * H + h;
                 attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * N, k->d_att, B, N, dx,
                                    k->dq, k->dv, D, NV);
                 weight_gradient(k->dq, a->x, rows, k->d_mq + mi * DD, NULL, D, NV);
                 weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
-                matmul_add(k->dq, rows, k->w.mq + mi * DD, dx, D, NV);
-                matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
+                if (dx) {
+                    matmul_add(k->dq, rows, k->w.mq + mi * DD, dx, D, NV);
+                    matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
+                }
             }
             d_out = dx;
         }
