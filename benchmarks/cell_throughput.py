@@ -8,15 +8,15 @@ configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
   per core; for the FNN with both engines (``native``: fnn_step.c, ``torch``: stacked
   torch operations; see lorabench/native.py);
 * the same configs run one per process through ``python -m lorabench run`` (this
-  project's single-config path, process start-up included);
+  project's single-config path, process start-up included, full 5,000 steps);
 * the authors' rate and the ratio: measured in the same run when ``--authors DIR`` names a
   checkout of their repository (UW-Madison-Lee-Lab/Expressive_Power_of_LoRA), else the
   figure stored in benchmarks/authors_baseline.json;
 * achieved GFLOP/s against a plain torch.bmm of the same shapes (the practical roofline);
 * peak memory of one cell, and the projected time of the paper's full grids.
 
-    python benchmarks/cell_throughput.py               # CPU, takes ~10 minutes
-    python benchmarks/cell_throughput.py --authors ../Expressive_Power_of_LoRA
+    python benchmarks/cell_throughput.py               # CPU, ~20 minutes on 2 cores
+    python benchmarks/cell_throughput.py --authors ../Expressive_Power_of_LoRA   # + ~6 min
     python benchmarks/cell_throughput.py --device cuda --quick
 """
 
@@ -72,6 +72,9 @@ def worker(family: str, steps: int, seed: int, device: str, threads: int, engine
     rows = list(run_configs(cfgs, device=device))
     wall = time.perf_counter() - start
     engines = sorted({r["engine"] for r in rows})
+    # Training time alone (model generation and the training loop, not the final test-set
+    # evaluation): wall_time_s is each cell's training time shared out over its configs.
+    train_wall = sum(r["wall_time_s"] for r in rows if r["checkpoint"] == "last")
     if engines != [engine] and engine != "auto":
         raise SystemExit(f"asked for engine {engine}, rows say {engines}")
     peak_gpu = torch.cuda.max_memory_allocated() if device == "cuda" else None
@@ -80,6 +83,7 @@ def worker(family: str, steps: int, seed: int, device: str, threads: int, engine
         "configs": len(cfgs),
         "rows": len(rows),
         "engine": engines[0],
+        "train_wall_s": train_wall,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": None if peak_gpu is None else peak_gpu / 2**20,
     }
@@ -109,60 +113,51 @@ def steady_state(family, short, long, device, threads=1, engine="auto"):
 
 
 def parallel_rate(family, steps, device, processes, engine="auto"):
-    """Aggregate config-steps/s of one cell process per core (different seeds), fixed
-    costs included."""
-    start = time.perf_counter()
+    """Aggregate config-steps/s of one cell process per core (different seeds), over the
+    slowest process's training time (the final test-set evaluation, a fixed cost per cell,
+    is left out as in the two-length figures)."""
     procs = [subprocess.Popen(_worker_cmd(family, steps, seed, device, 1, engine), stdout=subprocess.PIPE, text=True)
              for seed in range(processes)]
     results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    wall = time.perf_counter() - start
-    return sum(r["configs"] for r in results) * steps / wall
+    return sum(r["configs"] for r in results) * steps / max(r["train_wall_s"] for r in results)
 
 
-def single_config_rate(family, short, long, n_configs):
-    """One config per `python -m lorabench run` process, start-up included."""
+def single_config_rate(family, n_configs):
+    """One config per `python -m lorabench run` process, start-up included, each timed over
+    the full 5,000 steps."""
     base = FNN if family == "fnn" else TFN
-
-    def run(steps, rank):
+    walls = []
+    for rank in RANKS[:: max(1, len(RANKS) // n_configs)][:n_configs]:
         args = [sys.executable, "-m", "lorabench", "run", "--no_progress", "--device", "cpu"]
-        for key, value in {**base, "rank": rank, "lr": 1e-3, "n_epochs": steps, "seed": 0}.items():
+        for key, value in {**base, "rank": rank, "lr": 1e-3, "n_epochs": PAPER_STEPS, "seed": 0}.items():
             args += [f"--{key}", str(value)]
         start = time.perf_counter()
         subprocess.run(args, check=True, capture_output=True)
-        return time.perf_counter() - start
-
-    ranks = RANKS[:: max(1, len(RANKS) // n_configs)][:n_configs]
-    short_t = [run(short, r) for r in ranks]
-    long_t = [run(long, r) for r in ranks]
-    per_step = (sum(long_t) - sum(short_t)) / len(ranks) / (long - short)
-    fixed = sum(short_t) / len(ranks) - short * per_step
-    return {"per_step_s": per_step, "fixed_s": fixed, "wall_5000_s": fixed + PAPER_STEPS * per_step}
+        walls.append(time.perf_counter() - start)
+    return {"wall_5000_s": sum(walls) / len(walls)}
 
 
-def authors_rate(family: str, repo: Path, steps: tuple[int, int]) -> dict:
+def authors_rate(family: str, repo: Path) -> dict:
     """The authors' run_exp.py, one config per process as they run it (wandb off), timed
-    at two lengths; their code imports wandb, so an empty stand-in module is provided."""
+    over the full 5,000 steps: their cost per step falls as training goes on (they evaluate
+    the test set at every validation improvement, and improvements thin out), so short
+    runs extrapolate badly (90 TFN steps projected 4.7x their real 5,000-step time). Their
+    code imports wandb: an empty stand-in module is provided."""
     import tempfile
 
     stub = Path(tempfile.mkdtemp(prefix="wandb-stub-"))
     (stub / "wandb.py").write_text("")
     env = {**os.environ, "PYTHONPATH": f"{stub}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     base = FNN if family == "fnn" else {**TFN, "frozen_depth": TFN["target_depth"]}
-
-    def run(n: int) -> float:
-        args = [sys.executable, "run_exp.py", "--wandb", "0", "--rank", "4", "--lr", "1e-3", "--seed", "0",
-                "--n_epochs", str(n)]
-        for key, value in base.items():
-            args += [f"--{key}", str(value)]
-        start = time.perf_counter()
-        # Their TFN path raises after training when wandb is off (an unset attribute):
-        # the training being timed has finished by then, so the exit status is ignored.
-        subprocess.run(args, cwd=repo, env=env, capture_output=True)
-        return time.perf_counter() - start
-
-    short_t, long_t = run(steps[0]), run(steps[1])
-    per_step = (long_t - short_t) / (steps[1] - steps[0])
-    wall = short_t + (PAPER_STEPS - steps[0]) * per_step
+    args = [sys.executable, "run_exp.py", "--wandb", "0", "--rank", "4", "--lr", "1e-3", "--seed", "0",
+            "--n_epochs", str(PAPER_STEPS)]
+    for key, value in base.items():
+        args += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    # Their TFN path raises after training when wandb is off (an unset attribute): the
+    # training and final test being timed have finished by then, so the exit status is ignored.
+    subprocess.run(args, cwd=repo, env=env, capture_output=True)
+    wall = time.perf_counter() - start
     return {"wall_5000_s": wall, "config_steps_per_s": PAPER_STEPS / wall}
 
 
@@ -213,6 +208,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shorter runs, no one-config-per-process baseline")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--authors", type=Path, help="a checkout of the authors' repository, timed side by side")
+    parser.add_argument("--family", choices=["fnn", "tfn"], action="append",
+                        help="measure only this model family (repeatable; default both)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.seed, args.device, args.threads, args.engine)))
@@ -229,7 +226,7 @@ def main():
         import torch
 
         report["device_name"] = torch.cuda.get_device_name(0)
-    for family in ("fnn", "tfn"):
+    for family in args.family or ("fnn", "tfn"):
         short, long = lengths[family]
         cell = steady_state(family, short, long, args.device)
         rate = cell["configs"] / cell["per_step_s"]
@@ -258,14 +255,13 @@ def main():
             entry["torch_engine_config_steps_per_s"] = other["configs"] / other["per_step_s"]
             entry["native_over_torch_engine"] = rate / entry["torch_engine_config_steps_per_s"]
         if not args.quick and args.device == "cpu":
-            # Long enough that the per-step cost stands out of process start-up noise.
-            single = single_config_rate(family, *((100, 3100) if family == "fnn" else (2, 12)), n_configs=3)
+            single = single_config_rate(family, n_configs=3)
             entry["single_process_5000_step_wall_s"] = single["wall_5000_s"]
             entry["single_process_config_steps_per_s"] = PAPER_STEPS / single["wall_5000_s"]
         authors = baseline.get(family, {}).get("config_steps_per_s")
         entry["authors_source"] = "benchmarks/authors_baseline.json"
         if args.authors:
-            measured = authors_rate(family, args.authors, (500, 2500) if family == "fnn" else (30, 90))
+            measured = authors_rate(family, args.authors)
             authors = measured["config_steps_per_s"]
             entry["authors_source"] = f"measured now from {args.authors}"
             entry["authors_5000_step_wall_s"] = measured["wall_5000_s"]

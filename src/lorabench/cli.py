@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="also write every result row to this Parquet file")
     run.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
     run.add_argument("--threads", type=int, default=1,
-                     help="torch CPU threads (default 1: the models are small, and extra threads "
-                          "only contend; run several processes to use more cores)")
+                     help="CPU threads: torch's, and the native engine's split of a cell's configs "
+                          "(default 1; one process per core is as fast or faster)")
     from . import pipeline
 
     pipeline.add_subparsers(sub)
