@@ -146,13 +146,12 @@ def use_native(cfg, device: torch.device) -> bool:
         return False
     if setting == "auto" and cfg.protocol == "reference":
         return False
-    if setting == "native":
-        _build()
-        return True
     try:
         _build()
         return True
     except NativeError as error:
+        if setting == "native":
+            raise
         warnings.warn(f"native training step unavailable, training with torch: {error}", stacklevel=2)
         return False
 

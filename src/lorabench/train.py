@@ -227,7 +227,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
             loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task)
             return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
 
-        return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], frozen, None)
+        return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], _fnn_step(cfgs[0], frozen, None))
 
     init = {"a": lora.a["weights"].clone(), "b": lora.b["weights"].clone()}
     column = lora.mask["weights"].unsqueeze(-2)  # (C, L, 1, D)
@@ -249,17 +249,23 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
             grads["biases"] = d_biases
         return loss, layout.flatten(grads)
 
-    return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], frozen, frozen.weights)
+    return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], _fnn_step(cfgs[0], frozen, frozen.weights))
 
 
-def _with_native(trainable: Trainable, cfg: RunConfig, frozen: FNN, frozen_weights: Optional[Tensor]) -> Trainable:
-    """Attaches the native step when the engine setting and the cell allow it."""
+def _with_native(trainable: Trainable, cfg: RunConfig, make_step: Callable[[Layout], native.NativeStep]) -> Trainable:
+    """Attaches the native step, ``make_step(layout)``, when the engine setting and the
+    cell allow it."""
     if trainable.init.dtype != torch.float32 or not native.use_native(cfg, trainable.init.device):
         return trainable
-    step = native.FNNStep(
+    return replace(trainable, native_step=make_step(trainable.layout))
+
+
+def _fnn_step(cfg: RunConfig, frozen: FNN, frozen_weights: Optional[Tensor]):
+    """The native FNN step's maker; ``frozen_weights`` None: final-layer tuning."""
+    return lambda layout: native.FNNStep(
         frozen_weights=frozen_weights,
-        offsets=trainable.layout.offsets,
-        n_param=trainable.layout.size,
+        offsets=layout.offsets,
+        n_param=layout.size,
         depth=frozen.depth,
         width=frozen.weights.shape[-1],
         has_bias=frozen.biases is not None,
@@ -267,7 +273,6 @@ def _with_native(trainable: Trainable, cfg: RunConfig, frozen: FNN, frozen_weigh
         task=cfg.task,
         full=frozen_weights is None,
     )
-    return replace(trainable, native_step=step)
 
 
 def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
@@ -288,12 +293,11 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
         adapters = LoRA({k: p[f"a_{k}"] for k in lora.a}, {k: p[f"b_{k}"] for k in lora.a}, lora.mask)
         return apply_lora(replace(frozen, b1=p["b1"], b2=p["b2"]), adapters)
 
-    trainable = _trainable(init, masks, build)
-    if trainable.init.dtype != torch.float32 or frozen.residual or not native.use_native(cfgs[0], trainable.init.device):
-        return trainable
-    step = native.TFNStep(frozen=frozen.tensors(), offsets=trainable.layout.offsets, n_param=trainable.layout.size,
-                          depth=frozen.depth, heads=frozen.n_head, width=frozen.width)
-    return replace(trainable, native_step=step)
+    def make_step(layout: Layout) -> native.TFNStep:
+        return native.TFNStep(frozen=frozen.tensors(), offsets=layout.offsets, n_param=layout.size,
+                              depth=frozen.depth, heads=frozen.n_head, width=frozen.width)
+
+    return _with_native(_trainable(init, masks, build), cfgs[0], make_step)
 
 
 def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str, dropout=None):
@@ -445,7 +449,8 @@ def train_cell(
     stream,
     progress: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
-    use_native = trainable.native_step is not None and stream.dropout() is None
+    # (native.applies keeps cells with dropout, the TFN residual variant, on torch.)
+    use_native = trainable.native_step is not None
     threads = torch.get_num_threads()
     if use_native:
         # The native step runs its own threads; torch's OpenMP workers, woken by the small

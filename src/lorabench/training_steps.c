@@ -212,29 +212,32 @@ INLINE void transpose(const float *restrict m, float *restrict t, const int D) {
         for (int j = 0; j < D; j++) t[j * D + i] = m[i * D + j];
 }
 
-/* W = W0 + A B^T (LoRA) or the parameters themselves, and W^T. `scratch`: D x D. */
+/* W = W0 + A B^T for one adapted matrix (the product first, then the sum, as torch's
+ * W0 + A @ B^T). `scratch`: D x D. */
+INLINE void lora_weight(const float *restrict w0, const float *restrict A, const float *restrict Bf,
+                        float *restrict W, float *restrict scratch, const int D, const int NV) {
+    transpose(Bf, scratch, D);
+    for (int i = 0; i < D; i++) {
+        vec acc[MAX_WIDTH / LANES];
+        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
+        for (int r = 0; r < D; r++) {
+            const vec a = splat(A[i * D + r]);
+            for (int q = 0; q < NV; q++) acc[q] += a * load(scratch + r * D + q * LANES);
+        }
+        for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(w0 + i * D + q * LANES) + acc[q]);
+    }
+}
+
+/* The FNN's effective weights: W0 + A B^T (LoRA) or the parameters themselves, and W^T. */
 INLINE void effective_weights(const Shape *s, const float *restrict w0, const float *restrict p, float *restrict w,
                               float *restrict wt, float *restrict scratch, const int D, const int NV) {
     const long DD = (long)D * D;
     for (int l = 0; l < s->depth; l++) {
         float *W = w + l * DD;
-        if (s->full) {
+        if (s->full)
             memcpy(W, p + s->off_a + l * DD, DD * sizeof(float));
-        } else {
-            const float *A = p + s->off_a + l * DD, *W0 = w0 + l * DD;
-            float *BT = scratch;
-            transpose(p + s->off_b + l * DD, BT, D);
-            for (int i = 0; i < D; i++) {
-                vec acc[MAX_WIDTH / LANES];
-                for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
-                for (int r = 0; r < D; r++) {
-                    const vec a = splat(A[i * D + r]);
-                    for (int q = 0; q < NV; q++) acc[q] += a * load(BT + r * D + q * LANES);
-                }
-                /* The product first, then the sum, as torch's W0 + A @ B^T. */
-                for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(W0 + i * D + q * LANES) + acc[q]);
-            }
-        }
+        else
+            lora_weight(w0 + l * DD, p + s->off_a + l * DD, p + s->off_b + l * DD, W, scratch, D, NV);
         transpose(W, wt + l * DD, D);
     }
 }
@@ -403,21 +406,6 @@ INLINE void small_mm(const float *restrict A, int ta, const float *restrict Bm, 
             for (int k = 0; k < D; k++) acc += (ta ? A[k * D + i] : A[i * D + k]) * (tb ? Bm[j * D + k] : Bm[k * D + j]);
             Cm[i * D + j] = acc;
         }
-}
-
-/* W = W0 + A B^T for one adapted matrix. */
-INLINE void lora_weight(const float *restrict w0, const float *restrict A, const float *restrict Bf,
-                        float *restrict W, float *restrict scratch, const int D, const int NV) {
-    transpose(Bf, scratch, D);
-    for (int i = 0; i < D; i++) {
-        vec acc[MAX_WIDTH / LANES];
-        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
-        for (int r = 0; r < D; r++) {
-            const vec a = splat(A[i * D + r]);
-            for (int q = 0; q < NV; q++) acc[q] += a * load(scratch + r * D + q * LANES);
-        }
-        for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(w0 + i * D + q * LANES) + acc[q]);
-    }
 }
 
 /* The effective matrices of one configuration: per block and head Wq Wk Wv Wo (kept for
