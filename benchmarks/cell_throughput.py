@@ -62,8 +62,8 @@ def worker(family: str, steps: int, seed: int, device: str, threads: int, engine
     import torch
 
     torch.set_num_threads(threads)
-    from lorabench.config import RunConfig
-    from lorabench.runner import run_configs
+    from lorabench.core.config import RunConfig
+    from lorabench.runs.runner import run_configs
 
     base = FNN if family == "fnn" else TFN
     cfgs = [RunConfig(**base, rank=r, lr=lr, weight_decay=wd, n_epochs=steps, seed=seed)

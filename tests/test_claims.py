@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from lorabench import claims, comparison, figures
+from lorabench.report import claims, comparison, figures
 from lorabench.cli import main
-from lorabench.config import RunConfig
-from lorabench.runner import threshold_rank
+from lorabench.core.config import RunConfig
+from lorabench.runs.runner import threshold_rank
 
 from test_figures import BASE, LRS, default_metrics, synthetic_runs, to_frames
 
@@ -146,7 +146,7 @@ def test_changes_column():
 
 
 def test_cli_figures_and_claims(tmp_path, monkeypatch, capsys):
-    from lorabench import style
+    from lorabench.report import style
 
     monkeypatch.setattr(style, "FORMATS", ("png",))
     runs, _ = to_frames(synthetic_runs(["bias"], protocols=("paper",)), tmp_path)

@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lorabench import rng
-from lorabench.adapters import apply_lora
-from lorabench.config import RunConfig
-from lorabench.construction import fnn_construction, linear_construction, tfn_construction
-from lorabench.generation import generate_models, group_product
-from lorabench.models import FNN, fnn_forward, tfn_forward
-from lorabench.theory import (
+from lorabench.core import rng
+from lorabench.core.adapters import apply_lora
+from lorabench.core.config import RunConfig
+from lorabench.core.construction import fnn_construction, linear_construction, tfn_construction
+from lorabench.core.generation import generate_models, group_product
+from lorabench.core.models import FNN, fnn_forward, tfn_forward
+from lorabench.core.theory import (
     fnn_single_layer_mse_bound,
     fnn_threshold_rank,
     linear_optimal_mse,

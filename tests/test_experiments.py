@@ -1,4 +1,4 @@
-"""The workflow config's expansion into RunConfigs and jobs (lorabench.experiments)."""
+"""The workflow config's expansion into RunConfigs and jobs (lorabench.runs.experiments)."""
 
 import copy
 import dataclasses
@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from lorabench import experiments as lbx
-from lorabench.config import ConfigError, RunConfig
-from lorabench.theory import fnn_threshold_rank
+from lorabench.runs import experiments as lbx
+from lorabench.core.config import ConfigError, RunConfig
+from lorabench.core.theory import fnn_threshold_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())

@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from lorabench import figures, style
-from lorabench.config import RunConfig
-from lorabench.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
-from lorabench.runner import threshold_rank, trainable_parameter_count
-from lorabench.selection import select_by_validation
+from lorabench.report import figures, style
+from lorabench.core.config import RunConfig
+from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
+from lorabench.runs.runner import threshold_rank, trainable_parameter_count
+from lorabench.runs.selection import select_by_validation
 
 # Small models: the figures regenerate them for the theory overlays.
 BASE = dict(width=4, n_test=64, batch_size=32, n_val=32, pretrained_epochs=5, n_epochs=10, seq_length=3, curve_every=5)
@@ -286,8 +286,8 @@ def test_curve_median_and_band():
 
 
 def test_linear_theory_overlay_is_the_median_svd_tail(frames):
-    from lorabench import theory
-    from lorabench.generation import generate_models
+    from lorabench.core import theory
+    from lorabench.core.generation import generate_models
 
     _, selected = frames
     ours = figures.rows(selected, "linear", "paper", "ours", pretrained=0)

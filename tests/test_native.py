@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from lorabench import native
-from lorabench.config import RunConfig
-from lorabench.data import task_loss
-from lorabench.generation import generate_models
-from lorabench.runner import run_configs
-from lorabench.adapters import LoRA
-from lorabench.models import map_tensors
-from lorabench.train import (
+from lorabench.training import native
+from lorabench.core.config import RunConfig
+from lorabench.core.data import task_loss
+from lorabench.core.generation import generate_models
+from lorabench.runs.runner import run_configs
+from lorabench.core.adapters import LoRA
+from lorabench.core.models import map_tensors
+from lorabench.training.train import (
     BatchedAdam,
     autograd_value_and_grad,
     fnn_trainable,

@@ -1,14 +1,14 @@
-"""The workflow's steps (lorabench.pipeline) and training dispatch (lorabench.dispatch)."""
+"""The workflow's steps (lorabench.runs.pipeline) and training dispatch (lorabench.runs.dispatch)."""
 
 import json
 import operator
 
 import pytest
 
-from lorabench import dispatch, pipeline
-from lorabench.config import RunConfig
-from lorabench.experiments import Job
-from lorabench.runner import model_key, run_configs
+from lorabench.runs import dispatch, pipeline
+from lorabench.core.config import RunConfig
+from lorabench.runs.experiments import Job
+from lorabench.runs.runner import model_key, run_configs
 
 SMALL = dict(width=8, batch_size=32, n_test=200, n_val=64, n_epochs=5, pretrained_epochs=5)
 
@@ -44,7 +44,7 @@ def test_rows_from_model_files_equal_rows_from_the_runner(tmp_path, protocol):
 
 
 def test_aggregate_and_select(tmp_path):
-    from lorabench.results import SELECTED_SCHEMA, read_rows, read_table, write_rows
+    from lorabench.runs.results import SELECTED_SCHEMA, read_rows, read_table, write_rows
 
     cfgs = [c for c in configs("paper") if c.exp == "fnn"]
     rows = [dict(r, experiment="x") for r in run_configs(cfgs, device="cpu")]

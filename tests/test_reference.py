@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lorabench import native
-from lorabench.config import RunConfig
-from lorabench.runner import run_configs
+from lorabench.training import native
+from lorabench.core.config import RunConfig
+from lorabench.runs.runner import run_configs
 
 RUNS = json.loads((Path(__file__).parent / "data" / "authors_reference.json").read_text())["runs"]
 

@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lorabench import dispatch, pipeline
-from lorabench.config import RunConfig
-from lorabench.experiments import Job
-from lorabench.generation import generate_models
-from lorabench.results import SCHEMA_KEY, read_rows, write_rows
-from lorabench.runner import model_key, run_configs
+from lorabench.runs import dispatch, pipeline
+from lorabench.core.config import RunConfig
+from lorabench.runs.experiments import Job
+from lorabench.core.generation import generate_models
+from lorabench.runs.results import SCHEMA_KEY, read_rows, write_rows
+from lorabench.runs.runner import model_key, run_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -172,7 +172,7 @@ def test_malformed_workflow_config_is_refused(tmp_path, change, needle):
 
 # ------------------------------------------------------------------ determinism
 def _comparable(rows) -> pd.DataFrame:
-    from lorabench.results import RUNS_SCHEMA
+    from lorabench.runs.results import RUNS_SCHEMA
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=[n for n in RUNS_SCHEMA.names if n not in VOLATILE + ["experiment"]])
@@ -256,7 +256,7 @@ def test_non_finite_weights_or_inputs_are_recorded_as_diverged(tmp_path, what):
 
 
 def test_diverged_runs_are_excluded_counted_and_never_plotted(tmp_path):
-    from lorabench import figures
+    from lorabench.report import figures
 
     good_seed, bad_seed = 0, 1
     cfgs = {s: [RunConfig(**TINY, seed=s, method="sgd", rank=r, lr=lr) for r in (1, 2) for lr in (1e-2, 1e-3)]
@@ -270,7 +270,7 @@ def test_diverged_runs_are_excluded_counted_and_never_plotted(tmp_path):
     rows = [{**r, "experiment": "fnn"} for r in rows]
     write_rows(rows, tmp_path / "runs.parquet")
     pipeline.select(str(tmp_path / "runs.parquet"), str(tmp_path / "selected.parquet"))
-    from lorabench.results import SELECTED_SCHEMA
+    from lorabench.runs.results import SELECTED_SCHEMA
 
     selected = read_rows(tmp_path / "selected.parquet", SELECTED_SCHEMA)
     sgd_last = selected[(selected["method"] == "sgd") & (selected["checkpoint"] == "last")]

@@ -4,10 +4,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from lorabench.config import RunConfig
-from lorabench.results import SCHEMA_KEY, ResultsError, read_rows, read_table, write_rows
-from lorabench.runner import run_configs
-from lorabench.selection import select_by_validation
+from lorabench.core.config import RunConfig
+from lorabench.runs.results import SCHEMA_KEY, ResultsError, read_rows, read_table, write_rows
+from lorabench.runs.runner import run_configs
+from lorabench.runs.selection import select_by_validation
 
 SMALL = dict(width=8, batch_size=32, n_test=100, n_epochs=5, seed=0)
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lorabench.config import RunConfig
-from lorabench.construction import fnn_construction
-from lorabench.generation import generate_models, group_product, uniform_singular_values
-from lorabench.theory import (
+from lorabench.core.config import RunConfig
+from lorabench.core.construction import fnn_construction
+from lorabench.core.generation import generate_models, group_product, uniform_singular_values
+from lorabench.core.theory import (
     discrepancy,
     fnn_group_singular_values,
     fnn_single_layer_mse_bound,

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lorabench.results import RUNS_SCHEMA, SELECTED_SCHEMA, read_table
+from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -96,7 +96,7 @@ def test_smoke_writes_both_parquet_files_with_their_schemas(smoke_run):
 
 
 def test_smoke_writes_every_figure(smoke_run):
-    from lorabench.figures import FIGURE_NAMES
+    from lorabench.report.figures import FIGURE_NAMES
 
     for name in FIGURE_NAMES:
         for ext in ("png", "pdf"):
@@ -111,7 +111,7 @@ def test_second_invocation_has_nothing_to_do(smoke_run):
 
 
 def test_report_embeds_every_figure_with_a_caption(smoke_run):
-    from lorabench.figures import FIGURE_NAMES
+    from lorabench.report.figures import FIGURE_NAMES
 
     snakemake(smoke_run, "--report", "report.html", "--config", "preset=smoke")
     html = (smoke_run / "report.html").read_text()

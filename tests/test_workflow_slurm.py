@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import yaml
 
-from lorabench.results import read_table
+from lorabench.runs.results import read_table
 from test_workflow import ROOT, make_workdir, snakemake, tiny_config
 
 pytestmark = pytest.mark.skipif(

@@ -16,8 +16,8 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
-from .results import ResultsError
-from .config import (
+from .runs.results import ResultsError
+from .core.config import (
     ACTIVATIONS,
     DEVICES,
     EXPERIMENTS,
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1,
                      help="CPU threads: torch's, and the native engine's split of a cell's configs "
                           "(default 1; one process per core is as fast or faster)")
-    from . import pipeline
+    from .runs import pipeline
 
     pipeline.add_subparsers(sub)
     for name, what in (("figures", "every figure (with --comparison_out, the protocol comparison too)"),
@@ -180,7 +180,7 @@ def _jsonable(value):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .runner import run_configs
+    from .runs.runner import run_configs
 
     cfgs = configs_from_args(args)
     if args.threads < 1:
@@ -189,7 +189,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.output:
-        from .results import check_writable
+        from .runs.results import check_writable
 
         check_writable(args.output)
     progress = None if args.no_progress else ProgressBar()
@@ -201,7 +201,7 @@ def run_command(args: argparse.Namespace) -> int:
         elif not args.json and _reported(row):
             print(_summary(row), flush=True)
     if args.output:
-        from .results import write_rows
+        from .runs.results import write_rows
 
         write_rows(rows, args.output)
     return 0
@@ -227,10 +227,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "run":
             return run_command(args)
         if args.command in ("figures", "claims"):
-            from . import claims, figures
+            from .report import claims, figures
 
             return figures.figures_command(args) if args.command == "figures" else claims.claims_command(args)
-        from . import pipeline
+        from .runs import pipeline
 
         if args.command in pipeline.COMMANDS:
             return pipeline.main(args)
@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.exit(2, f"lorabench: error: {error}\n")
         raise
     except Exception as error:
-        from .dispatch import DispatchError
+        from .runs.dispatch import DispatchError
 
         if isinstance(error, DispatchError):
             parser.exit(1, f"lorabench: error: {error}\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lorabench.results import RUNS_SCHEMA, SELECTED_SCHEMA, read_table
+from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, read_table
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))

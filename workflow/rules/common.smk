@@ -1,4 +1,4 @@
-# Config helpers and input functions. The logic lives in lorabench.experiments: it expands
+# Config helpers and input functions. The logic lives in lorabench.runs.experiments: it expands
 # the validated config into RunConfigs and cuts them into jobs named by a hash of their
 # configs (results/<stage>/<experiment>/<protocol>/s<seed>-<hash>.*).
 import json
@@ -9,8 +9,8 @@ import tempfile
 
 from snakemake.exceptions import WorkflowError
 
-from lorabench import experiments as lbx
-from lorabench.config import ConfigError
+from lorabench.runs import experiments as lbx
+from lorabench.core.config import ConfigError
 
 try:
     WF = lbx.load(config)

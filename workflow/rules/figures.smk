@@ -1,7 +1,7 @@
 # Stage 4: figures (results/figures/<name>.png and .pdf, in the report with a caption
 # from workflow/report/<name>.rst), claims and the protocol comparison.
 try:
-    from lorabench.figures import FIGURE_NAMES
+    from lorabench.report.figures import FIGURE_NAMES
 except ImportError:  # the figures module has not landed: all_figures has no figures yet
     FIGURE_NAMES = []
 FIGURE_NAMES = list(FIGURE_NAMES() if callable(FIGURE_NAMES) else FIGURE_NAMES)

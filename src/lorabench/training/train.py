@@ -22,11 +22,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import data, native
-from .adapters import LoRA, apply_lora
-from .config import RunConfig
-from .generation import dropout_with
-from .models import FNN, TFN, fnn_forward, shared_input_layer, tfn_forward
+from . import native
+from ..core import data
+from ..core.adapters import LoRA, apply_lora
+from ..core.config import RunConfig
+from ..core.generation import dropout_with
+from ..core.models import FNN, TFN, fnn_forward, shared_input_layer, tfn_forward
 
 Model = Union[FNN, TFN]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, used by the authors
@@ -388,7 +389,7 @@ class ReferenceTFNStream:
     position after the test sets whenever the config's validation improves."""
 
     def __init__(self, cfg: RunConfig, target: Model, x_train: Optional[Tensor], C: int, device):
-        from . import rng
+        from ..core import rng
 
         self.cfg, self.target, self.device = cfg, target, device
         self.gens = [rng.global_stream(cfg.seed) for _ in range(C)]

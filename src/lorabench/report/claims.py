@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import figures, style
-from .config import PROTOCOLS
+from ..core.config import PROTOCOLS
 
 PASS, FAIL, NOT_RUN, ERROR = "pass", "fail", "not run", "error"
 EXACT_RTOL = 1e-6

@@ -18,13 +18,14 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from . import __version__, data, rng, theory
-from .adapters import LoRA, apply_lora, layer_ranks, lora_parameter_count
-from .config import RunConfig
-from .construction import fnn_construction, tfn_construction
-from .generation import Models, generate_models
-from .models import FNN, map_tensors
-from .train import (
+from .. import __version__
+from ..core import data, rng, theory
+from ..core.adapters import LoRA, apply_lora, layer_ranks, lora_parameter_count
+from ..core.config import RunConfig
+from ..core.construction import fnn_construction, tfn_construction
+from ..core.generation import Models, generate_models
+from ..core.models import FNN, map_tensors
+from ..training.train import (
     PaperStream,
     ReferenceFNNStream,
     ReferenceTFNStream,

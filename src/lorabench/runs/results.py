@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write
-from .config import RunConfig
+from ..core.config import RunConfig
 
 SCHEMA_VERSION = "2"  # 2: the engine column
 SCHEMA_KEY = b"lorabench.schema_version"

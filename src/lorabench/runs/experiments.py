@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from .config import DEVICES, PROTOCOLS, ConfigError, RunConfig, config_from_dict
+from ..core.config import DEVICES, PROTOCOLS, ConfigError, RunConfig, config_from_dict
 from .dispatch import DISPATCHES, SlurmSettings
 
 PRESETS = ("paper", "quick", "smoke")

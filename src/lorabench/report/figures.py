@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import style
-from .config import PROTOCOLS, ConfigError, RunConfig
+from ..core.config import PROTOCOLS, ConfigError, RunConfig
 
 DEFAULT_PROTOCOL = "paper"
 DEFAULT_CHECKPOINT = "last"
@@ -185,7 +185,7 @@ def model_key(cfg: RunConfig) -> RunConfig:
 
 @functools.lru_cache(maxsize=512)
 def _models(key: RunConfig):
-    from .generation import generate_models
+    from ..core.generation import generate_models
 
     return generate_models(key)
 
@@ -194,7 +194,7 @@ def _models(key: RunConfig):
 def _single_layer_optimum(key: RunConfig, rank: int) -> float:
     """(1/D) sum_{i > R L} sigma_i(E)^2 for a one-layer target: the linear optimum, and
     the bound on the Lbar = 1 ReLU construction (theory.py)."""
-    from . import theory
+    from ..core import theory
 
     models = _models(key)
     return theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), rank)
@@ -206,8 +206,8 @@ def _target_scale(key: RunConfig) -> float:
     MSE counts as exact."""
     import torch
 
-    from . import data
-    from .models import FNN, fnn_forward, tfn_forward
+    from ..core import data
+    from ..core.models import FNN, fnn_forward, tfn_forward
 
     target = _models(key.replace(pretrained=0)).target
     x = data.eval_sets(key).test.double()
@@ -581,7 +581,7 @@ def ensure_selected(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFram
     """The selected rows: given, or selected from ``runs`` by validation loss."""
     if selected is not None:
         return selected
-    from .selection import select_by_validation
+    from ..runs.selection import select_by_validation
 
     return select_by_validation(runs if runs is not None else pd.DataFrame())
 
@@ -602,12 +602,12 @@ def write_all_figures(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFr
 # ------------------------------------------------------------------ command line
 def read_inputs(runs_path, selected_path) -> tuple[Optional[pd.DataFrame], pd.DataFrame]:
     """runs.parquet (optional) and selected.parquet (made from the runs when not given)."""
-    from .results import SELECTED_SCHEMA, read_rows
+    from ..runs.results import SELECTED_SCHEMA, read_rows
 
     runs = read_rows(runs_path) if runs_path else None
     selected = read_rows(selected_path, SELECTED_SCHEMA) if selected_path else None
     if runs is None and selected is None:
-        from .results import ResultsError
+        from ..runs.results import ResultsError
 
         raise ResultsError("give --runs, --selected or both")
     return runs, ensure_selected(runs, selected)

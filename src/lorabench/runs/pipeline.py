@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .atomic import atomic_write
-from .config import ConfigError, RunConfig
+from ..core.config import ConfigError, RunConfig
 from .dispatch import DISPATCHES, SlurmSettings
 from .results import ResultsError
 
@@ -78,7 +78,7 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 # ------------------------------------------------------------------- steps
 def generate(spec_path: str, out: str) -> None:
-    from .generation import generate_models
+    from ..core.generation import generate_models
 
     spec = read_spec(spec_path)
     save_models({key: generate_models(key) for key in spec["configs"]}, out)

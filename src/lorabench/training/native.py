@@ -92,7 +92,7 @@ def _compiler() -> str:
 
 @lru_cache(maxsize=None)
 def _build() -> ctypes.CDLL:
-    source = resources.files("lorabench").joinpath("training_steps.c").read_bytes()
+    source = resources.files("lorabench.training").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout

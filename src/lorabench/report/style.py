@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .atomic import atomic_write  # noqa: E402
+from ..runs.atomic import atomic_write  # noqa: E402
 
 PNG_DPI = 120
 FORMATS = ("png", "pdf")  # every figure is written in each
