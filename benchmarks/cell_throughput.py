@@ -38,7 +38,7 @@ WDS = [0.0, 1e-4, 1e-3, 1e-2]
 FNN = dict(exp="fnn", width=16, target_depth=2, frozen_depth=4, batch_size=256, n_test=5000, method="sgd")
 TFN = dict(exp="tfn", width=16, target_depth=2, frozen_depth=2, n_head=2, seq_length=10, batch_size=256,
            n_test=5000, method="sgd")
-# The paper's gradient grids (EXPERIMENTS.md): FNN ~13,320 configs, TFN 3,840, 5,000 steps each.
+# The paper's gradient grids (docs/experiments.md): FNN ~13,320 configs, TFN 3,840, 5,000 steps each.
 GRID = {"fnn": 13_320, "tfn": 3_840}
 PAPER_STEPS = 5_000
 

@@ -219,7 +219,7 @@ def test_fnn_authors_bias_propagation():
 
 def test_fnn_reproduces_the_authors_float32_numbers():
     """Reference protocol, float32, the authors' calibration and test draws (seed reset
-    before each): median test MSE over seeds 0..4 as in INVENTORY 4.1."""
+    before each): median test MSE over seeds 0..4 as the authors' code (eaeb7d3) gives it."""
     expected = {("linear", 1, 2, 1): 0.276, ("linear", 1, 2, 2): 0.161, ("relu", 1, 2, 1): 0.110,
                 ("relu", 1, 2, 2): 0.0665, ("relu", 2, 4, 1): 0.0209, ("relu", 2, 4, 4): 0.00619}
     for (activation, target_depth, frozen_depth, rank), value in expected.items():
@@ -232,7 +232,7 @@ def test_fnn_reproduces_the_authors_float32_numbers():
             x = torch.randn(5000, D, generator=rng.global_stream(seed))
             adapted = constructed_fnn(models.frozen, models.target, rank, calibration, authors_bias_propagation=True)
             losses.append(float(((fnn_forward(adapted, x) - fnn_forward(models.target, x)) ** 2).mean()))
-        # INVENTORY gives 3 digits; float32 rounding differs slightly between torch versions.
+        # The reference values have 3 digits; float32 rounding differs slightly between torch versions.
         assert statistics.median(losses) == pytest.approx(value, rel=5e-3), (activation, target_depth, rank)
 
 

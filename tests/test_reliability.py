@@ -1,4 +1,4 @@
-"""Reliability (issue #6) beyond what test_cli, test_results, test_train and test_workflow
+"""Reliability beyond what test_cli, test_results, test_train and test_workflow
 already cover: more bad inputs (each: one error line naming the problem, non-zero exit,
 nothing written), determinism across processes and dispatch modes, NaN/inf in weights and
 inputs, and Snakemake's lock against a second invocation.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fault script (issue #6): kill -9 the smoke workflow in the middle of training, resume it
+"""Fault script: kill -9 the smoke workflow in the middle of training, resume it
 with --rerun-incomplete, and compare its Parquet files to those of an uninterrupted run,
 bit for bit except the timing columns.
 
