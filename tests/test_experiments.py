@@ -188,3 +188,60 @@ def test_sweep_and_preset_mechanics():
     cfgs = lbx.expand_experiment("x", spec, defaults, preset)
     assert {c.seed for c in cfgs} == {7} and {c.rank for c in cfgs} == {2}
     assert {c.n_epochs for c in cfgs if c.method == "sgd"} == {10}
+
+
+# ------------------------------------------------------------------ what the workflow passes
+def test_a_job_reference_expands_to_the_same_job(smoke):
+    for job in smoke.jobs():
+        ref = smoke.job_ref(job)
+        assert len(ref) < 4000
+        again = lbx.resolve_job(ref)
+        assert again.id == job.id and again.configs == job.configs and again.kind == job.kind
+
+
+def test_a_reference_that_does_not_expand_to_its_id_is_refused(smoke):
+    import json
+
+    job = smoke.jobs()[0]
+    ref = json.loads(smoke.job_ref(job))
+    ref["definition"]["settings"]["pretrained"] = 0
+    with pytest.raises(ConfigError, match=job.id):
+        lbx.resolve_job(json.dumps(ref))
+    with pytest.raises(ConfigError, match="not a lorabench job reference"):
+        lbx.resolve_job("{}")
+
+
+def test_selection_keeps_the_named_experiments_and_refuses_unknown_names(smoke):
+    picked = smoke.select(["tfn", "fnn"])
+    assert list(picked.experiments) == ["fnn", "tfn"]  # the config's order
+    assert {j.experiment for j in picked.jobs()} == {"fnn", "tfn"}
+    assert [j.id for j in picked.jobs()] == [j.id for j in smoke.jobs() if j.experiment in ("fnn", "tfn")]
+    with pytest.raises(ConfigError, match=r"'fnx'.*defined: linear, fnn"):
+        smoke.select(["fnn", "fnx"])
+
+
+def test_split_selection_takes_the_definitions_from_the_config_files():
+    files = [{"experiments": {"fnn": {"methods": {"sgd": {"rank": 1}}}, "tfn": {"methods": {"ours": {}}}}},
+             {"experiments": {"fnn": {"settings": {"width": 8}}}}]
+    definitions, selection = lbx.split_selection({"experiments": ["fnn"]}, files)
+    assert selection == ["fnn"]
+    assert definitions["fnn"] == {"methods": {"sgd": {"rank": 1}}, "settings": {"width": 8}}
+    assert lbx.split_selection({"experiments": "tfn"}, files)[1] == ["tfn"]
+    assert lbx.split_selection({"experiments": files[0]["experiments"]}, files) == (files[0]["experiments"], None)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(treads=2), "treads: unknown key; expected one of preset"),
+        (dict(device="tpu"), "device: expected one of auto, cpu, cuda; given 'tpu'"),
+        (dict(slurm={"partition": "x'; touch PWNED"}), "slurm.partition: expected a Slurm name"),
+        (dict(slurm={"account": "my account"}), "slurm.account: expected a Slurm name"),
+    ],
+)
+def test_schema_errors_are_one_short_line_naming_the_key(change, needle):
+    config = copy.deepcopy(CONFIG)
+    config.update(change)
+    message = lbx.schema_error(config, SCHEMA)
+    assert needle in message and "\n" not in message and len(message) < 300
+    assert lbx.schema_error(CONFIG, SCHEMA) is None
