@@ -46,7 +46,7 @@ def test_schema_settings_are_the_runconfig_fields():
     assert set(SCHEMA["definitions"]["settings"]["properties"]) == fields
 
 
-# EXPERIMENTS.md's grid: 5 seeds, lr (3) x wd (4) for gradient runs, ranks 1..16.
+# The paper's grid: 5 seeds, lr (3) x wd (4) for gradient runs, ranks 1..16.
 GRID = 12
 PAPER_COUNTS = {
     "linear": 2 * 5 * (16 + 16 * GRID),  # random/pretrained; ours + sgd
