@@ -1,6 +1,6 @@
 # lorabench: the synthetic experiments of Zeng & Lee, "The Expressive Power of Low-Rank
 # Adaptation" (ICLR 2024). Target: all_figures. See README.md "Running the workflow".
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.0")
 
@@ -8,20 +8,19 @@ min_version("8.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/costs.smk"
 
 
 rule all_figures:
     input:
         FIGURES,
         CLAIMS,
+        "results/costs.csv",
     default_target: True
 
 

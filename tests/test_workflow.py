@@ -65,7 +65,7 @@ def tiny_config(experiments=("fnn", "classification"), **top) -> dict:
 def planned_outputs(workdir: Path, *args: str) -> list[str]:
     """The output files of the jobs a dry run would run."""
     proc = snakemake(workdir, "-n", *args)
-    return re.findall(r"^\s+output: (.+)$", proc.stdout, flags=re.M)
+    return [path for line in re.findall(r"^\s+output: (.+)$", proc.stdout, flags=re.M) for path in line.split(", ")]
 
 
 def comparable(path: Path, schema=RUNS_SCHEMA) -> pd.DataFrame:
@@ -105,6 +105,14 @@ def test_smoke_writes_every_figure(smoke_run):
         assert (smoke_run / "results" / name).exists()
 
 
+def test_smoke_writes_the_costs_of_every_rule(smoke_run):
+    costs = pd.read_csv(smoke_run / "results/costs.csv")
+    assert {"generate_models", "train", "construct", "aggregate_experiment", "aggregate", "claims", "figure_fnn"} <= set(costs["rule"])
+    assert set(costs.loc[costs["rule"] == "train", "experiment"]) == set(CONFIG["experiments"])
+    assert set(costs.loc[costs["rule"] == "train", "protocol"]) == {"paper", "reference"}
+    assert (costs["s"] > 0).all() and (costs["jobs"] >= 1).all()
+
+
 def test_second_invocation_has_nothing_to_do(smoke_run):
     proc = snakemake(smoke_run, "-n", "all_figures", "--config", "preset=smoke")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -136,6 +144,72 @@ def test_changing_one_experiment_reruns_only_its_jobs(smoke_run):
     # both protocols' models and training of that experiment, then aggregation and figures
     assert len(per_job) == 4
     assert "results/runs.parquet" in outputs and "results/selected.parquet" in outputs
+
+
+# --------------------------------------------------------------- the workflow without running it
+def tree(path: Path) -> dict[str, float]:
+    """Every file under path but Snakemake's own metadata, with its mtime."""
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*")
+            if p.is_file() and ".snakemake" not in p.relative_to(path).parts}
+
+
+def test_lint_is_clean(tmp_path):
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "--lint", "--config", "preset=smoke", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dry_run_leaves_the_tree_as_it_found_it(tmp_path):
+    workdir = make_workdir(tmp_path)
+    before = tree(workdir)
+    for preset in ("smoke", "quick"):
+        snakemake(workdir, "-n", "all_figures", "--config", f"preset={preset}")
+    assert tree(workdir) == before
+
+
+def test_selected_experiments_run_alone_and_only_their_figures_are_requested(tmp_path):
+    workdir = make_workdir(tmp_path)
+    outputs = planned_outputs(workdir, "all_figures", "--config", "preset=smoke", "experiments=[fnn,tfn]")
+    per_job = [o for o in outputs if re.match(r"results/(models|constructions|cells)/", o)]
+    assert {o.split("/")[2] for o in per_job} == {"fnn", "tfn"}
+    figures = {Path(o).stem for o in outputs if o.startswith("results/figures/")}
+    assert figures == {"fnn", "fnn_log", "tfn"}
+    assert "results/claims.md" in outputs and "results/costs.csv" in outputs
+
+
+def test_a_figure_target_runs_only_what_that_figure_needs(tmp_path):
+    workdir = make_workdir(tmp_path)
+    outputs = planned_outputs(workdir, "results/figures/distribution_shift.png", "--config", "preset=smoke")
+    assert {o.split("/")[2] for o in outputs if re.match(r"results/(models|constructions|cells)/", o)} == {"classification"}
+    assert "results/runs.parquet" not in outputs and "results/figures/fnn.png" not in outputs
+    assert "results/figures/distribution_shift.png" in outputs
+
+
+def test_an_unknown_experiment_in_the_selection_is_named(tmp_path):
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "-n", "all_figures", "--config", "experiments=[fnn,fnx]", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "'fnx'" in out and "defined: linear, fnn, tfn" in out
+    assert len(out.strip().splitlines()) < 10, out
+
+
+def test_a_config_error_is_a_few_lines_naming_the_key(tmp_path):
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "-n", "all_figures", "--config", "treads=2", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "treads: unknown key" in out
+    assert len(out.strip().splitlines()) < 10, out
+
+
+@pytest.mark.parametrize("name", ["x'; touch PWNED; echo '", "gpu long"])
+def test_slurm_names_that_are_not_slurm_names_are_refused(tmp_path, name):
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "-n", "all_results", "--config", "preset=smoke", f"slurm={{partition: \"{name}\"}}",
+                     check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "slurm.partition: expected a Slurm name" in out, out
+    assert len(out.strip().splitlines()) < 10, out
+    assert not (workdir / "PWNED").exists() and not (workdir / "results").exists()
 
 
 # --------------------------------------------------------------- refused configs

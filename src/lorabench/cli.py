@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         report.add_argument("--checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
     sub.choices["figures"].add_argument("--protocol", choices=PROTOCOLS, help="default: paper where it has rows")
     sub.choices["figures"].add_argument("--comparison_out", help="also write protocol_comparison.* here")
+    sub.choices["figures"].add_argument("--name", action="append", help="only this figure (repeatable; default: every figure)")
     sub.choices["claims"].add_argument("--no_comparison", action="store_true", help="skip protocol_comparison.*")
     return parser
 

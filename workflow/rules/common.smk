@@ -1,27 +1,93 @@
-# Config helpers and input functions. The logic lives in lorabench.runs.experiments: it expands
-# the validated config into RunConfigs and cuts them into jobs named by a hash of their
-# configs (results/<stage>/<experiment>/<protocol>/s<seed>-<hash>.*).
-import json
+# Config checks, the jobs of the config, and the input and parameter functions of the
+# workflow. The logic lives in lorabench.runs.experiments: it expands the validated config
+# into RunConfigs and cuts them into jobs named by a hash of their configs
+# (results/<stage>/<experiment>/<protocol>/s<seed>-<hash>.*).
 import os
 import shlex
 import sys
-import tempfile
 
+import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
-from lorabench.runs import experiments as lbx
 from lorabench.core.config import ConfigError
+from lorabench.report import catalog
+from lorabench.runs import experiments as lbx
 
-try:
-    WF = lbx.load(config)
-except ConfigError as error:
-    raise WorkflowError(f"config: {error}") from None
+SCHEMA_PATH = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+
+
+def config_files():
+    """The config files in the order Snakemake merged them (the Snakefile's, then --configfile)."""
+    paths = [*workflow.configfiles, *workflow.overwrite_configfiles]
+    out = []
+    for path in dict.fromkeys(str(p) for p in paths):
+        with open(path) as f:
+            out.append(yaml.safe_load(f) or {})
+    return out
+
+
+def checked_config(config):
+    """The config, checked against the schema (one short line on error, before any job),
+    with the schema's defaults, and the experiment selection of `--config experiments=[...]`."""
+    definitions, selection = lbx.split_selection(config, config_files())
+    if selection is not None:
+        config["experiments"] = definitions
+    with open(SCHEMA_PATH) as f:
+        problem = lbx.schema_error(config, yaml.safe_load(f))
+    if problem:
+        raise WorkflowError(f"config: {problem}")
+    validate(config, SCHEMA_PATH)  # sets the schema's defaults
+    try:
+        loaded = lbx.load(config)
+        return loaded if selection is None else loaded.select(selection)
+    except ConfigError as error:
+        raise WorkflowError(f"config: {error}") from None
+
+
+WF = checked_config(config)
+DEFINED = list(config["experiments"])
+SELECTED = list(WF.experiments)
+
+
+class Untracked:
+    """A shell value that never reruns a job when it changes (Snakemake records only
+    params of builtin types): where and how a job runs, not what it computes. What a job
+    computes is in its path (the hash of its configs)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+    def __format__(self, spec):
+        return format(self.text, spec)
+
+
+def flags(**values):
+    """--name value pairs, each value shell-quoted."""
+    return " ".join(f"--{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in values.items())
+
 
 # The interpreter running Snakemake has lorabench installed; with --use-conda the
 # environment's python is the one on PATH.
 _conda = "conda" in str(getattr(workflow.deployment_settings, "deployment_method", "")).lower()
-LB = "python -m lorabench" if _conda else f"{shlex.quote(sys.executable)} -m lorabench"
+LB = Untracked("python -m lorabench" if _conda else f"{shlex.quote(sys.executable)} -m lorabench")
 CONDA_ENV = "../../envs/lorabench.yaml"
+DEVICE = Untracked(flags(device=WF.device))
+DISPATCH = Untracked(
+    flags(
+        dispatch=WF.dispatch,
+        slurm_partition=WF.slurm.partition,
+        slurm_gpus=WF.slurm.gpus,
+        slurm_cpus=WF.slurm.cpus,
+        slurm_mem_gb=WF.slurm.mem_gb,
+        slurm_time_min=WF.slurm.time_min,
+        slurm_account=WF.slurm.account,
+        slurm_qos=WF.slurm.qos,
+    )
+)
 
 JOBS = WF.jobs()
 JOB_BY_ID = lbx.job_index(JOBS)
@@ -29,11 +95,21 @@ MODELS_JOB = lbx.models_jobs(JOBS)
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 
+# Figures whose experiments all run; each reads only its experiments' results.
+FIGURE_NAMES = catalog.drawn_figures(SELECTED)
+FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=("png", "pdf"))
+CLAIMS = [
+    "results/claims.md",
+    "results/claims.csv",
+    *expand("results/protocol_comparison.{ext}", ext=("png", "pdf", "md", "csv")),
+]
+SELECTION_NOTE = catalog.selection_note(SELECTED, DEFINED)
+REPORT_DIR = os.path.join(workflow.basedir, "workflow", "report")
+
 
 wildcard_constraints:
     experiment="[A-Za-z0-9_]+",
     protocol="paper|reference",
-    kind="models|construct|train",
     job=r"(s\d+|all)-[0-9a-f]{16}",
 
 
@@ -44,7 +120,9 @@ def job_path(job):
 def find_job(wildcards, kind):
     key = (wildcards.experiment, wildcards.protocol, kind, wildcards.job)
     if key not in JOB_BY_ID:
-        raise WorkflowError(f"no {kind} job {wildcards.job} in experiment {wildcards.experiment} ({wildcards.protocol}) of this config")
+        raise WorkflowError(
+            f"no {kind} job {wildcards.job} in experiment {wildcards.experiment} ({wildcards.protocol}) of this config"
+        )
     return JOB_BY_ID[key]
 
 
@@ -58,33 +136,39 @@ def models_of(kind):
     return inputs
 
 
-def result_files():
-    """Every construction and training result file of the config."""
-    return sorted(job_path(j) for j in JOBS if j.kind != "models")
+def job_ref(kind):
+    """Params function: the job's reference, from which its step expands it again (small,
+    shell-quoted; untracked because the job's path already names its configs)."""
+    return lambda wildcards: Untracked(shlex.quote(WF.job_ref(find_job(wildcards, kind))))
 
 
-def spec_path(job):
-    return f"results/specs/{job.experiment}/{job.protocol}/{job.kind}/{job.id}.json"
+def result_files(experiment=None):
+    """The construction and training result files of one experiment (or every one)."""
+    return sorted(job_path(j) for j in JOBS if j.kind != "models" and experiment in (None, j.experiment))
 
 
-def spec_of(kind):
-    return lambda wildcards: spec_path(find_job(wildcards, kind))
+def experiment_results(wildcards):
+    if wildcards.experiment not in WF.experiments:
+        raise WorkflowError(f"experiment {wildcards.experiment!r} does not run (running: {', '.join(SELECTED)})")
+    return result_files(wildcards.experiment)
 
 
-def write_specs(jobs):
-    """Each job's spec (its RunConfigs) as JSON, written here when the workflow is parsed:
-    a spec is a pure function of the config and its path names its content, so an
-    existing file is never rewritten (no mtime change, no rerun). Written here rather
-    than by a rule because `run:` jobs cost a Snakemake process each."""
-    for job in jobs:
-        path = spec_path(job)
-        if os.path.exists(path):
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".spec.", suffix=".tmp", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w") as f:
-            json.dump(job.spec(), f, sort_keys=True)
-        os.replace(tmp, path)
+def figure_selection(name):
+    """The selected rows a figure reads: its experiment's, or all of them for a figure
+    that reads several experiments."""
+    needs = catalog.FIGURE_EXPERIMENTS[name]
+    return f"results/selected/{needs[0]}.parquet" if len(needs) == 1 else "results/selected.parquet"
 
 
-write_specs(JOBS)
+def caption(name):
+    path = os.path.join(REPORT_DIR, f"{name}.rst")
+    return path if os.path.exists(path) else os.path.join(REPORT_DIR, "figure.rst")
+
+
+def benchmark_files():
+    """Every benchmark record of this config's jobs but the costs step's own."""
+    out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in JOBS]
+    out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
+    out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv"]
+    out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv" for name in FIGURE_NAMES]
+    return sorted(out)

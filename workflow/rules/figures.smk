@@ -1,40 +1,32 @@
-# Stage 4: figures (results/figures/<name>.png and .pdf, in the report with a caption
-# from workflow/report/<name>.rst), claims and the protocol comparison.
-try:
-    from lorabench.report.figures import FIGURE_NAMES
-except ImportError:  # the figures module has not landed: all_figures has no figures yet
-    FIGURE_NAMES = []
-FIGURE_NAMES = list(FIGURE_NAMES() if callable(FIGURE_NAMES) else FIGURE_NAMES)
-FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=("png", "pdf"))
-CLAIMS = [
-    "results/claims.md",
-    "results/claims.csv",
-    *expand("results/protocol_comparison.{ext}", ext=("png", "pdf", "md", "csv")),
-]
-REPORT_DIR = os.path.join(workflow.basedir, "workflow", "report")
+# Stage 4: one job per figure (results/figures/<name>.png and .pdf, in the report with a
+# caption from workflow/report/<name>.rst), reading only its experiments' selected rows;
+# figures of experiments that do not run are not requested. Then the claims and the
+# protocol comparison, with a note naming the experiments left out of the run.
 
+for name in FIGURE_NAMES:
 
-def caption(name):
-    path = os.path.join(REPORT_DIR, f"{name}.rst")
-    return path if os.path.exists(path) else os.path.join(REPORT_DIR, "figure.rst")
-
-
-rule figures:
-    input:
-        runs="results/runs.parquet",
-        selected="results/selected.parquet",
-    output:
-        png=[report(f"results/figures/{name}.png", caption=caption(name), category="Figures") for name in FIGURE_NAMES],
-        pdf=expand("results/figures/{name}.pdf", name=FIGURE_NAMES),
-    log:
-        "logs/figures.log",
-    resources:
-        runtime=30,
-        mem_mb=8000,
-    conda:
-        CONDA_ENV
-    shell:
-        "{LB} figures --runs {input.runs} --selected {input.selected} --out results/figures > {log} 2>&1"
+    rule:
+        name:
+            f"figure_{name}"
+        input:
+            selected=figure_selection(name),
+        output:
+            png=report(f"results/figures/{name}.png", caption=caption(name), category="Figures"),
+            pdf=f"results/figures/{name}.pdf",
+        log:
+            f"logs/figures/{name}.log",
+        benchmark:
+            f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv"
+        params:
+            lb=LB,
+            name=name,
+        resources:
+            runtime=30,
+            mem_mb=8000,
+        conda:
+            CONDA_ENV
+        shell:
+            "{params.lb} figures --selected {input.selected} --name {params.name} --out results/figures > {log} 2>&1"
 
 
 rule claims:
@@ -44,14 +36,22 @@ rule claims:
     output:
         md="results/claims.md",
         csv="results/claims.csv",
-        comparison=report("results/protocol_comparison.png", caption=caption("protocol_comparison"), category="Protocols"),
+        comparison=report(
+            "results/protocol_comparison.png", caption=caption("protocol_comparison"), category="Protocols"
+        ),
         comparison_rest=expand("results/protocol_comparison.{ext}", ext=("pdf", "md", "csv")),
     log:
         "logs/claims.log",
+    benchmark:
+        "logs/benchmarks/claims/all/all/claims.tsv"
+    params:
+        lb=LB,
+        note=shlex.quote(SELECTION_NOTE),
     resources:
         runtime=30,
         mem_mb=8000,
     conda:
         CONDA_ENV
     shell:
-        "{LB} claims --runs {input.runs} --selected {input.selected} --out results > {log} 2>&1"
+        "{params.lb} claims --runs {input.runs} --selected {input.selected} --out results > {log} 2>&1"
+        " && printf %s {params.note} >> {output.md}"

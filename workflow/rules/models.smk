@@ -1,14 +1,17 @@
-# Stage 1: the frozen + target models of each (experiment, protocol, seed); the job specs
-# (results/specs/..., the RunConfigs of each job) are written by common.smk.
+# Stage 1: the frozen + target models of each (experiment, protocol, seed). The step
+# expands its job again from the job's reference (params.job): no spec files.
 
 
 rule generate_models:
-    input:
-        spec=spec_of("models"),
     output:
         "results/models/{experiment}/{protocol}/{job}.pt",
     log:
         "logs/generate_models/{experiment}/{protocol}/{job}.log",
+    benchmark:
+        "logs/benchmarks/generate_models/{experiment}/{protocol}/{job}.tsv"
+    params:
+        lb=LB,
+        job=job_ref("models"),
     threads: WF.threads
     resources:
         runtime=60,
@@ -16,4 +19,4 @@ rule generate_models:
     conda:
         CONDA_ENV
     shell:
-        "{LB} models --spec {input.spec} --out {output} --threads {threads} > {log} 2>&1"
+        "{params.lb} models --job {params.job} --out {output} --threads {threads} > {log} 2>&1"

@@ -1,16 +1,21 @@
 # Stage 2: constructed adapters (method ours) and gradient training (the batched trainer),
 # one job per (experiment, protocol, seed). Device, dispatch, threads and Slurm settings
-# come from the config at run time and do not trigger reruns.
+# come from the config as untracked, shell-quoted params: they never rerun a job.
 
 
 rule construct:
     input:
-        spec=spec_of("construct"),
         models=models_of("construct"),
     output:
         "results/constructions/{experiment}/{protocol}/{job}.parquet",
     log:
         "logs/construct/{experiment}/{protocol}/{job}.log",
+    benchmark:
+        "logs/benchmarks/construct/{experiment}/{protocol}/{job}.tsv"
+    params:
+        lb=LB,
+        job=job_ref("construct"),
+        device=DEVICE,
     threads: WF.threads
     resources:
         runtime=60,
@@ -18,18 +23,24 @@ rule construct:
     conda:
         CONDA_ENV
     shell:
-        "{LB} construct --spec {input.spec} --models {input.models} --out {output}"
-        " --device {config[device]} --threads {threads} > {log} 2>&1"
+        "{params.lb} construct --job {params.job} --models {input.models} --out {output}"
+        " {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule train:
     input:
-        spec=spec_of("train"),
         models=models_of("train"),
     output:
         "results/cells/{experiment}/{protocol}/{job}.parquet",
     log:
         "logs/train/{experiment}/{protocol}/{job}.log",
+    benchmark:
+        "logs/benchmarks/train/{experiment}/{protocol}/{job}.tsv"
+    params:
+        lb=LB,
+        job=job_ref("train"),
+        device=DEVICE,
+        dispatch=DISPATCH,
     threads: WF.threads
     resources:
         runtime=WF.slurm.time_min,
@@ -37,10 +48,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{LB} train --spec {input.spec} --models {input.models} --out {output}"
-        " --device {config[device]} --threads {threads} --dispatch {config[dispatch]}"
-        " --log-dir logs/submitit/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job}"
-        " --slurm-partition '{config[slurm][partition]}' --slurm-gpus {config[slurm][gpus]}"
-        " --slurm-cpus {config[slurm][cpus]} --slurm-mem-gb {config[slurm][mem_gb]}"
-        " --slurm-time-min {config[slurm][time_min]} --slurm-account '{config[slurm][account]}'"
-        " --slurm-qos '{config[slurm][qos]}' > {log} 2>&1"
+        "{params.lb} train --job {params.job} --models {input.models} --out {output}"
+        " {params.device} --threads {threads} {params.dispatch}"
+        " --log-dir logs/submitit/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job} > {log} 2>&1"

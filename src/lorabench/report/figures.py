@@ -617,7 +617,8 @@ def figures_command(args) -> int:
     """``lorabench figures``: every figure into --out; the protocol comparison too when
     --comparison_out names its folder."""
     runs, selected = read_inputs(args.runs, args.selected)
-    paths = write_all_figures(runs, selected, args.out, protocol=args.protocol, checkpoint=args.checkpoint)
+    paths = write_all_figures(runs, selected, args.out, protocol=args.protocol, checkpoint=args.checkpoint,
+                              names=getattr(args, "name", None))
     if args.comparison_out:
         from .comparison import write_protocol_comparison
 

@@ -20,14 +20,21 @@ Jobs: one per (experiment, protocol, seed) and kind (models, construct, train), 
 (experiment, protocol) and kind with a preset's ``split_seeds: false`` (fewer processes for
 small runs); a job's id is ``s<seed>-<hash of its configs>`` (``all-<hash>``), so changing
 an experiment changes its jobs' ids and nothing else's.
+
+A job travels to its step as a small reference (``WorkflowConfig.job_ref``: the
+experiment's definition, the preset and the job's id); the step expands that one
+experiment again (``resolve_job``) instead of reading a spec file, so parsing the workflow
+writes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Optional
 
 from ..core.config import DEVICES, PROTOCOLS, ConfigError, RunConfig, config_from_dict
@@ -52,7 +59,7 @@ class Job:
     kind: str  # models | construct | train
     configs: tuple[RunConfig, ...]  # models jobs: the model keys
 
-    @property
+    @cached_property  # hashing a paper-grid job's configs takes milliseconds; ids are asked often
     def id(self) -> str:
         prefix = "all" if self.seed is None else f"s{self.seed}"
         return f"{prefix}-{configs_hash(self.configs)}"
@@ -77,6 +84,8 @@ class WorkflowConfig:
     slurm: SlurmSettings
     experiments: Mapping[str, tuple[RunConfig, ...]]  # protocol-free: protocol set per job
     split_seeds: bool = True
+    # per experiment, what expand_experiment read: its block, the defaults and the preset
+    definitions: Mapping[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
     def configs(self, experiment: str, protocol: str) -> list[RunConfig]:
         return [c.replace(protocol=protocol) for c in self.experiments[experiment]]
@@ -88,6 +97,45 @@ class WorkflowConfig:
             for protocol in self.protocols:
                 out.extend(experiment_jobs(name, protocol, self.configs(name, protocol), self.split_seeds))
         return out
+
+    def job_ref(self, job: Job) -> str:
+        """What a step needs to rebuild ``job`` (``resolve_job``), as compact JSON: a few
+        hundred bytes, where the job's spec of a paper-grid training job is ~150 kB."""
+        ref = {"experiment": job.experiment, "protocol": job.protocol, "kind": job.kind, "id": job.id,
+               "split_seeds": self.split_seeds, **self.definitions[job.experiment]}
+        return json.dumps(ref, sort_keys=True, separators=(",", ":"))
+
+    def select(self, names) -> "WorkflowConfig":
+        """Only the named experiments (``--config experiments=[fnn,tfn]``); an unknown name
+        is refused with the valid ones."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.experiments]
+        if unknown:
+            raise ConfigError(f"experiments: unknown experiment(s) {', '.join(map(repr, unknown))}; "
+                              f"defined: {', '.join(self.experiments)}")
+        if not names:
+            raise ConfigError(f"experiments: empty selection; defined: {', '.join(self.experiments)}")
+        keep = [n for n in self.experiments if n in names]  # the config's order
+        return dataclasses.replace(self, experiments={n: self.experiments[n] for n in keep},
+                                   definitions={n: self.definitions[n] for n in keep if n in self.definitions})
+
+
+def resolve_job(ref: str) -> Job:
+    """The job a ``WorkflowConfig.job_ref`` names: its experiment expanded again, and the
+    job of that kind and id. A reference that does not expand to its id (edited by hand,
+    or from another lorabench version) is refused."""
+    try:
+        values = json.loads(ref)
+        name, protocol, kind, job_id = values["experiment"], values["protocol"], values["kind"], values["id"]
+        block, defaults, preset = values["definition"], values["defaults"], values["preset"]
+        split_seeds = bool(values["split_seeds"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"not a lorabench job reference ({type(error).__name__}: {error})") from None
+    cfgs = [c.replace(protocol=protocol) for c in expand_experiment(name, block, defaults, preset)]
+    for job in experiment_jobs(name, protocol, cfgs, split_seeds):
+        if job.kind == kind and job.id == job_id:
+            return job
+    raise ConfigError(f"job {job_id} ({kind}) is not in experiment {name!r} ({protocol}) as referenced")
 
 
 def configs_hash(cfgs) -> str:
@@ -214,9 +262,10 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
                 raise ConfigError(f"preset {name!r}: unknown experiment {experiment!r}")
             for part in ("set", "cap", "subset"):
                 _check_fields((override or {}).get(part) or {}, f"preset {name!r} experiment {experiment!r} {part}")
-    experiments = {
-        name: expand_experiment(name, spec, defaults, preset) for name, spec in (config.get("experiments") or {}).items()
-    }
+    blocks = dict(config.get("experiments") or {})
+    experiments = {name: expand_experiment(name, spec, defaults, preset) for name, spec in blocks.items()}
+    definitions = {name: {"definition": spec, "defaults": defaults, "preset": _preset_for(preset, name)}
+                   for name, spec in blocks.items()}
     if not experiments:
         raise ConfigError("experiments: none defined")
     slurm = SlurmSettings(**(config.get("slurm") or {}))
@@ -229,7 +278,15 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
         slurm=slurm,
         experiments=experiments,
         split_seeds=bool(preset.get("split_seeds", True)),
+        definitions=definitions,
     )
+
+
+def _preset_for(preset: Mapping[str, Any], name: str) -> dict:
+    """The parts of a preset that expand_experiment reads for experiment ``name``."""
+    own = (preset.get("experiments") or {}).get(name)
+    out = {k: v for k, v in preset.items() if k in ("set", "cap", "subset")}
+    return {**out, "experiments": {name: own}} if own else out
 
 
 def job_index(jobs: list[Job]) -> dict[tuple[str, str, str, str], Job]:
@@ -240,3 +297,67 @@ def job_index(jobs: list[Job]) -> dict[tuple[str, str, str, str], Job]:
 def models_jobs(jobs: list[Job]) -> dict[tuple[str, str, Optional[int]], Job]:
     """(experiment, protocol, seed) -> the models job the other jobs of that seed read."""
     return {(j.experiment, j.protocol, j.seed): j for j in jobs if j.kind == "models"}
+
+
+# ---------------------------------------------------------------- schema check
+def schema_error(config: Mapping[str, Any], schema: Mapping[str, Any]) -> Optional[str]:
+    """The most relevant violation of the config schema as one short line (the key, what
+    was expected, what was given), or None. jsonschema's own message repeats the whole
+    schema; this names only the offending key."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.absolute_path)
+    given = error.instance
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties") or {})
+        extra = sorted(set(given) - set(allowed)) if isinstance(given, Mapping) else []
+        key = ".".join(filter(None, [where, ", ".join(map(str, extra))]))
+        expected = f"one of {', '.join(allowed)}" if allowed else "no other keys"
+        return f"{key}: unknown key; expected {expected}"
+    if error.validator == "enum":
+        expected = "one of " + ", ".join(map(str, error.validator_value))
+    elif error.validator == "pattern":
+        expected = error.schema.get("description") or f"a string matching {error.validator_value}"
+    elif error.validator == "type":
+        expected = f"type {error.validator_value}"
+    elif error.validator in ("minimum", "maximum", "minItems", "minProperties", "uniqueItems", "required"):
+        return f"{where or 'config'}: {error.message}"
+    else:
+        expected = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+        return f"{where or 'config'}: {expected}"
+    return f"{where or 'config'}: expected {expected}; given {given!r}"
+
+
+def split_selection(config: Mapping[str, Any], sources: list) -> tuple[dict, Optional[list]]:
+    """``(definitions, selection)`` of a merged Snakemake config. ``--config
+    experiments=[fnn,tfn]`` (a list, or one name) selects experiments; Snakemake merges it
+    over the config files' definitions, replacing them, so these are merged again from
+    ``sources`` (the config files' contents, in Snakemake's order). Without a selection:
+    ``(config["experiments"], None)``."""
+    value = config.get("experiments")
+    if not isinstance(value, (list, str)):
+        return value, None
+    selection = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(name, str) for name in selection):
+        raise ConfigError(f"experiments: a selection is a list of experiment names, got {value!r}")
+    definitions: dict = {}
+    for source in sources:
+        block = (source or {}).get("experiments")
+        if isinstance(block, Mapping):
+            for name, spec in block.items():
+                definitions[name] = _merged(definitions.get(name), spec)
+    return definitions, selection
+
+
+def _merged(old, new):
+    """Snakemake's merge of config files: mappings key by key, anything else replaced."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = dict(old)
+        for key, value in new.items():
+            out[key] = _merged(out.get(key), value)
+        return out
+    return new

@@ -1,13 +1,16 @@
 """The workflow's steps as ``lorabench`` subcommands; the Snakemake rules only call these.
 
-    lorabench models    --spec S --out M.pt          frozen + target models of one job
-    lorabench construct --spec S --models M.pt --out C.parquet
-    lorabench train     --spec S --models M.pt --out T.parquet [--dispatch ...]
-    lorabench aggregate --out results/runs.parquet FILE...
+    lorabench models    --job REF --out M.pt          frozen + target models of one job
+    lorabench construct --job REF --models M.pt --out C.parquet
+    lorabench train     --job REF --models M.pt --out T.parquet [--dispatch ...]
+    lorabench aggregate --out runs.parquet [--selected selected.parquet] FILE...
     lorabench select    --runs results/runs.parquet --out results/selected.parquet
+    lorabench costs     --out results/costs.csv BENCHMARK.tsv...
 
-A spec is a JSON file written by the workflow (``experiments.Job.spec``): the job's
-experiment, protocol, seed and RunConfigs. Every output is written atomically.
+A job is given either as a reference (``--job``, JSON from
+``experiments.WorkflowConfig.job_ref``: the step expands the job's experiment again) or as
+a spec file (``--spec``, JSON of ``experiments.Job.spec``: the job's experiment, protocol,
+seed and RunConfigs). Every output is written atomically.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from .atomic import atomic_write
 from ..core.config import ConfigError, RunConfig
@@ -34,6 +38,20 @@ def read_spec(path: str) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{path}: not a lorabench job spec ({type(error).__name__}: {error})") from None
     return spec
+
+
+def job_spec(ref: str) -> dict:
+    """The spec of the job a workflow job reference names (``experiments.resolve_job``)."""
+    from .experiments import resolve_job
+
+    job = resolve_job(ref)
+    return {"experiment": job.experiment, "protocol": job.protocol, "seed": job.seed, "kind": job.kind,
+            "configs": list(job.configs)}
+
+
+def _spec(spec) -> dict:
+    """A spec given as a file path (read_spec) or already read."""
+    return spec if isinstance(spec, dict) else read_spec(spec)
 
 
 def _set_threads(threads: int) -> None:
@@ -77,27 +95,30 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------- steps
-def generate(spec_path: str, out: str) -> None:
+def generate(spec, out: str) -> None:
     from ..core.generation import generate_models
 
-    spec = read_spec(spec_path)
+    spec = _spec(spec)
     save_models({key: generate_models(key) for key in spec["configs"]}, out)
 
 
-def run_spec(spec_path: str, models_path: str, device: str = "auto", threads: int = 1) -> list[dict]:
-    """Result rows of every config of a spec, from the job's pre-generated models.
+def run_spec(spec, models_path: str, device: str = "auto", threads: int = 1) -> list[dict]:
+    """Result rows of every config of a spec (a path or a read spec), from the job's
+    pre-generated models.
 
     Module-level so that submitit can pickle it (training may run in another process or
     on a cluster node)."""
     from .runner import run_configs
 
     _set_threads(threads)
-    spec = read_spec(spec_path)
+    spec = _spec(spec)
     models = load_models(models_path)
     return _rows_with_experiment(run_configs(spec["configs"], device=device, models=models), spec["experiment"])
 
 
-def aggregate(inputs: list[str], out: str) -> None:
+def aggregate(inputs: list[str], out: str, selected: Optional[str] = None) -> None:
+    """The result files as one table in ``out``; with ``selected``, its selection too (one
+    process for both)."""
     import pyarrow as pa
 
     from .results import RUNS_SCHEMA, atomic_write_table, read_table, validate_table
@@ -107,6 +128,8 @@ def aggregate(inputs: list[str], out: str) -> None:
     table = table.replace_schema_metadata(RUNS_SCHEMA.metadata)
     validate_table(table, out)
     atomic_write_table(table, out)
+    if selected:
+        select(out, selected)
 
 
 def select(runs_path: str, out: str) -> None:
@@ -122,17 +145,23 @@ def select(runs_path: str, out: str) -> None:
 
 
 # ------------------------------------------------------------------- CLI
+def _add_job(p) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", help="the workflow's job reference (JSON)")
+    which.add_argument("--spec", help="a job spec file (JSON)")
+
+
 def add_subparsers(sub) -> None:
     """Add the workflow's subcommands to ``lorabench``'s subparsers."""
-    p = sub.add_parser("models", help="workflow: generate the frozen and target models of a job spec")
-    p.add_argument("--spec", required=True)
+    p = sub.add_parser("models", help="workflow: generate the frozen and target models of a job")
+    _add_job(p)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
 
-    for name, text in (("construct", "run the constructions (method ours) of a job spec"),
-                       ("train", "train the gradient runs of a job spec")):
+    for name, text in (("construct", "run the constructions (method ours) of a job"),
+                       ("train", "train the gradient runs of a job")):
         p = sub.add_parser(name, help=f"workflow: {text}")
-        p.add_argument("--spec", required=True)
+        _add_job(p)
         p.add_argument("--models", required=True, help="the job's models file (lorabench models)")
         p.add_argument("--out", required=True, help="Parquet file of result rows")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -151,14 +180,19 @@ def add_subparsers(sub) -> None:
 
     p = sub.add_parser("aggregate", help="workflow: concatenate result files into one Parquet file")
     p.add_argument("--out", required=True)
+    p.add_argument("--selected", help="also write the selection by validation loss here")
     p.add_argument("inputs", nargs="*")
 
     p = sub.add_parser("select", help="workflow: select per group the lr x weight decay point with the lowest validation loss")
     p.add_argument("--runs", required=True)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("costs", help="workflow: sum the jobs' benchmark records per experiment, rule and protocol")
+    p.add_argument("--out", required=True, help="CSV file")
+    p.add_argument("inputs", nargs="*", help="Snakemake benchmark files (<rule>/<experiment>/<protocol>/<name>.tsv)")
 
-COMMANDS = ("models", "construct", "train", "aggregate", "select")
+
+COMMANDS = ("models", "construct", "train", "aggregate", "select", "costs")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -166,12 +200,14 @@ def main(args: argparse.Namespace) -> int:
 
     if getattr(args, "threads", 1) < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.command in ("models", "construct", "train"):
+        spec = job_spec(args.job) if args.job is not None else args.spec
     if args.command == "models":
         _set_threads(args.threads)
-        generate(args.spec, args.out)
+        generate(spec, args.out)
     elif args.command == "construct":
         check_writable(args.out)
-        write_rows(run_spec(args.spec, args.models, args.device, args.threads), args.out)
+        write_rows(run_spec(spec, args.models, args.device, args.threads), args.out)
     elif args.command == "train":
         from . import dispatch
 
@@ -181,12 +217,16 @@ def main(args: argparse.Namespace) -> int:
             time_min=args.slurm_time_min, account=args.slurm_account, qos=args.slurm_qos,
         )
         rows = dispatch.run(
-            run_spec, args.spec, args.models, args.device, args.threads,
+            run_spec, spec, args.models, args.device, args.threads,
             mode=args.dispatch, log_dir=args.log_dir, name=f"lorabench-{Path(args.out).stem}", slurm=slurm,
         )
         write_rows(rows, args.out)
     elif args.command == "aggregate":
-        aggregate(args.inputs, args.out)
+        aggregate(args.inputs, args.out, args.selected)
     elif args.command == "select":
         select(args.runs, args.out)
+    elif args.command == "costs":
+        from .costs import write_costs
+
+        write_costs(args.inputs, args.out)
     return 0

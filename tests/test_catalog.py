@@ -1,0 +1,23 @@
+"""Which experiments each figure reads (lorabench.report.catalog)."""
+
+from lorabench.report import catalog
+from lorabench.report.figures import FIGURE_NAMES
+
+
+def test_every_figure_has_its_experiments():
+    assert list(catalog.FIGURE_EXPERIMENTS) == list(FIGURE_NAMES)
+
+
+def test_only_figures_of_running_experiments_are_drawn():
+    assert catalog.drawn_figures(["fnn", "tfn"]) == ["fnn", "fnn_log", "tfn"]
+    assert catalog.drawn_figures(["classification"]) == ["classification", "distribution_shift"]
+    assert catalog.drawn_figures([]) == []
+
+
+def test_selection_note_names_what_was_left_out():
+    defined = ["linear", "fnn", "tfn"]
+    assert catalog.selection_note(defined, defined) == ""
+    note = catalog.selection_note(["fnn"], defined)
+    assert "Not run: linear, tfn" in note
+    not_drawn = note.split("figures (")[1].split(")")[0].split(", ")
+    assert "linear" in not_drawn and "tfn" in not_drawn and "fnn" not in not_drawn and "fnn_log" not in not_drawn
