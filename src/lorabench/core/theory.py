@@ -103,9 +103,12 @@ def fnn_single_layer_mse_bound(frozen: FNN, target: FNN, rank: Ranks) -> float:
 def single_layer_optimum(frozen: Model, target: Model, rank: int) -> Optional[float]:
     """(1/D) sum_{i > R L} sigma_i(E)^2 in float64 when the target is a one-layer FNN, else
     None: the linear model's optimum (Lemma 1) and the Lbar = 1 ReLU FNN's bound
-    (``fnn_single_layer_mse_bound``) at per-layer rank R."""
+    (``fnn_single_layer_mse_bound``) at per-layer rank R. NaN for non-finite weights, whose
+    singular values do not exist (such a run is recorded as diverged)."""
     if not isinstance(target, FNN) or not isinstance(frozen, FNN) or target.depth != 1:
         return None
+    if not (torch.isfinite(frozen.weights).all() and torch.isfinite(target.weights).all()):
+        return math.nan
     return linear_optimal_mse(frozen.weights.double(), target.weights[0].double(), rank)
 
 
