@@ -6,7 +6,7 @@ order (sigma_i = 0 for i > D). MSEs are torch's mean over the batch and the D ou
 coordinates, in expectation over x ~ N(0, I_D).
 
 Not here: the paper's FNN approximation bound below the threshold (expected Euclidean
-error, INVENTORY 3.2). Its constants could not be checked against the paper's text, so
+error). Its constants could not be checked against the paper's text, so
 only the Lbar = 1 MSE bound, which follows from Lemma 1, is provided.
 """
 
