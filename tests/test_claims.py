@@ -11,7 +11,7 @@ from lorabench.cli import main
 from lorabench.core.config import RunConfig
 from lorabench.runs.runner import threshold_rank
 
-from test_figures import BASE, LRS, default_metrics, synthetic_runs, to_frames
+from test_figures import BASE, LRS, default_metrics, stored_theory, synthetic_runs, to_frames
 
 # Pretraining that really moves the frozen model towards the target, so a pretrained
 # frozen model's SVD optimum is lower than a random one's.
@@ -19,11 +19,11 @@ CLAIM_BASE = {**BASE, "pretrained_lr": 0.05, "pretrained_epochs": 200}
 
 
 def _scale(cfg: RunConfig) -> float:
-    return figures._target_scale(figures.model_key(cfg))
+    return stored_theory(cfg)["target_mse_scale"]
 
 
 def _optimum(cfg: RunConfig) -> float:
-    return figures._single_layer_optimum(figures.model_key(cfg), cfg.rank)
+    return stored_theory(cfg)["svd_optimum_mse"]
 
 
 def built_metrics(experiment: str, cfg: RunConfig) -> dict:
@@ -131,7 +131,8 @@ def test_write_claims_and_protocol_comparison(built, tmp_path):
     text = md.read_text()
     assert "## Protocol `paper`" in text and "## Protocol `reference`" in text
 
-    paths = comparison.write_protocol_comparison(selected, tmp_path)
+    both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR)
+    paths = comparison.write_protocol_comparison(selected, tmp_path, both, tolerances=claims.tolerances_text())
     assert sorted(p.name for p in paths) == sorted(f"protocol_comparison.{e}" for e in ("png", "pdf", "md", "csv"))
     assert all(p.stat().st_size > 200 for p in paths)
     table = pd.read_csv(tmp_path / "protocol_comparison.csv")

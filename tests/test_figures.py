@@ -6,6 +6,7 @@ The helpers at the top (``synthetic_runs`` and friends) are shared with test_cla
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -16,13 +17,15 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from lorabench.report import figures, style
+from lorabench.report import analysis, figures, style
+from lorabench.core import data, theory
 from lorabench.core.config import RunConfig
+from lorabench.core.generation import generate_models
 from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
-from lorabench.runs.runner import threshold_rank, trainable_parameter_count
+from lorabench.runs.runner import model_key, theory_columns, threshold_rank, trainable_parameter_count
 from lorabench.runs.selection import select_by_validation
 
-# Small models: the figures regenerate them for the theory overlays.
+# Small models: the rows' theory columns are computed from them, as the runner does.
 BASE = dict(width=4, n_test=64, batch_size=32, n_val=32, pretrained_epochs=5, n_epochs=10, seq_length=3, curve_every=5)
 SEEDS = (0, 1, 2)
 RANKS = (1, 2, 3, 4)
@@ -56,6 +59,18 @@ def default_metrics(experiment: str, cfg: RunConfig) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _models_and_scale(key: RunConfig):
+    models = generate_models(key)
+    return models, theory.mean_squared_output(models.target, data.eval_sets(key).test)
+
+
+def stored_theory(cfg: RunConfig) -> dict:
+    """The theory columns the runner stores for ``cfg``: from its own models."""
+    models, scale = _models_and_scale(model_key(cfg.validated()))
+    return theory_columns(cfg, models, scale)
+
+
 def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) -> dict:
     cfg = cfg.validated()
     row = cfg.to_dict()
@@ -67,7 +82,7 @@ def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) ->
         test_accuracy=None, test_shift_accuracy=None, val_accuracy=None,
         best_step=cfg.n_epochs if cfg.method != "ours" else None, diverged=False, diverged_step=None,
         n_trainable_params=trainable_parameter_count(cfg), threshold_rank=threshold_rank(cfg),
-        pretrain_steps=3 if cfg.pretrained else None,
+        pretrain_steps=3 if cfg.pretrained else None, **stored_theory(cfg),
         curve_steps=steps, train_curve=[final * (10 ** (1 - i / max(len(steps) - 1, 1))) for i in range(len(steps))],
         val_curve=[final] * len(steps),
         lorabench_version="0.1.0", torch_version="test", device="cpu", device_name="cpu", torch_threads=1, engine="torch",
@@ -244,8 +259,8 @@ def test_reference_only_results_fall_back_to_reference(tmp_path, png_only):
     runs, _ = to_frames(synthetic_runs(["fnn"], protocols=("reference",), lrs=LRS[:1]), tmp_path, select=False)
     paths = figures.write_all_figures(runs, None, tmp_path / "figures", names=["fnn"])
     _check_outputs(paths, "fnn")
-    assert figures.choose_protocol(select_by_validation(runs), "fnn") == "reference"
-    assert figures.choose_protocol(select_by_validation(runs), "fnn", "paper") == "paper"
+    assert analysis.choose_protocol(select_by_validation(runs), "fnn") == "reference"
+    assert analysis.choose_protocol(select_by_validation(runs), "fnn", "paper") == "paper"
 
 
 def test_all_diverged_groups_are_excluded_and_counted(tmp_path, png_only):
@@ -259,9 +274,9 @@ def test_all_diverged_groups_are_excluded_and_counted(tmp_path, png_only):
         return out
 
     _, selected = to_frames(synthetic_runs(["fnn", "training_curves"], protocols=("paper",), metrics=metrics), tmp_path)
-    gd = figures.rows(selected, "fnn", "paper", "sgd", target_depth=1, frozen_depth=2, pretrained=0)
+    gd = analysis.rows(selected, "fnn", "paper", "sgd", target_depth=1, frozen_depth=2, pretrained=0)
     assert gd.loc[gd["seed"] == 0, "diverged"].all() and gd.loc[gd["seed"] == 0, "test_loss"].isna().all()
-    c = figures.curve(gd, "rank", "test_loss")
+    c = analysis.curve(gd, "rank", "test_loss")
     assert c.n_dropped == len(RANKS) and c.n_grid_excluded == len(RANKS) * len(LRS)
     assert np.all(np.isfinite(c.median)) and set(c.n) == {len(SEEDS) - 1}
     for name in ("fnn_log", "training_curves"):
@@ -280,30 +295,47 @@ def test_every_run_diverged_still_draws(tmp_path, png_only):
 def test_curve_median_and_band():
     df = pd.DataFrame({"rank": [1, 1, 1, 2, 2, 2], "seed": [0, 1, 2] * 2, "test_loss": [1.0, 3.0, 2.0, 5.0, np.nan, 4.0],
                        "diverged": [False] * 6, "val_loss": [0.0] * 6})
-    c = figures.curve(df, "rank", "test_loss")
+    c = analysis.curve(df, "rank", "test_loss")
     assert c.x.tolist() == [1, 2] and c.median.tolist() == [2.0, 4.5]
     assert c.low.tolist() == [1.0, 4.0] and c.high.tolist() == [3.0, 5.0] and c.n_dropped == 1
 
 
-def test_linear_theory_overlay_is_the_median_svd_tail(frames):
-    from lorabench.core import theory
-    from lorabench.core.generation import generate_models
+def config_of(row) -> RunConfig:
+    """The RunConfig of a result row (every config column), to regenerate its models."""
+    values = {}
+    for name, spec in RunConfig.__dataclass_fields__.items():
+        value = row[name]
+        if name == "n_train":
+            values[name] = None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+        else:
+            values[name] = type(spec.default)(value)
+    return RunConfig(**values)
 
+
+def test_linear_theory_overlay_is_the_median_svd_tail(frames):
     _, selected = frames
-    ours = figures.rows(selected, "linear", "paper", "ours", pretrained=0)
-    c = figures.curve(figures.theory_rows(ours), "rank", "value")
+    ours = analysis.rows(selected, "linear", "paper", "ours", pretrained=0)
+    c = analysis.curve(analysis.theory_rows(ours), "rank", "value")
     expected = []
     for seed in SEEDS:
-        cfg = figures.config_of(ours[ours["seed"] == seed].iloc[0])
+        cfg = config_of(ours[ours["seed"] == seed].iloc[0])
         models = generate_models(cfg)
         expected.append(theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), 1))
     assert c.at(1) == pytest.approx(float(np.median(expected)), rel=1e-9)
     assert c.at(2) == pytest.approx(0.0, abs=1e-12)  # R L = 4 = D: exact
 
 
+def test_only_one_layer_fnn_targets_carry_the_svd_optimum(frames):
+    _, selected = frames
+    one_layer = (selected["exp"] == "fnn") & (selected["target_depth"] == 1)
+    assert selected.loc[one_layer, "svd_optimum_mse"].notna().all()
+    assert selected.loc[~one_layer, "svd_optimum_mse"].isna().all()
+    assert (selected["target_mse_scale"] > 0).all()
+
+
 def test_relative_mse_uses_the_target_scale(frames):
     _, selected = frames
-    ours = figures.rows(selected, "tfn", "paper", "ours", target_depth=2, pretrained=1)
-    rel = figures.relative_mse(ours)
+    ours = analysis.rows(selected, "tfn", "paper", "ours", target_depth=2, pretrained=1)
+    rel = analysis.relative_mse(ours)
     assert np.all(rel[ours["rank"] >= 2] < 1e-12)
     assert np.all(rel[ours["rank"] == 1] > 0)

@@ -93,7 +93,7 @@ BAD_CLI = [
      "target_depth == frozen_depth"),
     (["figures", "--runs", "corrupt.parquet", "--out", "figs"], "corrupt.parquet: not a readable Parquet file"),
     (["claims", "--runs", "corrupt.parquet", "--out", "claims"], "corrupt.parquet: not a readable Parquet file"),
-    (["figures", "--runs", "old_schema.parquet", "--out", "figs"], "schema version 0, this lorabench reads version 2"),
+    (["figures", "--runs", "old_schema.parquet", "--out", "figs"], "schema version 0, this lorabench reads version 3"),
     (["figures", "--out", "figs"], "give --runs, --selected or both"),
     (["aggregate", "--out", "runs.parquet", "corrupt.parquet"], "corrupt.parquet: not a readable Parquet file"),
     (["select", "--runs", "corrupt.parquet", "--out", "selected.parquet"], "corrupt.parquet: not a readable Parquet file"),
@@ -256,7 +256,7 @@ def test_non_finite_weights_or_inputs_are_recorded_as_diverged(tmp_path, what):
 
 
 def test_diverged_runs_are_excluded_counted_and_never_plotted(tmp_path):
-    from lorabench.report import figures
+    from lorabench.report import analysis
 
     good_seed, bad_seed = 0, 1
     cfgs = {s: [RunConfig(**TINY, seed=s, method="sgd", rank=r, lr=lr) for r in (1, 2) for lr in (1e-2, 1e-3)]
@@ -281,8 +281,8 @@ def test_diverged_runs_are_excluded_counted_and_never_plotted(tmp_path):
     assert bad["diverged"].all() and bad["test_loss"].isna().all() and (bad["n_excluded"] == 2).all()
 
     # the curve a figure draws: only the good seed's numbers, the rest counted
-    gd = figures.rows(selected, "fnn", "paper", "sgd", "last", target_depth=1, pretrained=0)
-    c = figures.curve(gd, "rank", "test_loss")
+    gd = analysis.rows(selected, "fnn", "paper", "sgd", "last", target_depth=1, pretrained=0)
+    c = analysis.curve(gd, "rank", "test_loss")
     assert np.isfinite(c.median).all() and np.isfinite(c.low).all() and np.isfinite(c.high).all()
     assert list(c.n) == [1, 1] and c.n_dropped == 2 and c.n_grid_excluded == 1 + 2 + 2
     # the figure renders from these rows

@@ -52,6 +52,41 @@ def test_wrong_schema_version_is_refused(tmp_path, rows):
         read_table(path)
 
 
+def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
+    """A version-2 file (no svd_optimum_mse, target_mse_scale) is refused by name, not read
+    with the theory missing."""
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    table = pq.read_table(path).drop(["svd_optimum_mse", "target_mse_scale"])
+    pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"2"}), path)
+    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 3 .*rerun"):
+        read_table(path)
+
+
+def test_rows_carry_the_theory_of_their_models(rows):
+    """The stored SVD optimum and target scale are theory's values for the row's models."""
+    from lorabench.core import data, theory
+    from lorabench.core.generation import generate_models
+
+    for row in rows:
+        cfg = RunConfig(**SMALL, method=row["method"], rank=row["rank"], lr=row["lr"])
+        models = generate_models(cfg)
+        optimum = theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), cfg.rank)
+        assert row["svd_optimum_mse"] == pytest.approx(optimum, rel=1e-12, abs=1e-15)
+        y = fnn_forward_double(models.target, data.eval_sets(cfg).test)
+        assert row["target_mse_scale"] == pytest.approx(float((y**2).mean()), rel=1e-12)
+        assert row["target_mse_scale"] > 0
+
+
+def fnn_forward_double(model, x):
+    from dataclasses import replace
+
+    from lorabench.core.models import fnn_forward
+
+    biases = None if model.biases is None else model.biases.double()
+    return fnn_forward(replace(model, weights=model.weights.double(), biases=biases), x.double())
+
+
 def test_missing_column_and_corrupt_file_are_refused(tmp_path, rows):
     path = tmp_path / "runs.parquet"
     write_rows(rows, path)

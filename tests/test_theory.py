@@ -103,3 +103,27 @@ def test_single_layer_bound():
     deeper_target = fnn_models(2, 4, seed=2)
     with pytest.raises(ValueError):
         fnn_single_layer_mse_bound(*deeper_target, 3)
+
+
+def test_per_row_theory_values():
+    """What the runner stores per row: the single-layer optimum (None for a deeper or TFN
+    target, NaN for non-finite weights) and the mean squared target output in float64."""
+    from math import isnan
+
+    from lorabench.core import theory
+    from lorabench.core.models import fnn_forward
+
+    cfg = RunConfig(width=8, seed=3, n_test=50)
+    models = generate_models(cfg)
+    expected = theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), 2)
+    assert theory.single_layer_optimum(models.frozen, models.target, 2) == pytest.approx(expected, rel=1e-12)
+    deep = generate_models(cfg.replace(target_depth=2, frozen_depth=4))
+    assert theory.single_layer_optimum(deep.frozen, deep.target, 2) is None
+    tfn = generate_models(cfg.replace(exp="tfn", seq_length=3))
+    assert theory.single_layer_optimum(tfn.frozen, tfn.target, 2) is None
+    broken = replace(models.frozen, weights=models.frozen.weights.clone().fill_(float("nan")))
+    assert isnan(theory.single_layer_optimum(broken, models.target, 2))
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    y = fnn_forward(replace(models.target, weights=models.target.weights.double(), biases=models.target.biases.double()), x.double())
+    assert theory.mean_squared_output(models.target, x) == pytest.approx(float((y**2).mean()), rel=1e-12)
+    assert theory.mean_squared_output(tfn.target, torch.randn(4, 8, 3, generator=torch.Generator().manual_seed(1))) > 0

@@ -123,17 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .runs import pipeline
 
     pipeline.add_subparsers(sub)
-    for name, what in (("figures", "every figure (with --comparison_out, the protocol comparison too)"),
-                       ("claims", "claims.md/.csv and the protocol comparison")):
-        report = sub.add_parser(name, help=f"write {what} from the Parquet results (lorabench.{name})")
+    for name, what in (("figures", "every figure"), ("claims", "claims.md/.csv and the protocol comparison")):
+        report = sub.add_parser(name, help=f"write {what} from the Parquet results (lorabench.report.{name})")
         report.add_argument("--runs", help="runs.parquet")
         report.add_argument("--selected", help="selected.parquet (default: selected from --runs)")
         report.add_argument("--out", required=True, help="output folder")
         report.add_argument("--checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
     sub.choices["figures"].add_argument("--protocol", choices=PROTOCOLS, help="default: paper where it has rows")
-    sub.choices["figures"].add_argument("--comparison_out", help="also write protocol_comparison.* here")
     sub.choices["figures"].add_argument("--name", action="append", help="only this figure (repeatable; default: every figure)")
-    sub.choices["claims"].add_argument("--no_comparison", action="store_true", help="skip protocol_comparison.*")
     return parser
 
 
@@ -228,9 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "run":
             return run_command(args)
         if args.command in ("figures", "claims"):
-            from .report import claims, figures
+            from .report import commands
 
-            return figures.figures_command(args) if args.command == "figures" else claims.claims_command(args)
+            return commands.figures_command(args) if args.command == "figures" else commands.claims_command(args)
         from .runs import pipeline
 
         if args.command in pipeline.COMMANDS:

@@ -13,13 +13,13 @@ bound, which follows from Lemma 1, is provided.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .generation import group_product, partition
-from .models import FNN
+from .generation import Model, group_product, partition
+from .models import FNN, fnn_forward, map_tensors, tfn_forward
 
 Ranks = Union[int, list[int]]
 
@@ -97,3 +97,25 @@ def fnn_single_layer_mse_bound(frozen: FNN, target: FNN, rank: Ranks) -> float:
     if target.depth != 1:
         raise ValueError(f"the bound is for a one-layer target, got target depth {target.depth}")
     return linear_optimal_mse(frozen.weights, target.weights[0], rank)
+
+
+# ------------------------------------------------------------- per result row
+def single_layer_optimum(frozen: Model, target: Model, rank: int) -> Optional[float]:
+    """(1/D) sum_{i > R L} sigma_i(E)^2 in float64 when the target is a one-layer FNN, else
+    None: the linear model's optimum (Lemma 1) and the Lbar = 1 ReLU FNN's bound
+    (``fnn_single_layer_mse_bound``) at per-layer rank R. NaN for non-finite weights, whose
+    singular values do not exist (such a run is recorded as diverged)."""
+    if not isinstance(target, FNN) or not isinstance(frozen, FNN) or target.depth != 1:
+        return None
+    if not (torch.isfinite(frozen.weights).all() and torch.isfinite(target.weights).all()):
+        return math.nan
+    return linear_optimal_mse(frozen.weights.double(), target.weights[0].double(), rank)
+
+
+def mean_squared_output(model: Model, x: Tensor) -> float:
+    """Mean squared output of ``model`` on inputs ``x``, in float64: the scale against
+    which an MSE counts as exact (an MSE of 1e-12 is exact only relative to it)."""
+    double = map_tensors(model, lambda t: t.double())
+    forward = fnn_forward if isinstance(model, FNN) else tfn_forward
+    with torch.no_grad():
+        return float((forward(double, x.double()) ** 2).mean())

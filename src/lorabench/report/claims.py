@@ -23,10 +23,10 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from . import figures, style
-from ..core.config import PROTOCOLS
+from . import analysis, style
+from .analysis import ERROR, FAIL, NOT_RUN, PASS
+from .style import g, markdown_table
 
-PASS, FAIL, NOT_RUN, ERROR = "pass", "fail", "not run", "error"
 EXACT_RTOL = 1e-6
 OPTIMUM_RTOL = 0.05
 GD_MATCH_RTOL = 0.10
@@ -37,21 +37,17 @@ FROZEN = {0: "random", 1: "pretrained"}
 COLUMNS = ["id", "claim", "source", "protocol", "status", "measured"]
 
 
-def g(x: float) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
 class View:
     """The selected rows of one protocol; gradient runs at ``checkpoint``."""
 
-    def __init__(self, selected: pd.DataFrame, protocol: str, checkpoint: str = figures.DEFAULT_CHECKPOINT):
+    def __init__(self, selected: pd.DataFrame, protocol: str, checkpoint: str = analysis.DEFAULT_CHECKPOINT):
         self.selected, self.protocol, self.checkpoint = selected, protocol, checkpoint
 
     def rows(self, experiment: str, method: str, **equal) -> pd.DataFrame:
-        return figures.rows(self.selected, experiment, self.protocol, method, self.checkpoint, **equal)
+        return analysis.rows(self.selected, experiment, self.protocol, method, self.checkpoint, **equal)
 
     def median(self, experiment: str, method: str, *, x: str = "rank", y: str = "test_loss", **equal) -> pd.Series:
-        return figures.median_by(self.rows(experiment, method, **equal), x, y)
+        return analysis.median_by(self.rows(experiment, method, **equal), x, y)
 
 
 def _finite(df: pd.DataFrame, y: str = "test_loss") -> pd.DataFrame:
@@ -74,7 +70,7 @@ def linear_optimum(v: View):
     if ours.empty:
         return NOT_RUN, "no linear construction rows"
     below = ours[ours["rank"] < ours["threshold_rank"]]
-    theory = figures.theory_rows(below)
+    theory = analysis.theory_rows(below)
     merged = below.merge(theory, on=["seed", "rank", "pretrained", "protocol"])
     merged = merged[merged["value"] > 0]
     if merged.empty:
@@ -89,13 +85,13 @@ def linear_optimum(v: View):
 def _exact(experiment: str, **filters):
     def check(v: View):
         ours = _finite(v.rows(experiment, "ours", **filters))
-        thr = figures.threshold(ours)
+        thr = analysis.threshold(ours)
         if ours.empty or thr is None:
             return NOT_RUN, "no construction rows"
         above = ours[ours["rank"] >= thr]
         if above.empty:
             return NOT_RUN, f"no rank >= R*={thr}"
-        above = above.assign(rel=figures.relative_mse(above).to_numpy())
+        above = above.assign(rel=analysis.relative_mse(above).to_numpy())
         med = above.groupby(["pretrained", "rank"])["rel"].median()
         worst_key = med.idxmax()
         at = above[above["rank"] == thr].groupby("pretrained")["test_loss"].median()
@@ -112,7 +108,7 @@ def _bound(experiment: str, **filters):
         if ours.empty:
             return NOT_RUN, "no construction rows"
         below = ours[ours["rank"] < ours["threshold_rank"]]
-        merged = below.merge(figures.theory_rows(below), on=["seed", "rank", "pretrained", "protocol"])
+        merged = below.merge(analysis.theory_rows(below), on=["seed", "rank", "pretrained", "protocol"])
         merged = merged[merged["value"] > 0]
         if merged.empty:
             return NOT_RUN, "no rank below the threshold"
@@ -127,7 +123,7 @@ def linear_gd_matches(v: View):
     parts, ok = [], []
     for pre in (0, 1):
         ours, gd = v.median("linear", "ours", pretrained=pre), v.median("linear", "sgd", pretrained=pre)
-        thr = figures.threshold(v.rows("linear", "ours", pretrained=pre))
+        thr = analysis.threshold(v.rows("linear", "ours", pretrained=pre))
         common = [r for r in ours.index.intersection(gd.index) if thr is not None and r < thr and ours[r] > 0]
         if not common:
             continue
@@ -163,11 +159,11 @@ def gd_not_exact(v: View):
     for label, experiment, f in GD_SETTINGS:
         for pre in (0, 1):
             gd = _finite(v.rows(experiment, "sgd", pretrained=pre, **f))
-            thr = figures.threshold(gd)
+            thr = analysis.threshold(gd)
             above = gd[gd["rank"] >= thr] if thr is not None else gd.iloc[0:0]
             if above.empty:
                 continue
-            rel = above.assign(rel=figures.relative_mse(above).to_numpy()).groupby("rank")["rel"].median()
+            rel = above.assign(rel=analysis.relative_mse(above).to_numpy()).groupby("rank")["rel"].median()
             ok.append(bool(rel.min() > EXACT_RTOL))
             parts.append(f"{label} {FROZEN[pre]}: {g(rel.min())}")
     if not ok:
@@ -204,7 +200,7 @@ def bias_helps(v: View):
     parts, ok = [], []
     for pre in (0, 1):
         fixed, free = v.median("bias", "sgd", pretrained=pre, tune_bias=0), v.median("bias", "sgd", pretrained=pre, tune_bias=1)
-        thr = figures.threshold(v.rows("bias", "sgd", pretrained=pre))
+        thr = analysis.threshold(v.rows("bias", "sgd", pretrained=pre))
         low = [r for r in fixed.index.intersection(free.index) if thr is None or r < thr]
         if not low:
             continue
@@ -227,8 +223,8 @@ def pretrained_lower(v: View):
 
 
 def _classification_settings(v: View):
-    for task in figures.CLASSIFICATION_TASKS:
-        for lbar, depth in figures.FNN_PAIRS:
+    for task in analysis.CLASSIFICATION_TASKS:
+        for lbar, depth in analysis.FNN_PAIRS:
             yield f"{task.replace('_classification', '')} ({lbar},{depth})", dict(task=task, target_depth=lbar, frozen_depth=depth)
 
 
@@ -249,8 +245,8 @@ def classification_construction_exact(v: View):
     parts, ok = [], []
     for label, f in _classification_settings(v):
         ours = v.rows("classification", "ours", **f)
-        thr = figures.threshold(ours)
-        acc = figures.median_by(ours[ours["rank"] >= thr], "rank", "test_accuracy") if thr is not None else pd.Series(dtype=float)
+        thr = analysis.threshold(ours)
+        acc = analysis.median_by(ours[ours["rank"] >= thr], "rank", "test_accuracy") if thr is not None else pd.Series(dtype=float)
         if acc.empty:
             continue
         ok.append(bool(acc.min() >= CLASSIFICATION_EXACT))
@@ -260,13 +256,13 @@ def classification_construction_exact(v: View):
 
 def generalization_gap(v: View):
     parts, ok = [], []
-    for lbar, depth in figures.FNN_PAIRS:
+    for lbar, depth in analysis.FNN_PAIRS:
         gd = v.rows("generalization", "sgd", target_depth=lbar, frozen_depth=depth)
-        thr = figures.threshold(gd)
+        thr = analysis.threshold(gd)
         if gd.empty or thr is None:
             continue
         above = gd[gd["rank"] >= thr]
-        train, test = figures.median_by(above, "rank", "train_loss"), figures.median_by(above, "rank", "test_loss")
+        train, test = analysis.median_by(above, "rank", "train_loss"), analysis.median_by(above, "rank", "test_loss")
         common = train.index.intersection(test.index)
         if not len(common):
             continue
@@ -284,8 +280,8 @@ def depth_lowers_rank(v: View):
     depths = sorted(int(d) for d in gd["frozen_depth"].unique())
     if len(depths) < 2:
         return NOT_RUN, "one frozen depth only"
-    rank = figures.threshold(gd[gd["frozen_depth"] == depths[-1]])
-    med = {d: figures.median_by(gd[gd["frozen_depth"] == d]).get(rank, math.nan) for d in depths}
+    rank = analysis.threshold(gd[gd["frozen_depth"] == depths[-1]])
+    med = {d: analysis.median_by(gd[gd["frozen_depth"] == d]).get(rank, math.nan) for d in depths}
     if any(math.isnan(med[d]) for d in (depths[0], depths[-1])):
         return NOT_RUN, f"rank {rank} missing"
     text = f"GD median MSE at R={rank} (threshold of L={depths[-1]}): " + ", ".join(f"L={d}: {g(m)}" for d, m in med.items())
@@ -346,7 +342,7 @@ class ClaimResult:
     measured: str
 
 
-def evaluate(selected: pd.DataFrame, protocol: str, checkpoint: str = figures.DEFAULT_CHECKPOINT,
+def evaluate(selected: pd.DataFrame, protocol: str, checkpoint: str = analysis.DEFAULT_CHECKPOINT,
              claims: Optional[list[Claim]] = None) -> list[ClaimResult]:
     """Every claim on the rows of one protocol. A claim that raises is reported as
     'error' with the message, so one broken claim does not hide the others."""
@@ -361,26 +357,11 @@ def evaluate(selected: pd.DataFrame, protocol: str, checkpoint: str = figures.DE
     return out
 
 
-def present_protocols(selected: pd.DataFrame) -> list[str]:
-    found = set(selected["protocol"].dropna()) if selected is not None and "protocol" in selected else set()
-    return [p for p in PROTOCOLS if p in found] or [figures.DEFAULT_PROTOCOL]
-
-
 def claims_frame(selected: pd.DataFrame, protocols: Optional[Iterable[str]] = None,
-                 checkpoint: str = figures.DEFAULT_CHECKPOINT) -> pd.DataFrame:
+                 checkpoint: str = analysis.DEFAULT_CHECKPOINT) -> pd.DataFrame:
     """One row per (claim, protocol)."""
-    results = [asdict(r) for p in (protocols or present_protocols(selected)) for r in evaluate(selected, p, checkpoint)]
+    results = [asdict(r) for p in (protocols or analysis.present_protocols(selected)) for r in evaluate(selected, p, checkpoint)]
     return pd.DataFrame(results, columns=COLUMNS)
-
-
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(df: pd.DataFrame, columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_md_escape(row[c]) for c in columns) + " |" for _, row in df.iterrows()]
-    return "\n".join(lines)
 
 
 def tolerances_text() -> str:
@@ -391,10 +372,10 @@ def tolerances_text() -> str:
 
 
 def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,
-                 *, checkpoint: str = figures.DEFAULT_CHECKPOINT) -> list[Path]:
+                 *, checkpoint: str = analysis.DEFAULT_CHECKPOINT) -> list[Path]:
     """``out_dir/claims.md`` and ``out_dir/claims.csv``: every claim under every protocol
     present in the results."""
-    selected = figures.ensure_selected(runs, selected)
+    selected = analysis.ensure_selected(runs, selected)
     table = claims_frame(selected, checkpoint=checkpoint)
     out = Path(out_dir)
     csv_path = out / "claims.csv"
@@ -417,16 +398,3 @@ def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame],
         lines += [f"## Protocol `{protocol}` ({summary})", "", markdown_table(part, ["id", "claim", "status", "measured", "source"]), ""]
     md_path = style.atomic_write_text(out / "claims.md", "\n".join(lines))
     return [md_path, csv_path]
-
-
-def claims_command(args) -> int:
-    """``lorabench claims``: claims.md/.csv and the protocol comparison into --out."""
-    from .comparison import write_protocol_comparison
-
-    runs, selected = figures.read_inputs(args.runs, args.selected)
-    paths = write_claims(runs, selected, args.out, checkpoint=args.checkpoint)
-    if not args.no_comparison:
-        paths += write_protocol_comparison(selected, args.out, checkpoint=args.checkpoint)
-    for path in paths:
-        print(path)
-    return 0

@@ -3,17 +3,19 @@ authors' published code, with its data-stream and evaluation quirks).
 
 ``write_protocol_comparison`` writes ``protocol_comparison.png/.pdf`` (FNN and TFN median
 curves under both protocols, construction and gradient update) and ``.md/.csv`` (every
-claim evaluated under each protocol, with a column saying whether the verdict changes).
+claim evaluated under each protocol, from the claims table it is given, with a column
+saying whether the verdict changes).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 
-from . import claims, figures, style
+from . import analysis, style
+from .analysis import DEFAULT_CHECKPOINT, FAIL, PASS
+from .style import g, markdown_table
 
 PROTOCOL_PAIR = ("paper", "reference")
 PANELS = (
@@ -24,7 +26,7 @@ PANELS = (
 )
 
 
-def fig_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: str = figures.DEFAULT_CHECKPOINT) -> list[Path]:
+def fig_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: str = DEFAULT_CHECKPOINT) -> list[Path]:
     """Rows: random, pretrained frozen model; columns: FNN (1,2), (2,4), TFN L=1, L=2.
     Solid: paper protocol; dashed: reference protocol. Log-scale test MSE."""
     fig, axes = style.panels(2, len(PANELS))
@@ -33,39 +35,39 @@ def fig_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: str 
             ax = axes[r][c]
             drawn, frames, curves = False, [], {}
             for protocol in PROTOCOL_PAIR:
-                line = style.SERIES[protocol]
                 for method, key, extra in (("ours", "construction", {}), ("sgd", "gd", gd_filters)):
-                    df = figures.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
+                    df = analysis.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
                     frames.append(df)
-                    cv = figures.curve(df, "rank", "test_loss")
+                    cv = analysis.curve(df, "rank", "test_loss")
                     if method == "sgd":
                         curves[f"GD {protocol}"] = cv
                     label = f"{style.SERIES[key]['label']} ({protocol})"
-                    drawn = figures.draw_curve(ax, cv, key, log=True, label=label, band=protocol == "paper",
-                                               linestyle=line["linestyle"], **({"markerfacecolor": "none"} if protocol == "reference" else {})) or drawn
+                    drawn = style.draw_curve(ax, cv, key, log=True, label=label, band=style.protocol_band(protocol),
+                                             **style.protocol_line(protocol)) or drawn
             both = pd.concat([f for f in frames if not f.empty]) if drawn else frames[0]
-            figures.finish_panel(ax, drawn, f"{title}, {style.FROZEN_LABEL[pre].lower()}", log=True, xlabel="rank $R$",
-                            ylabel="test MSE (log)", thr=figures.threshold(both), note=figures.excluded_note(curves),
-                            legend=c == 0)
+            style.finish_panel(ax, drawn, f"{title}, {style.FROZEN_LABEL[pre].lower()}", log=True, xlabel="rank $R$",
+                               ylabel="test MSE (log)", thr=analysis.threshold(both), note=analysis.excluded_note(curves),
+                               legend=c == 0)
     style.suptitle(fig, "Protocols compared: paper (solid, band: min-max over seeds) vs reference (dashed)",
-                   figures.FOOTNOTE.format(checkpoint=checkpoint))
+                   style.FOOTNOTE.format(checkpoint=checkpoint))
     return style.save(fig, out_dir, "protocol_comparison")
 
 
 def _changes(a: str, b: str) -> str:
-    decided = (claims.PASS, claims.FAIL)
+    decided = (PASS, FAIL)
     if a in decided and b in decided:
         return "yes" if a != b else "no"
     return "n/a"
 
 
-def comparison_table(selected: pd.DataFrame, *, checkpoint: str = figures.DEFAULT_CHECKPOINT) -> pd.DataFrame:
-    """One row per claim: status and measurement under each protocol, and 'changes?'
-    (yes/no when both protocols decided it, n/a otherwise)."""
-    table = claims.claims_frame(selected, PROTOCOL_PAIR, checkpoint)
-    wide = table.pivot(index="id", columns="protocol", values=["status", "measured"])
-    order = [c.id for c in claims.CLAIMS]
-    out = pd.DataFrame({"id": order, "claim": [c.text for c in claims.CLAIMS]})
+def comparison_table(claims_table: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim of ``claims_table`` (claims.claims_frame under PROTOCOL_PAIR), in
+    its order: status and measurement under each protocol, and 'changes?' (yes/no when
+    both protocols decided it, n/a otherwise)."""
+    wide = claims_table.pivot(index="id", columns="protocol", values=["status", "measured"])
+    first = claims_table.drop_duplicates("id")
+    order = list(first["id"])
+    out = pd.DataFrame({"id": order, "claim": list(first["claim"])})
     for protocol in PROTOCOL_PAIR:
         out[f"{protocol}_status"] = [wide.loc[i, ("status", protocol)] for i in order]
         out[f"{protocol}_measured"] = [wide.loc[i, ("measured", protocol)] for i in order]
@@ -73,42 +75,42 @@ def comparison_table(selected: pd.DataFrame, *, checkpoint: str = figures.DEFAUL
     return out
 
 
-def curve_summary(selected: pd.DataFrame, *, checkpoint: str = figures.DEFAULT_CHECKPOINT) -> pd.DataFrame:
+def curve_summary(selected: pd.DataFrame, *, checkpoint: str = DEFAULT_CHECKPOINT) -> pd.DataFrame:
     """Median test MSE at R=1, R*-1, R* and the largest rank, per panel, method and protocol."""
     out = []
     for title, experiment, filters, gd_filters in PANELS:
         for pre in (0, 1):
             for method, extra in (("ours", {}), ("sgd", gd_filters)):
                 for protocol in PROTOCOL_PAIR:
-                    df = figures.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
-                    med = figures.median_by(df)
+                    df = analysis.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
+                    med = analysis.median_by(df)
                     if med.empty:
                         continue
-                    thr = figures.threshold(df)
+                    thr = analysis.threshold(df)
                     ranks = {"R=1": 1, "R*-1": (thr - 1) if thr else None, "R*": thr, "R max": int(med.index.max())}
                     row = {"setting": f"{title.replace('$', '').replace(chr(92) + 'bar ', '')}, {style.FROZEN_LABEL[pre].lower()}",
                            "method": "construction" if method == "ours" else "GD", "protocol": protocol}
-                    row.update({k: (claims.g(float(med[r])) if r in med.index else "") for k, r in ranks.items()})
+                    row.update({k: (g(float(med[r])) if r in med.index else "") for k, r in ranks.items()})
                     out.append(row)
     return pd.DataFrame(out, columns=["setting", "method", "protocol", "R=1", "R*-1", "R*", "R max"])
 
 
-def write_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: str = figures.DEFAULT_CHECKPOINT,
-                              runs: Optional[pd.DataFrame] = None) -> list[Path]:
-    """protocol_comparison.png, .pdf, .md and .csv in ``out_dir``."""
-    selected = figures.ensure_selected(runs, selected)
+def write_protocol_comparison(selected: pd.DataFrame, out_dir, claims_table: pd.DataFrame, *, tolerances: str = "",
+                              checkpoint: str = DEFAULT_CHECKPOINT) -> list[Path]:
+    """protocol_comparison.png, .pdf, .md and .csv in ``out_dir``; ``claims_table`` is
+    every claim under both protocols (claims.claims_frame), ``tolerances`` their text."""
     paths = fig_protocol_comparison(selected, out_dir, checkpoint=checkpoint)
-    table = comparison_table(selected, checkpoint=checkpoint)
+    table = comparison_table(claims_table)
     out = Path(out_dir)
     csv_path = style.atomic_write_text(out / "protocol_comparison.csv", table.to_csv(index=False))
     changed = table[table["changes?"] == "yes"]
-    present = claims.present_protocols(selected)
+    present = analysis.present_protocols(selected)
     lines = [
         "# Protocol comparison: `paper` vs `reference`",
         "",
         "`paper` follows the paper's text (fresh data, a fixed independent validation set); `reference` reproduces the "
         "authors' published code (reseeded data streams, validation = first test samples, its rank_step sign). "
-        f"Protocols with results: {', '.join(present)}. " + claims.tolerances_text(),
+        f"Protocols with results: {', '.join(present)}. " + tolerances,
         "",
         "## Conclusions that change",
         "",
@@ -116,9 +118,9 @@ def write_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: st
     lines += [f"- **{r['id']}**: {r['claim']}: paper {r['paper_status']}, reference {r['reference_status']}"
               for _, r in changed.iterrows()] or ["None of the claims decided under both protocols changes its verdict."]
     lines += ["", "## Every claim under each protocol", "",
-              claims.markdown_table(table, ["id", "claim", "paper_status", "reference_status", "changes?", "paper_measured", "reference_measured"]),
+              markdown_table(table, ["id", "claim", "paper_status", "reference_status", "changes?", "paper_measured", "reference_measured"]),
               "", "## Median test MSE of the FNN and TFN curves", "",
-              claims.markdown_table(curve_summary(selected, checkpoint=checkpoint), ["setting", "method", "protocol", "R=1", "R*-1", "R*", "R max"]),
+              markdown_table(curve_summary(selected, checkpoint=checkpoint), ["setting", "method", "protocol", "R=1", "R*-1", "R*", "R max"]),
               "", "Figure: `protocol_comparison.png` / `.pdf`.", ""]
     md_path = style.atomic_write_text(out / "protocol_comparison.md", "\n".join(lines))
     return paths + [md_path, csv_path]

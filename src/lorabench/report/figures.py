@@ -1,31 +1,27 @@
-"""The paper's figures, drawn from the Parquet results alone (no training here).
+"""The paper's figures, drawn from the Parquet results alone (no models, no training here).
 
 Every figure is a function ``fig_<name>(selected, out_dir, *, protocol=None,
 checkpoint="last") -> [png, pdf]`` that reads the selected rows (one per selection
-group, lorabench.selection) and writes ``out_dir/<name>.png`` and ``.pdf``.
+group, lorabench.runs.selection) and writes ``out_dir/<name>.png`` and ``.pdf``.
 
-* Statistic: the paper's median over seeds, with the min-max band over seeds (which the
-  paper's figures omit). Gradient runs are shown at ``checkpoint`` (default 'last', the
-  final state, as the paper); constructions are the 'construction' rows.
+* Statistic (report.analysis): the paper's median over seeds, with the min-max band over
+  seeds (which the paper's figures omit). Gradient runs are shown at ``checkpoint``
+  (default 'last', the final state, as the paper); constructions are the 'construction' rows.
 * Diverged runs are never drawn as numbers: a seed whose every grid point diverged (NaN
   metrics, ``diverged``) is left out of the median and counted in a note, as are the
   diverged grid points the selection excluded (``n_excluded``).
 * A panel without rows says "no data" instead of failing, so a partial run (smoke
   preset, one protocol) still gives every figure.
-* Theory overlays: the linear optimum (1/D) sum_{i>RL} sigma_i(E)^2, computed per seed
-  from the regenerated models (lorabench.generation, deterministic and cheap; never
-  trained here), then the median over seeds; the threshold rank as a vertical line.
-  For Lbar = 1 ReLU FNNs the same quantity bounds the construction's MSE (theory.py);
-  the paper's bound for Lbar > 1 is not drawn (its constants are unverified).
+* Theory overlays: the linear optimum (1/D) sum_{i>RL} sigma_i(E)^2 that each row stores
+  for its own models (``svd_optimum_mse``), median over seeds; the threshold rank as a
+  vertical line. For Lbar = 1 ReLU FNNs the same quantity bounds the construction's MSE
+  (core.theory); the paper's bound for Lbar > 1 is not drawn (its constants are unverified).
 * ``protocol=None`` draws the 'paper' protocol when it has rows, else 'reference'; the
   protocol is named in every title. comparison.py sets the two side by side.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,241 +29,26 @@ import numpy as np
 import pandas as pd
 
 from . import style
-from ..core.config import PROTOCOLS, ConfigError, RunConfig
-
-DEFAULT_PROTOCOL = "paper"
-DEFAULT_CHECKPOINT = "last"
-BAND = "minmax"  # or "iqr"
-FOOTNOTE = "Median over seeds; band: min-max over seeds. Gradient update: grid point chosen by validation loss, final state ('{checkpoint}')."
-FNN_PAIRS = ((1, 2), (2, 4))  # (Lbar, L)
-CLASSIFICATION_TASKS = ("classification", "binary_classification")
-
-
-# ------------------------------------------------------------------ selecting rows
-def _has(df: pd.DataFrame, *columns: str) -> bool:
-    return all(c in df.columns for c in columns)
-
-
-def choose_protocol(selected: pd.DataFrame, experiment: str, protocol: Optional[str] = None) -> str:
-    """The protocol to draw: ``protocol`` if given, else 'paper' if the experiment has
-    rows under it, else the first protocol that has rows."""
-    if protocol is not None:
-        return protocol
-    if _has(selected, "experiment", "protocol"):
-        present = set(selected.loc[selected["experiment"] == experiment, "protocol"].dropna())
-        for p in (DEFAULT_PROTOCOL,) + tuple(p for p in PROTOCOLS if p != DEFAULT_PROTOCOL):
-            if p in present:
-                return p
-    return DEFAULT_PROTOCOL
-
-
-def rows(
-    selected: pd.DataFrame,
-    experiment: str,
-    protocol: str,
-    method: str,
-    checkpoint: str = DEFAULT_CHECKPOINT,
-    **equal,
-) -> pd.DataFrame:
-    """Rows of one experiment, protocol and method; method 'ours' uses the construction
-    rows, gradient methods the given checkpoint; ``equal`` filters further columns."""
-    needed = ("experiment", "protocol", "method", "checkpoint") + tuple(equal)
-    if selected is None or selected.empty or not _has(selected, *needed):
-        return pd.DataFrame(columns=list(selected.columns) if selected is not None else [])
-    mask = (
-        (selected["experiment"] == experiment)
-        & (selected["protocol"] == protocol)
-        & (selected["method"] == method)
-        & (selected["checkpoint"] == ("construction" if method == "ours" else checkpoint))
-    )
-    for column, value in equal.items():
-        mask &= selected[column] == value
-    return selected[mask]
-
-
-def _one_per_seed(df: pd.DataFrame, x: str) -> pd.DataFrame:
-    """One row per (x, seed): where a filter leaves several (settings the figure does not
-    separate), keep the lowest validation loss, as the paper's notebooks do."""
-    if df.duplicated([x, "seed"]).any():
-        order = df.assign(_bad=df["diverged"].astype(bool), _val=df["val_loss"].astype(float))
-        order = order.sort_values(["_bad", "_val"], na_position="last", kind="stable")
-        df = order.drop_duplicates([x, "seed"]).drop(columns=["_bad", "_val"])
-    return df
-
-
-@dataclass
-class Curve:
-    """A median-over-seeds curve with its band, and what was left out of it."""
-
-    x: np.ndarray = field(default_factory=lambda: np.array([]))
-    median: np.ndarray = field(default_factory=lambda: np.array([]))
-    low: np.ndarray = field(default_factory=lambda: np.array([]))
-    high: np.ndarray = field(default_factory=lambda: np.array([]))
-    n: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
-    n_dropped: int = 0  # selected rows (seeds) not drawn: every grid point diverged, or a non-finite value
-    n_grid_excluded: int = 0  # diverged grid points the selection excluded
-
-    @property
-    def empty(self) -> bool:
-        return len(self.x) == 0
-
-    def at(self, x) -> float:
-        hit = np.nonzero(self.x == x)[0]
-        return float(self.median[hit[0]]) if len(hit) else math.nan
-
-    def as_series(self) -> pd.Series:
-        return pd.Series(self.median, index=self.x)
-
-
-def curve(df: pd.DataFrame, x: str, y: str, band: str = BAND) -> Curve:
-    """Median over seeds of ``y`` at each value of ``x``, with the min-max (or IQR) band.
-    Diverged rows and non-finite values are dropped and counted."""
-    if df is None or df.empty or not _has(df, x, y, "seed"):
-        return Curve()
-    df = _one_per_seed(df, x)
-    values = df[y].astype(float)
-    diverged = df["diverged"].astype(bool) if "diverged" in df else pd.Series(False, index=df.index)
-    ok = np.isfinite(values) & ~diverged
-    grid_excluded = int(pd.to_numeric(df["n_excluded"], errors="coerce").fillna(0).sum()) if "n_excluded" in df else 0
-    good = df.loc[ok].assign(_y=values[ok])
-    if good.empty:
-        return Curve(n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded)
-    grouped = good.groupby(x)["_y"]
-    med = grouped.median()
-    if band == "iqr":
-        low, high = grouped.quantile(0.25), grouped.quantile(0.75)
-    else:
-        low, high = grouped.min(), grouped.max()
-    return Curve(
-        x=med.index.to_numpy(), median=med.to_numpy(), low=low.to_numpy(), high=high.to_numpy(),
-        n=grouped.size().to_numpy(), n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded,
-    )
-
-
-def median_by(df: pd.DataFrame, x: str = "rank", y: str = "test_loss") -> pd.Series:
-    """The median-over-seeds curve as a Series indexed by ``x`` (claims use this)."""
-    return curve(df, x, y).as_series()
-
-
-def threshold(df: pd.DataFrame) -> Optional[int]:
-    """The threshold rank of a panel's rows, if they agree on one."""
-    if df is None or df.empty or "threshold_rank" not in df:
-        return None
-    values = pd.to_numeric(df["threshold_rank"], errors="coerce").dropna().unique()
-    return int(values[0]) if len(values) == 1 else None
-
-
-# ------------------------------------------------------------------ theory overlays
-def config_of(row) -> RunConfig:
-    """The RunConfig of a result row (a Series or dict with every config column)."""
-    values = {}
-    for name, spec in RunConfig.__dataclass_fields__.items():
-        value = row[name]
-        if name == "n_train":
-            values[name] = None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
-        elif isinstance(spec.default, str):
-            values[name] = str(value)
-        elif isinstance(spec.default, float):
-            values[name] = float(value)
-        else:
-            values[name] = int(value)
-    return RunConfig(**values)
-
-
-def model_key(cfg: RunConfig) -> RunConfig:
-    """The settings that define a seed's frozen and target models: adapter and optimiser
-    settings are neutralised, so one generation serves every rank and grid point."""
-    return cfg.replace(
-        rank=1, rank_step=0, method="ours", lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1,
-        n_epochs=1, best_epoch=0, n_train=None,
-    ).validated()
-
-
-@functools.lru_cache(maxsize=512)
-def _models(key: RunConfig):
-    from ..core.generation import generate_models
-
-    return generate_models(key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _single_layer_optimum(key: RunConfig, rank: int) -> float:
-    """(1/D) sum_{i > R L} sigma_i(E)^2 for a one-layer target: the linear optimum, and
-    the bound on the Lbar = 1 ReLU construction (theory.py)."""
-    from ..core import theory
-
-    models = _models(key)
-    return theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), rank)
-
-
-@functools.lru_cache(maxsize=512)
-def _target_scale(key: RunConfig) -> float:
-    """Mean squared target output on the row's test inputs: the scale against which an
-    MSE counts as exact."""
-    import torch
-
-    from ..core import data
-    from ..core.models import FNN, fnn_forward, tfn_forward
-
-    target = _models(key.replace(pretrained=0)).target
-    x = data.eval_sets(key).test.double()
-    with torch.no_grad():
-        if isinstance(target, FNN):
-            biases = None if target.biases is None else target.biases.double()
-            y = fnn_forward(replace(target, weights=target.weights.double(), biases=biases), x)
-        else:
-            y = tfn_forward(replace(target, **{k: v.double() for k, v in target.tensors().items()}), x)
-    return float((y**2).mean())
-
-
-def theory_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (seed, rank, pretrained, protocol) of ``df`` (one-layer targets): the linear
-    optimum. Returns rows with those columns, value, diverged=False, ready for ``curve``."""
-    columns = ["rank", "seed", "pretrained", "protocol", "value", "diverged", "val_loss"]
-    out = []
-    if df is None or df.empty:
-        return pd.DataFrame(columns=columns)
-    for _, row in df.drop_duplicates(["seed", "rank", "pretrained", "protocol"]).iterrows():
-        key = model_key(config_of(row))
-        if key.target_depth != 1:
-            continue
-        rank = int(row["rank"])
-        out.append({"rank": rank, "seed": int(row["seed"]), "pretrained": int(row["pretrained"]), "protocol": row["protocol"],
-                    "value": _single_layer_optimum(key, rank), "diverged": False, "val_loss": 0.0})
-    return pd.DataFrame(out, columns=columns)
-
-
-def relative_mse(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
-    """MSE / mean squared target output, per row (the exactness measure)."""
-    scale = [_target_scale(model_key(config_of(row))) for _, row in df.iterrows()]
-    return df[y].astype(float) / np.asarray(scale, dtype=float)
-
-
-# ------------------------------------------------------------------ drawing
-def draw_curve(ax, c: Curve, key: str, *, log: bool = False, label: Optional[str] = None, band: bool = True, **override) -> bool:
-    """Median line with markers and its band; returns False (nothing drawn) if empty."""
-    if c.empty:
-        return False
-    st = style.series_style(key, **override)
-    text = label or st.pop("label", key)
-    st.pop("label", None)
-    if c.n_dropped:
-        text += f" ({c.n_dropped} diverged excl.)"
-    fix = style.log_safe if log else np.asarray
-    ax.plot(c.x, fix(c.median), label=text, **st)
-    if band and len(c.x) and np.any(c.high > c.low):
-        ax.fill_between(c.x, fix(c.low), fix(c.high), color=st.get("color"), alpha=style.BAND_ALPHA, linewidth=0)
-    return True
+from .analysis import (
+    CLASSIFICATION_TASKS,
+    DEFAULT_CHECKPOINT,
+    FNN_PAIRS,
+    Curve,
+    choose_protocol,
+    curve,
+    ensure_selected,
+    excluded_note,
+    rows,
+    theory_rows,
+    threshold,
+)
+from .style import draw_curve, finish_panel
 
 
 def _theory_overlay(ax, source: pd.DataFrame, label: str, log: bool) -> Optional[Curve]:
     if source.empty:
         return None
-    try:
-        c = curve(theory_rows(source), "rank", "value")
-    except (ConfigError, RuntimeError, ValueError) as error:
-        style.note(ax, f"theory unavailable: {error}")
-        return None
+    c = curve(theory_rows(source), "rank", "value")
     if c.empty:
         return None
     style_ = dict(style.THEORY)
@@ -277,31 +58,8 @@ def _theory_overlay(ax, source: pd.DataFrame, label: str, log: bool) -> Optional
     return c
 
 
-def excluded_note(curves: dict[str, Curve]) -> str:
-    parts = [f"{name}: {c.n_grid_excluded} diverged grid pts excl." for name, c in curves.items() if c.n_grid_excluded]
-    return "; ".join(parts)
-
-
-def finish_panel(ax, drawn: bool, title: str, *, log: bool, xlabel: str, ylabel: str, thr: Optional[int] = None, note: str = "",
-            legend: bool = True, integer_x: bool = True) -> None:
-    ax.set_title(title)
-    if not drawn:
-        style.no_data(ax, title)
-        return
-    if log:
-        ax.set_yscale("log")
-    if integer_x:
-        style.integer_ticks(ax)
-    style.threshold_line(ax, thr)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    style.note(ax, note)
-    if legend:
-        style.legend(ax)
-
-
 def _save(fig, out_dir, name: str, title: str, protocol: str, checkpoint: str, extra: str = "") -> list[Path]:
-    foot = FOOTNOTE.format(checkpoint=checkpoint) + (f" {extra}" if extra else "")
+    foot = style.FOOTNOTE.format(checkpoint=checkpoint) + (f" {extra}" if extra else "")
     style.suptitle(fig, f"{title} [{protocol} protocol]", foot)
     return style.save(fig, out_dir, name)
 
@@ -414,8 +172,8 @@ def fig_rank_step(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKP
         c = curve(gd, "rank_step", "test_loss")
         drawn = draw_curve(ax, c, "gd")
         note = excluded_note({"GD": c})
-        if p == "reference" and drawn:
-            note = ("reference: step<0 increases the rank (authors' sign bug); " + note).strip("; ")
+        if drawn and style.protocol_note(p, "rank_step"):
+            note = (style.protocol_note(p, "rank_step") + "; " + note).strip("; ")
         finish_panel(ax, drawn, style.FROZEN_LABEL[pre], log=True, xlabel="rank step (rank of layer $l$: $R$ + step$\\cdot l$)",
                 ylabel="test MSE (log)", note=note)
     return _save(fig, out_dir, "rank_step", r"Rank allocation across layers ($\bar L=2$, $L=4$, $R=8$)", p, checkpoint)
@@ -577,15 +335,6 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
 FIGURE_NAMES: list[str] = list(FIGURES)
 
 
-def ensure_selected(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame]) -> pd.DataFrame:
-    """The selected rows: given, or selected from ``runs`` by validation loss."""
-    if selected is not None:
-        return selected
-    from ..runs.selection import select_by_validation
-
-    return select_by_validation(runs if runs is not None else pd.DataFrame())
-
-
 def write_all_figures(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,
                       *, protocol: Optional[str] = None, checkpoint: str = DEFAULT_CHECKPOINT,
                       names: Optional[Sequence[str]] = None) -> list[Path]:
@@ -597,32 +346,3 @@ def write_all_figures(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFr
     for name in names or FIGURE_NAMES:
         paths.extend(FIGURES[name](selected, out_dir, protocol=protocol, checkpoint=checkpoint))
     return paths
-
-
-# ------------------------------------------------------------------ command line
-def read_inputs(runs_path, selected_path) -> tuple[Optional[pd.DataFrame], pd.DataFrame]:
-    """runs.parquet (optional) and selected.parquet (made from the runs when not given)."""
-    from ..runs.results import SELECTED_SCHEMA, read_rows
-
-    runs = read_rows(runs_path) if runs_path else None
-    selected = read_rows(selected_path, SELECTED_SCHEMA) if selected_path else None
-    if runs is None and selected is None:
-        from ..runs.results import ResultsError
-
-        raise ResultsError("give --runs, --selected or both")
-    return runs, ensure_selected(runs, selected)
-
-
-def figures_command(args) -> int:
-    """``lorabench figures``: every figure into --out; the protocol comparison too when
-    --comparison_out names its folder."""
-    runs, selected = read_inputs(args.runs, args.selected)
-    paths = write_all_figures(runs, selected, args.out, protocol=args.protocol, checkpoint=args.checkpoint,
-                              names=getattr(args, "name", None))
-    if args.comparison_out:
-        from .comparison import write_protocol_comparison
-
-        paths += write_protocol_comparison(selected, args.comparison_out, checkpoint=args.checkpoint)
-    for path in paths:
-        print(path)
-    return 0

@@ -1,15 +1,18 @@
-"""Figure styling in one place: colours, labels, panel sizes, and atomic PNG/PDF output.
+"""How results look, in one place: colours, labels, per-protocol line styles, panel sizes,
+the shared panel drawing, number and table formatting, and atomic PNG/PDF/text output.
 
 Matplotlib runs with the Agg backend and mathtext only (no LaTeX installation needed).
-Every figure module draws through these helpers, so a change of look is made here once.
+Every report module draws through these helpers, so a change of look is made here once.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,9 +53,19 @@ SERIES = {
     "flt": dict(color="#2ca02c", marker="D", label="Tuning final layers"),
     "fixed_bias": dict(color="#9467bd", marker="v", label="Fixed biases"),
     "updatable_bias": dict(color="#d62728", marker="s", label="Updatable biases"),
-    "paper": dict(linestyle="-", label="paper"),
-    "reference": dict(linestyle="--", markerfacecolor="none", label="reference"),
 }
+# Protocols drawn side by side: line overrides, and whether the min-max band is drawn
+# (one band per panel keeps the comparison readable).
+PROTOCOL_STYLE = {
+    "paper": dict(line=dict(linestyle="-"), band=True),
+    "reference": dict(line=dict(linestyle="--", markerfacecolor="none"), band=False),
+}
+# Per-protocol caveats a figure states in its panels: {protocol: {figure name: note}}.
+PROTOCOL_NOTES = {
+    "reference": {"rank_step": "reference: step<0 increases the rank (authors' sign bug)"},
+}
+FOOTNOTE = ("Median over seeds; band: min-max over seeds. Gradient update: grid point chosen by validation loss, "
+            "final state ('{checkpoint}').")
 THEORY = dict(color="black", linestyle=":", linewidth=1.2, label="Theory")
 THRESHOLD = dict(color="0.45", linestyle="--", linewidth=0.9)
 CHANCE = dict(color="0.6", linestyle="-.", linewidth=0.8)
@@ -60,6 +73,18 @@ BAND_ALPHA = 0.18
 RANK_CMAP = "viridis"
 
 FROZEN_LABEL = {0: "Random", 1: "Pretrained"}
+
+
+def protocol_line(protocol: str) -> dict:
+    return dict(PROTOCOL_STYLE.get(protocol, {}).get("line", {}))
+
+
+def protocol_band(protocol: str) -> bool:
+    return bool(PROTOCOL_STYLE.get(protocol, {}).get("band", True))
+
+
+def protocol_note(protocol: str, figure: str) -> str:
+    return PROTOCOL_NOTES.get(protocol, {}).get(figure, "")
 
 
 def apply() -> None:
@@ -116,6 +141,9 @@ def legend(ax: Axes, **kwargs) -> None:
         ax.legend(**{"loc": "best", **kwargs})
 
 
+_note, _legend = note, legend  # finish_panel's parameters shadow these names
+
+
 def suptitle(fig: Figure, text: str, footnote: str = "") -> None:
     """Title on top; the footnote as the figure's x label, so the layout makes room for it."""
     fig.suptitle(text, fontsize=9.5)
@@ -156,7 +184,58 @@ def atomic_write_text(path, text: str) -> Path:
 
 def log_safe(values: Iterable[float]):
     """Values for a log axis: non-positive ones (an exact zero) become gaps, not numbers."""
-    import numpy as np
-
     arr = np.asarray(list(values), dtype=float)
     return np.where(arr > 0, arr, np.nan)
+
+
+# ------------------------------------------------------------------ panels
+def draw_curve(ax: Axes, c, key: str, *, log: bool = False, label: Optional[str] = None, band: bool = True, **override) -> bool:
+    """A median curve (analysis.Curve) with markers and its band; returns False (nothing
+    drawn) if empty."""
+    if c.empty:
+        return False
+    st = series_style(key, **override)
+    text = label or st.pop("label", key)
+    st.pop("label", None)
+    if c.n_dropped:
+        text += f" ({c.n_dropped} diverged excl.)"
+    fix = log_safe if log else np.asarray
+    ax.plot(c.x, fix(c.median), label=text, **st)
+    if band and len(c.x) and np.any(c.high > c.low):
+        ax.fill_between(c.x, fix(c.low), fix(c.high), color=st.get("color"), alpha=BAND_ALPHA, linewidth=0)
+    return True
+
+
+def finish_panel(ax: Axes, drawn: bool, title: str, *, log: bool, xlabel: str, ylabel: str, thr: Optional[int] = None,
+                 note: str = "", legend: bool = True, integer_x: bool = True) -> None:
+    """Title, scales, threshold line, labels, note and legend; 'no data' if nothing was drawn."""
+    ax.set_title(title)
+    if not drawn:
+        no_data(ax, title)
+        return
+    if log:
+        ax.set_yscale("log")
+    if integer_x:
+        integer_ticks(ax)
+    threshold_line(ax, thr)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _note(ax, note)
+    if legend:
+        _legend(ax)
+
+
+# ------------------------------------------------------------------ text
+def g(x: float) -> str:
+    """A measured number in tables: three significant digits, 'nan' for a missing one."""
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df, columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_escape(row[c]) for c in columns) + " |" for _, row in df.iterrows()]
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write
 from ..core.config import RunConfig
 
-SCHEMA_VERSION = "2"  # 2: the engine column
+SCHEMA_VERSION = "3"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale)
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -58,6 +58,9 @@ _RESULT_FIELDS = [
     pa.field("n_trainable_params", pa.int64(), nullable=False),
     pa.field("threshold_rank", pa.int64(), nullable=False),
     pa.field("pretrain_steps", pa.int64()),
+    # theory for the row's own models (runner.theory_columns), so reporting needs no models
+    pa.field("svd_optimum_mse", pa.float64()),  # (1/D) sum_{i>RL} sigma_i(E)^2; null unless a one-layer FNN target
+    pa.field("target_mse_scale", pa.float64()),  # mean squared target output on the test inputs
     pa.field("curve_steps", pa.list_(pa.int64())),
     pa.field("train_curve", pa.list_(pa.float64())),
     pa.field("val_curve", pa.list_(pa.float64())),
@@ -143,7 +146,8 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
     expected = (schema.metadata or {}).get(SCHEMA_KEY)
     if version != expected:
         found = version.decode() if version else "none"
-        raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()}")
+        raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()} "
+                           "(written by another lorabench version: rerun the runs that made it)")
     validate_table(table, str(path), schema)
     return table
 

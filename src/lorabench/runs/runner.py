@@ -122,7 +122,18 @@ def threshold_rank(cfg: RunConfig) -> int:
     return theory.fnn_threshold_rank(cfg.width, cfg.frozen_depth, cfg.target_depth)
 
 
-def _base_row(cfg: RunConfig, models: Models, device: torch.device) -> dict:
+def theory_columns(cfg: RunConfig, models: Models, target_scale: float) -> dict:
+    """The theory a row's figures and claims compare with, from the row's own models, so
+    that reporting needs no model code: the single-layer SVD optimum at the row's rank
+    (None unless the target is a one-layer FNN) and the target's mean squared output on
+    the test inputs (``theory.mean_squared_output``, shared by a cell's rows)."""
+    return {
+        "svd_optimum_mse": theory.single_layer_optimum(models.frozen, models.target, cfg.rank),
+        "target_mse_scale": target_scale,
+    }
+
+
+def _base_row(cfg: RunConfig, models: Models, device: torch.device, target_scale: float) -> dict:
     row = cfg.to_dict()
     row.update(
         config_hash=cfg.config_hash(),
@@ -130,6 +141,7 @@ def _base_row(cfg: RunConfig, models: Models, device: torch.device) -> dict:
         threshold_rank=threshold_rank(cfg),
         pretrain_steps=models.pretrain_steps,
     )
+    row.update(theory_columns(cfg, models, target_scale))
     row.update(provenance(device))
     return row
 
@@ -169,7 +181,7 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         # Non-finite or singular weights: no construction exists; record it as diverged
         # (NaN metrics) instead of failing the whole job.
         adapted = None
-    row = _base_row(cfg, models, device)
+    row = _base_row(cfg, models, device, theory.mean_squared_output(models.target, data.eval_sets(cfg).test))
     if adapted is None:
         row.update({f"{name}_loss": math.nan for name in ("test", "test_shift", "val")})
         if cfg.task != "regression":
@@ -224,6 +236,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     train_seconds = time.perf_counter() - start
 
     rows = []
+    target_scale = theory.mean_squared_output(all_models[0].target, sets.test)
     for checkpoint, params, val in (("last", result.last, result.last_val), ("best", result.best, result.best_val)):
         metrics = []
         chunk = 16 if cfg.exp == "tfn" else 128
@@ -232,7 +245,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
             part = _slice_model(model, begin, begin + chunk)
             metrics.extend(_metrics(part, target, sets, cfg, device))
         for c, member in enumerate(cell):
-            row = _base_row(member, all_models[c], device)
+            row = _base_row(member, all_models[c], device, target_scale)
             row.update(metrics[c])
             diverged = bool(result.diverged_step[c] >= 0)
             row.update(

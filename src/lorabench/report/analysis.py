@@ -1,0 +1,199 @@
+"""Statistics of the result rows that figures, claims and the protocol comparison share.
+
+A pure function of the Parquet rows: no model is generated or trained here. The theory
+the report compares with was stored in each row when it was made (runs.runner's
+``theory_columns``): ``svd_optimum_mse``, the linear optimum (1/D) sum_{i>RL} sigma_i(E)^2
+of a one-layer target, and ``target_mse_scale``, the target's mean squared test output.
+
+* Statistic: the paper's median over seeds, with the min-max band over seeds (which the
+  paper's figures omit). Gradient runs are taken at a checkpoint (default 'last', the
+  final state, as the paper); constructions are the 'construction' rows.
+* Diverged runs are never numbers: a seed whose every grid point diverged (NaN metrics,
+  ``diverged``) is left out of the median and counted, as are the diverged grid points
+  the selection excluded (``n_excluded``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from ..core.config import PROTOCOLS
+
+DEFAULT_PROTOCOL = "paper"
+DEFAULT_CHECKPOINT = "last"
+BAND = "minmax"  # or "iqr"
+FNN_PAIRS = ((1, 2), (2, 4))  # (Lbar, L)
+CLASSIFICATION_TASKS = ("classification", "binary_classification")
+PASS, FAIL, NOT_RUN, ERROR = "pass", "fail", "not run", "error"  # a claim's status
+
+
+# ------------------------------------------------------------------ inputs
+def ensure_selected(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """The selected rows: given, or selected from ``runs`` by validation loss."""
+    if selected is not None:
+        return selected
+    from ..runs.selection import select_by_validation
+
+    return select_by_validation(runs if runs is not None else pd.DataFrame())
+
+
+def read_inputs(runs_path, selected_path) -> tuple[Optional[pd.DataFrame], pd.DataFrame]:
+    """runs.parquet (optional) and selected.parquet (made from the runs when not given)."""
+    from ..runs.results import SELECTED_SCHEMA, ResultsError, read_rows
+
+    if not runs_path and not selected_path:
+        raise ResultsError("give --runs, --selected or both")
+    runs = read_rows(runs_path) if runs_path else None
+    selected = read_rows(selected_path, SELECTED_SCHEMA) if selected_path else None
+    return runs, ensure_selected(runs, selected)
+
+
+# ------------------------------------------------------------------ selecting rows
+def _has(df: pd.DataFrame, *columns: str) -> bool:
+    return all(c in df.columns for c in columns)
+
+
+def choose_protocol(selected: pd.DataFrame, experiment: str, protocol: Optional[str] = None) -> str:
+    """The protocol to draw: ``protocol`` if given, else 'paper' if the experiment has
+    rows under it, else the first protocol that has rows."""
+    if protocol is not None:
+        return protocol
+    if _has(selected, "experiment", "protocol"):
+        present = set(selected.loc[selected["experiment"] == experiment, "protocol"].dropna())
+        for p in (DEFAULT_PROTOCOL,) + tuple(p for p in PROTOCOLS if p != DEFAULT_PROTOCOL):
+            if p in present:
+                return p
+    return DEFAULT_PROTOCOL
+
+
+def present_protocols(selected: pd.DataFrame) -> list[str]:
+    """The protocols with rows, in PROTOCOLS order; 'paper' when there are none."""
+    found = set(selected["protocol"].dropna()) if selected is not None and "protocol" in selected else set()
+    return [p for p in PROTOCOLS if p in found] or [DEFAULT_PROTOCOL]
+
+
+def rows(
+    selected: pd.DataFrame,
+    experiment: str,
+    protocol: str,
+    method: str,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+    **equal,
+) -> pd.DataFrame:
+    """Rows of one experiment, protocol and method; method 'ours' uses the construction
+    rows, gradient methods the given checkpoint; ``equal`` filters further columns."""
+    needed = ("experiment", "protocol", "method", "checkpoint") + tuple(equal)
+    if selected is None or selected.empty or not _has(selected, *needed):
+        return pd.DataFrame(columns=list(selected.columns) if selected is not None else [])
+    mask = (
+        (selected["experiment"] == experiment)
+        & (selected["protocol"] == protocol)
+        & (selected["method"] == method)
+        & (selected["checkpoint"] == ("construction" if method == "ours" else checkpoint))
+    )
+    for column, value in equal.items():
+        mask &= selected[column] == value
+    return selected[mask]
+
+
+# ------------------------------------------------------------------ medians over seeds
+def _one_per_seed(df: pd.DataFrame, x: str) -> pd.DataFrame:
+    """One row per (x, seed): where a filter leaves several (settings the figure does not
+    separate), keep the lowest validation loss, as the paper's notebooks do."""
+    if df.duplicated([x, "seed"]).any():
+        order = df.assign(_bad=df["diverged"].astype(bool), _val=df["val_loss"].astype(float))
+        order = order.sort_values(["_bad", "_val"], na_position="last", kind="stable")
+        df = order.drop_duplicates([x, "seed"]).drop(columns=["_bad", "_val"])
+    return df
+
+
+@dataclass
+class Curve:
+    """A median-over-seeds curve with its band, and what was left out of it."""
+
+    x: np.ndarray = field(default_factory=lambda: np.array([]))
+    median: np.ndarray = field(default_factory=lambda: np.array([]))
+    low: np.ndarray = field(default_factory=lambda: np.array([]))
+    high: np.ndarray = field(default_factory=lambda: np.array([]))
+    n: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    n_dropped: int = 0  # selected rows (seeds) not drawn: every grid point diverged, or a non-finite value
+    n_grid_excluded: int = 0  # diverged grid points the selection excluded
+
+    @property
+    def empty(self) -> bool:
+        return len(self.x) == 0
+
+    def at(self, x) -> float:
+        hit = np.nonzero(self.x == x)[0]
+        return float(self.median[hit[0]]) if len(hit) else math.nan
+
+    def as_series(self) -> pd.Series:
+        return pd.Series(self.median, index=self.x)
+
+
+def curve(df: pd.DataFrame, x: str, y: str, band: str = BAND) -> Curve:
+    """Median over seeds of ``y`` at each value of ``x``, with the min-max (or IQR) band.
+    Diverged rows and non-finite values are dropped and counted."""
+    if df is None or df.empty or not _has(df, x, y, "seed"):
+        return Curve()
+    df = _one_per_seed(df, x)
+    values = df[y].astype(float)
+    diverged = df["diverged"].astype(bool) if "diverged" in df else pd.Series(False, index=df.index)
+    ok = np.isfinite(values) & ~diverged
+    grid_excluded = int(pd.to_numeric(df["n_excluded"], errors="coerce").fillna(0).sum()) if "n_excluded" in df else 0
+    good = df.loc[ok].assign(_y=values[ok])
+    if good.empty:
+        return Curve(n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded)
+    grouped = good.groupby(x)["_y"]
+    med = grouped.median()
+    if band == "iqr":
+        low, high = grouped.quantile(0.25), grouped.quantile(0.75)
+    else:
+        low, high = grouped.min(), grouped.max()
+    return Curve(
+        x=med.index.to_numpy(), median=med.to_numpy(), low=low.to_numpy(), high=high.to_numpy(),
+        n=grouped.size().to_numpy(), n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded,
+    )
+
+
+def median_by(df: pd.DataFrame, x: str = "rank", y: str = "test_loss") -> pd.Series:
+    """The median-over-seeds curve as a Series indexed by ``x`` (claims use this)."""
+    return curve(df, x, y).as_series()
+
+
+def excluded_note(curves: dict[str, Curve]) -> str:
+    """'<name>: <n> diverged grid pts excl.' for each curve that lost grid points."""
+    parts = [f"{name}: {c.n_grid_excluded} diverged grid pts excl." for name, c in curves.items() if c.n_grid_excluded]
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ theory, as stored
+def threshold(df: pd.DataFrame) -> Optional[int]:
+    """The threshold rank of a panel's rows, if they agree on one."""
+    if df is None or df.empty or "threshold_rank" not in df:
+        return None
+    values = pd.to_numeric(df["threshold_rank"], errors="coerce").dropna().unique()
+    return int(values[0]) if len(values) == 1 else None
+
+
+def theory_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (seed, rank, pretrained, protocol) of ``df`` with a one-layer target: the stored
+    linear optimum as ``value``, with diverged=False, ready for ``curve``."""
+    columns = ["rank", "seed", "pretrained", "protocol", "value", "diverged", "val_loss"]
+    if df is None or df.empty or "svd_optimum_mse" not in df:
+        return pd.DataFrame(columns=columns)
+    keys = ["seed", "rank", "pretrained", "protocol"]
+    known = df[pd.to_numeric(df["svd_optimum_mse"], errors="coerce").notna()].drop_duplicates(keys)
+    out = known[keys].astype({"seed": int, "rank": int, "pretrained": int})
+    out = out.assign(value=known["svd_optimum_mse"].astype(float), diverged=False, val_loss=0.0)
+    return out[columns].reset_index(drop=True)
+
+
+def relative_mse(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
+    """MSE / mean squared target output, per row (the exactness measure)."""
+    return df[y].astype(float) / df["target_mse_scale"].astype(float)
