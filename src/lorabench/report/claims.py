@@ -417,16 +417,3 @@ def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame],
         lines += [f"## Protocol `{protocol}` ({summary})", "", markdown_table(part, ["id", "claim", "status", "measured", "source"]), ""]
     md_path = style.atomic_write_text(out / "claims.md", "\n".join(lines))
     return [md_path, csv_path]
-
-
-def claims_command(args) -> int:
-    """``lorabench claims``: claims.md/.csv and the protocol comparison into --out."""
-    from .comparison import write_protocol_comparison
-
-    runs, selected = figures.read_inputs(args.runs, args.selected)
-    paths = write_claims(runs, selected, args.out, checkpoint=args.checkpoint)
-    if not args.no_comparison:
-        paths += write_protocol_comparison(selected, args.out, checkpoint=args.checkpoint)
-    for path in paths:
-        print(path)
-    return 0

@@ -597,31 +597,3 @@ def write_all_figures(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFr
     for name in names or FIGURE_NAMES:
         paths.extend(FIGURES[name](selected, out_dir, protocol=protocol, checkpoint=checkpoint))
     return paths
-
-
-# ------------------------------------------------------------------ command line
-def read_inputs(runs_path, selected_path) -> tuple[Optional[pd.DataFrame], pd.DataFrame]:
-    """runs.parquet (optional) and selected.parquet (made from the runs when not given)."""
-    from ..runs.results import SELECTED_SCHEMA, read_rows
-
-    runs = read_rows(runs_path) if runs_path else None
-    selected = read_rows(selected_path, SELECTED_SCHEMA) if selected_path else None
-    if runs is None and selected is None:
-        from ..runs.results import ResultsError
-
-        raise ResultsError("give --runs, --selected or both")
-    return runs, ensure_selected(runs, selected)
-
-
-def figures_command(args) -> int:
-    """``lorabench figures``: every figure into --out; the protocol comparison too when
-    --comparison_out names its folder."""
-    runs, selected = read_inputs(args.runs, args.selected)
-    paths = write_all_figures(runs, selected, args.out, protocol=args.protocol, checkpoint=args.checkpoint)
-    if args.comparison_out:
-        from .comparison import write_protocol_comparison
-
-        paths += write_protocol_comparison(selected, args.comparison_out, checkpoint=args.checkpoint)
-    for path in paths:
-        print(path)
-    return 0

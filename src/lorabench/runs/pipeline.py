@@ -1,4 +1,5 @@
-"""The workflow's steps as ``lorabench`` subcommands; the Snakemake rules only call these.
+"""The workflow's steps; ``lorabench <step>`` (cli.py) calls these, and the Snakemake rules
+call only those subcommands.
 
     lorabench models    --spec S --out M.pt          frozen + target models of one job
     lorabench construct --spec S --models M.pt --out C.parquet
@@ -12,13 +13,13 @@ experiment, protocol, seed and RunConfigs. Every output is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from .atomic import atomic_write
 from ..core.config import ConfigError, RunConfig
-from .dispatch import DISPATCHES, SlurmSettings
+from .dispatch import SlurmSettings
 from .results import ResultsError
 
 
@@ -77,9 +78,10 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------- steps
-def generate(spec_path: str, out: str) -> None:
+def generate(spec_path: str, out: str, threads: int = 1) -> None:
     from ..core.generation import generate_models
 
+    _set_threads(threads)
     spec = read_spec(spec_path)
     save_models({key: generate_models(key) for key in spec["configs"]}, out)
 
@@ -95,6 +97,28 @@ def run_spec(spec_path: str, models_path: str, device: str = "auto", threads: in
     spec = read_spec(spec_path)
     models = load_models(models_path)
     return _rows_with_experiment(run_configs(spec["configs"], device=device, models=models), spec["experiment"])
+
+
+def construct(spec_path: str, models_path: str, out: str, device: str = "auto", threads: int = 1) -> None:
+    from .results import check_writable, write_rows
+
+    check_writable(out)
+    write_rows(run_spec(spec_path, models_path, device, threads), out)
+
+
+def train(spec_path: str, models_path: str, out: str, device: str = "auto", threads: int = 1, *,
+          dispatch: str = "local", log_dir: Optional[str] = None, slurm: Optional[SlurmSettings] = None) -> None:
+    """``run_spec`` where ``dispatch`` says (this process, submitit-local or Slurm), then
+    its rows to ``out``."""
+    from . import dispatch as dispatching
+    from .results import check_writable, write_rows
+
+    check_writable(out)
+    rows = dispatching.run(
+        run_spec, spec_path, models_path, device, threads,
+        mode=dispatch, log_dir=log_dir, name=f"lorabench-{Path(out).stem}", slurm=slurm,
+    )
+    write_rows(rows, out)
 
 
 def aggregate(inputs: list[str], out: str) -> None:
@@ -119,74 +143,3 @@ def select(runs_path: str, out: str) -> None:
     table = pa.Table.from_pandas(selected[SELECTED_SCHEMA.names], schema=SELECTED_SCHEMA, preserve_index=False)
     validate_table(table, out, SELECTED_SCHEMA)
     atomic_write_table(table, out)
-
-
-# ------------------------------------------------------------------- CLI
-def add_subparsers(sub) -> None:
-    """Add the workflow's subcommands to ``lorabench``'s subparsers."""
-    p = sub.add_parser("models", help="workflow: generate the frozen and target models of a job spec")
-    p.add_argument("--spec", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
-
-    for name, text in (("construct", "run the constructions (method ours) of a job spec"),
-                       ("train", "train the gradient runs of a job spec")):
-        p = sub.add_parser(name, help=f"workflow: {text}")
-        p.add_argument("--spec", required=True)
-        p.add_argument("--models", required=True, help="the job's models file (lorabench models)")
-        p.add_argument("--out", required=True, help="Parquet file of result rows")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-        if name == "train":
-            p.add_argument("--dispatch", choices=DISPATCHES, default="local")
-            p.add_argument("--log-dir", default="logs/submitit", help="submitit's job logs")
-            defaults = SlurmSettings()
-            p.add_argument("--slurm-partition", default=defaults.partition)
-            p.add_argument("--slurm-gpus", type=int, default=defaults.gpus)
-            p.add_argument("--slurm-cpus", type=int, default=defaults.cpus)
-            p.add_argument("--slurm-mem-gb", type=int, default=defaults.mem_gb)
-            p.add_argument("--slurm-time-min", type=int, default=defaults.time_min)
-            p.add_argument("--slurm-account", default=defaults.account)
-            p.add_argument("--slurm-qos", default=defaults.qos)
-
-    p = sub.add_parser("aggregate", help="workflow: concatenate result files into one Parquet file")
-    p.add_argument("--out", required=True)
-    p.add_argument("inputs", nargs="*")
-
-    p = sub.add_parser("select", help="workflow: select per group the lr x weight decay point with the lowest validation loss")
-    p.add_argument("--runs", required=True)
-    p.add_argument("--out", required=True)
-
-
-COMMANDS = ("models", "construct", "train", "aggregate", "select")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .results import check_writable, write_rows
-
-    if getattr(args, "threads", 1) < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.command == "models":
-        _set_threads(args.threads)
-        generate(args.spec, args.out)
-    elif args.command == "construct":
-        check_writable(args.out)
-        write_rows(run_spec(args.spec, args.models, args.device, args.threads), args.out)
-    elif args.command == "train":
-        from . import dispatch
-
-        check_writable(args.out)
-        slurm = SlurmSettings(
-            partition=args.slurm_partition, gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem_gb=args.slurm_mem_gb,
-            time_min=args.slurm_time_min, account=args.slurm_account, qos=args.slurm_qos,
-        )
-        rows = dispatch.run(
-            run_spec, args.spec, args.models, args.device, args.threads,
-            mode=args.dispatch, log_dir=args.log_dir, name=f"lorabench-{Path(args.out).stem}", slurm=slurm,
-        )
-        write_rows(rows, args.out)
-    elif args.command == "aggregate":
-        aggregate(args.inputs, args.out)
-    elif args.command == "select":
-        select(args.runs, args.out)
-    return 0
