@@ -5,11 +5,12 @@ import json
 import os
 import shlex
 import sys
-import tempfile
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from lorabench.runs import experiments as lbx
+from lorabench.runs.atomic import atomic_write
 from lorabench.core.config import ConfigError
 
 try:
@@ -80,11 +81,8 @@ def write_specs(jobs):
         path = spec_path(job)
         if os.path.exists(path):
             continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".spec.", suffix=".tmp", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w") as f:
-            json.dump(job.spec(), f, sort_keys=True)
-        os.replace(tmp, path)
+        text = json.dumps(job.spec(), sort_keys=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 write_specs(JOBS)
