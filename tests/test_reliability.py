@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -336,3 +337,58 @@ def test_readme_says_how_to_recover_from_a_stale_lock():
     assert "### Interrupted runs and stale locks" in readme
     section = readme.split("### Interrupted runs and stale locks", 1)[1]
     assert "snakemake --unlock" in section and "--rerun-incomplete" in section
+
+
+# ------------------------------------------------------------------ file modes
+def _modes(paths) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_outputs_honour_the_umask(tmp_path, umask):
+    """Temporary files are created 0600; outputs get what open() would give them."""
+    import matplotlib.pyplot as plt
+
+    from lorabench.cli import main
+    from lorabench.report import style
+
+    cfg = RunConfig(**TINY, method="ours", rank=1)
+    (tmp_path / "spec.json").write_text(json.dumps(Job("x", "paper", 0, "models", (model_key(cfg),)).spec()))
+    pipeline.generate(str(tmp_path / "spec.json"), str(tmp_path / "m.pt"))
+    write_rows(list(run_configs([cfg], device="cpu")), tmp_path / "runs.parquet")
+    assert main(["claims", "--runs", str(tmp_path / "runs.parquet"), "--out", str(tmp_path / "claims")]) == 0
+    fig = plt.figure()
+    style.save(fig, tmp_path / "figures", "empty")
+    plt.close(fig)
+    outputs = [tmp_path / "m.pt", tmp_path / "runs.parquet", *(tmp_path / "claims").iterdir(), *(tmp_path / "figures").iterdir()]
+    assert {p.suffix for p in outputs} == {".pt", ".parquet", ".md", ".csv", ".png", ".pdf"}
+    assert _modes(outputs) == {p.name: 0o666 & ~umask for p in outputs}
+
+
+def test_native_library_honours_the_umask(tmp_path):
+    proc = subprocess.run(["sh", "-c", f"umask 022 && {sys.executable} -c "
+                           "'from lorabench.training import native; native._build()'"],
+                          env={**os.environ, "LORABENCH_CACHE_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "no C compiler" in proc.stderr:
+        pytest.skip("no C compiler")
+    assert proc.returncode == 0, proc.stderr
+    assert set(_modes(tmp_path.iterdir()).values()) == {0o755}
+
+
+@pytest.mark.skipif(not Path(SNAKEMAKE).exists(), reason="snakemake is not installed next to python")
+def test_workflow_specs_honour_the_umask(tmp_path):
+    for item in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / item, tmp_path / item)
+    for folder in ("workflow", "envs"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(["sh", "-c", f"umask 022 && {SNAKEMAKE} -n --cores 1 --config preset=smoke"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    specs = list((tmp_path / "results" / "specs").rglob("*.json"))
+    assert specs and set(_modes(specs).values()) == {0o644}

@@ -1,13 +1,15 @@
+import dataclasses
 import math
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lorabench.core.config import RunConfig
-from lorabench.runs.results import SCHEMA_KEY, ResultsError, read_rows, read_table, write_rows
+from lorabench.runs.results import RUNS_SCHEMA, SCHEMA_KEY, ResultsError, column_role, read_rows, read_table, write_rows
 from lorabench.runs.runner import run_configs
-from lorabench.runs.selection import select_by_validation
+from lorabench.runs.selection import group_columns, select_by_validation
 
 SMALL = dict(width=8, batch_size=32, n_test=100, n_epochs=5, seed=0)
 
@@ -126,3 +128,41 @@ def test_group_with_only_diverged_runs_stays_visible_as_nan(rows):
     selected = select_by_validation(frame)
     assert len(selected) == 1 and bool(selected["diverged"].iloc[0])
     assert math.isnan(selected["test_loss"].iloc[0]) and selected["n_excluded"].iloc[0] == 2
+
+
+# The grouping keys of a runs table as they were when they were listed by hand: every
+# RunConfig field but lr and weight_decay, then the workflow's experiment and checkpoint.
+GROUP_KEYS = [
+    "exp", "width", "target_depth", "frozen_depth", "rank", "use_bias", "activation", "std", "method", "batch_size",
+    "n_epochs", "n_test", "init_mode", "pretrained", "pretrained_epochs", "pretrained_lr", "pretrained_level",
+    "tune_bias", "last_layers", "seed", "rank_step", "task", "n_train", "best_epoch", "n_head", "seq_length",
+    "better_optim", "dropout", "protocol", "n_val", "curve_every", "experiment", "checkpoint",
+]
+
+
+def test_group_columns_of_a_runs_table_are_the_config_without_hyperparameters_plus_identity(tmp_path, rows):
+    write_rows(rows, tmp_path / "runs.parquet")
+    assert group_columns(read_rows(tmp_path / "runs.parquet")) == GROUP_KEYS
+    assert group_columns(RUNS_SCHEMA.empty_table().to_pandas()) == GROUP_KEYS
+
+
+def test_config_columns_are_typed_by_the_runconfig_annotations():
+    assert RUNS_SCHEMA.field("n_train").type == pa.int64() and RUNS_SCHEMA.field("n_train").nullable
+    assert RUNS_SCHEMA.field("lr").type == pa.float64() and not RUNS_SCHEMA.field("lr").nullable
+    assert RUNS_SCHEMA.field("method").type == pa.string()
+    assert RUNS_SCHEMA.names[: len(dataclasses.fields(RunConfig))] == [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def test_every_result_column_has_a_role_and_new_columns_are_metrics():
+    roles = {name: column_role(name) for name in RUNS_SCHEMA.names}
+    assert {n for n, r in roles.items() if r == "identity"} == {"experiment", "checkpoint"}
+    assert roles["test_loss"] == roles["val_curve"] == "metric"
+    assert roles["wall_time_s"] == roles["config_hash"] == "provenance"
+    assert column_role("a_column_added_later") == "metric"
+
+
+def test_an_extra_metric_column_selects_identically(rows):
+    frame = pd.DataFrame([r for r in rows if r["checkpoint"] == "last"])
+    extra = frame.assign(new_metric=range(len(frame)))  # differs on every row, like a metric
+    assert group_columns(extra) == group_columns(frame)
+    pd.testing.assert_frame_equal(select_by_validation(extra).drop(columns="new_metric"), select_by_validation(frame))

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,10 +71,6 @@ class RunConfig:
     def depth(self) -> int:
         """Depth of the adapted (frozen) model: L for FNN, the block count for TFN."""
         return self.target_depth if self.exp == "tfn" else self.frozen_depth
-
-    @property
-    def is_gradient(self) -> bool:
-        return self.method in ("sgd", "flt")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,35 +164,44 @@ class RunConfig:
         return self.replace(frozen_depth=self.target_depth)
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+def _kind(hint: Any) -> tuple[type, bool]:
+    """``int`` -> (int, False); ``Optional[int]`` -> (int, True)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0], True) if typing.get_origin(hint) is typing.Union and len(args) == 1 else (hint, False)
+
+
+_HINTS = typing.get_type_hints(RunConfig)
+# name -> (type, may be None), from the annotations above: the one source of the fields'
+# types (the results schema's config columns are derived from it).
+FIELD_TYPES: dict[str, tuple[type, bool]] = {f.name: _kind(_HINTS[f.name]) for f in dataclasses.fields(RunConfig)}
 
 
 def _check_types(cfg: RunConfig) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "n_train":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"n_train must be an integer or 'inf', got {value!r}")
+    for name, (kind, optional) in FIELD_TYPES.items():
+        value = getattr(cfg, name)
+        if value is None and optional:
             continue
-        default = f.default
-        if isinstance(default, bool) or isinstance(value, bool):
-            raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if isinstance(default, int) and not isinstance(value, int):
-            raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-        if isinstance(default, float) and not isinstance(value, (int, float)):
-            raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{f.name} must be a string, got {value!r}")
+        if name == "n_train" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"n_train must be an integer or 'inf', got {value!r}")
+        if kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        elif isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        elif kind is int and not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        elif kind is float and not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; unknown keys are refused by name."""
-    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     values = dict(values)
     for key, value in values.items():
         # YAML and JSON give ints for floats written without a point (lr: 0 ...).
-        if isinstance(RunConfig.__dataclass_fields__[key].default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if FIELD_TYPES[key][0] is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
     return RunConfig(**values).validated()

@@ -42,17 +42,6 @@ def ensure_selected(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFram
     return select_by_validation(runs if runs is not None else pd.DataFrame())
 
 
-def read_inputs(runs_path, selected_path) -> tuple[Optional[pd.DataFrame], pd.DataFrame]:
-    """runs.parquet (optional) and selected.parquet (made from the runs when not given)."""
-    from ..runs.results import SELECTED_SCHEMA, ResultsError, read_rows
-
-    if not runs_path and not selected_path:
-        raise ResultsError("give --runs, --selected or both")
-    runs = read_rows(runs_path) if runs_path else None
-    selected = read_rows(selected_path, SELECTED_SCHEMA) if selected_path else None
-    return runs, ensure_selected(runs, selected)
-
-
 # ------------------------------------------------------------------ selecting rows
 def _has(df: pd.DataFrame, *columns: str) -> bool:
     return all(c in df.columns for c in columns)

@@ -1,4 +1,5 @@
-"""The workflow's steps as ``lorabench`` subcommands; the Snakemake rules only call these.
+"""The workflow's steps; ``lorabench <step>`` (cli.py) calls these, and the Snakemake rules
+call only those subcommands.
 
     lorabench models    --job REF --out M.pt          frozen + target models of one job
     lorabench construct --job REF --models M.pt --out C.parquet
@@ -15,14 +16,13 @@ seed and RunConfigs). Every output is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Optional
 
 from .atomic import atomic_write
 from ..core.config import ConfigError, RunConfig
-from .dispatch import DISPATCHES, SlurmSettings
+from .dispatch import SlurmSettings
 from .results import ResultsError
 
 
@@ -95,9 +95,10 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------- steps
-def generate(spec, out: str) -> None:
+def generate(spec, out: str, threads: int = 1) -> None:
     from ..core.generation import generate_models
 
+    _set_threads(threads)
     spec = _spec(spec)
     save_models({key: generate_models(key) for key in spec["configs"]}, out)
 
@@ -114,6 +115,28 @@ def run_spec(spec, models_path: str, device: str = "auto", threads: int = 1) -> 
     spec = _spec(spec)
     models = load_models(models_path)
     return _rows_with_experiment(run_configs(spec["configs"], device=device, models=models), spec["experiment"])
+
+
+def construct(spec, models_path: str, out: str, device: str = "auto", threads: int = 1) -> None:
+    from .results import check_writable, write_rows
+
+    check_writable(out)
+    write_rows(run_spec(spec, models_path, device, threads), out)
+
+
+def train(spec, models_path: str, out: str, device: str = "auto", threads: int = 1, *,
+          dispatch: str = "local", log_dir: Optional[str] = None, slurm: Optional[SlurmSettings] = None) -> None:
+    """``run_spec`` where ``dispatch`` says (this process, submitit-local or Slurm), then
+    its rows to ``out``."""
+    from . import dispatch as dispatching
+    from .results import check_writable, write_rows
+
+    check_writable(out)
+    rows = dispatching.run(
+        run_spec, spec, models_path, device, threads,
+        mode=dispatch, log_dir=log_dir, name=f"lorabench-{Path(out).stem}", slurm=slurm,
+    )
+    write_rows(rows, out)
 
 
 def aggregate(inputs: list[str], out: str, selected: Optional[str] = None) -> None:
@@ -142,91 +165,3 @@ def select(runs_path: str, out: str) -> None:
     table = pa.Table.from_pandas(selected[SELECTED_SCHEMA.names], schema=SELECTED_SCHEMA, preserve_index=False)
     validate_table(table, out, SELECTED_SCHEMA)
     atomic_write_table(table, out)
-
-
-# ------------------------------------------------------------------- CLI
-def _add_job(p) -> None:
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--job", help="the workflow's job reference (JSON)")
-    which.add_argument("--spec", help="a job spec file (JSON)")
-
-
-def add_subparsers(sub) -> None:
-    """Add the workflow's subcommands to ``lorabench``'s subparsers."""
-    p = sub.add_parser("models", help="workflow: generate the frozen and target models of a job")
-    _add_job(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
-
-    for name, text in (("construct", "run the constructions (method ours) of a job"),
-                       ("train", "train the gradient runs of a job")):
-        p = sub.add_parser(name, help=f"workflow: {text}")
-        _add_job(p)
-        p.add_argument("--models", required=True, help="the job's models file (lorabench models)")
-        p.add_argument("--out", required=True, help="Parquet file of result rows")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-        if name == "train":
-            p.add_argument("--dispatch", choices=DISPATCHES, default="local")
-            p.add_argument("--log-dir", default="logs/submitit", help="submitit's job logs")
-            defaults = SlurmSettings()
-            p.add_argument("--slurm-partition", default=defaults.partition)
-            p.add_argument("--slurm-gpus", type=int, default=defaults.gpus)
-            p.add_argument("--slurm-cpus", type=int, default=defaults.cpus)
-            p.add_argument("--slurm-mem-gb", type=int, default=defaults.mem_gb)
-            p.add_argument("--slurm-time-min", type=int, default=defaults.time_min)
-            p.add_argument("--slurm-account", default=defaults.account)
-            p.add_argument("--slurm-qos", default=defaults.qos)
-
-    p = sub.add_parser("aggregate", help="workflow: concatenate result files into one Parquet file")
-    p.add_argument("--out", required=True)
-    p.add_argument("--selected", help="also write the selection by validation loss here")
-    p.add_argument("inputs", nargs="*")
-
-    p = sub.add_parser("select", help="workflow: select per group the lr x weight decay point with the lowest validation loss")
-    p.add_argument("--runs", required=True)
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("costs", help="workflow: sum the jobs' benchmark records per experiment, rule and protocol")
-    p.add_argument("--out", required=True, help="CSV file")
-    p.add_argument("inputs", nargs="*", help="Snakemake benchmark files (<rule>/<experiment>/<protocol>/<name>.tsv)")
-
-
-COMMANDS = ("models", "construct", "train", "aggregate", "select", "costs")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .results import check_writable, write_rows
-
-    if getattr(args, "threads", 1) < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.command in ("models", "construct", "train"):
-        spec = job_spec(args.job) if args.job is not None else args.spec
-    if args.command == "models":
-        _set_threads(args.threads)
-        generate(spec, args.out)
-    elif args.command == "construct":
-        check_writable(args.out)
-        write_rows(run_spec(spec, args.models, args.device, args.threads), args.out)
-    elif args.command == "train":
-        from . import dispatch
-
-        check_writable(args.out)
-        slurm = SlurmSettings(
-            partition=args.slurm_partition, gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem_gb=args.slurm_mem_gb,
-            time_min=args.slurm_time_min, account=args.slurm_account, qos=args.slurm_qos,
-        )
-        rows = dispatch.run(
-            run_spec, spec, args.models, args.device, args.threads,
-            mode=args.dispatch, log_dir=args.log_dir, name=f"lorabench-{Path(args.out).stem}", slurm=slurm,
-        )
-        write_rows(rows, args.out)
-    elif args.command == "aggregate":
-        aggregate(args.inputs, args.out, args.selected)
-    elif args.command == "select":
-        select(args.runs, args.out)
-    elif args.command == "costs":
-        from .costs import write_costs
-
-        write_costs(args.inputs, args.out)
-    return 0

@@ -8,7 +8,6 @@ all.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Iterable, Union
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write
-from ..core.config import RunConfig
+from ..core.config import FIELD_TYPES
 
 SCHEMA_VERSION = "3"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale)
 SCHEMA_KEY = b"lorabench.schema_version"
@@ -28,18 +27,10 @@ class ResultsError(ValueError):
     """A results file that cannot be used; the message names the file and the problem."""
 
 
-def _config_field_type(field: dataclasses.Field) -> pa.DataType:
-    if field.name == "n_train":
-        return pa.int64()
-    default = field.default
-    if isinstance(default, str):
-        return pa.string()
-    if isinstance(default, float):
-        return pa.float64()
-    return pa.int64()
-
-
-_CONFIG_FIELDS = [pa.field(f.name, _config_field_type(f), nullable=f.name == "n_train") for f in dataclasses.fields(RunConfig)]
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string()}
+# One column per RunConfig field, typed by its annotation (Optional: nullable).
+CONFIG_COLUMNS = tuple(FIELD_TYPES)
+_CONFIG_FIELDS = [pa.field(name, _ARROW_TYPES[kind], nullable=optional) for name, (kind, optional) in FIELD_TYPES.items()]
 
 _RESULT_FIELDS = [
     pa.field("experiment", pa.string()),  # the workflow's experiment name; null for CLI runs
@@ -74,6 +65,26 @@ _RESULT_FIELDS = [
     pa.field("wall_time_s", pa.float64(), nullable=False),
     pa.field("cell_size", pa.int64(), nullable=False),
 ]
+
+# Each result column's role. Config columns say what was run; identity columns say which
+# row of a run it is (with the config, they name the row); provenance says how and where
+# it was produced; every other result column is a metric. A new column is a metric
+# unless listed here, so it never silently becomes part of a row's identity.
+CONFIG, IDENTITY, PROVENANCE, METRIC = "config", "identity", "provenance", "metric"
+IDENTITY_COLUMNS = ("experiment", "checkpoint")
+PROVENANCE_COLUMNS = (
+    "config_hash", "lorabench_version", "torch_version", "device", "device_name", "torch_threads", "engine",
+    "wall_time_s", "cell_size",
+)
+
+
+def column_role(name: str) -> str:
+    if name in CONFIG_COLUMNS:
+        return CONFIG
+    if name in IDENTITY_COLUMNS:
+        return IDENTITY
+    return PROVENANCE if name in PROVENANCE_COLUMNS else METRIC
+
 
 RUNS_SCHEMA = pa.schema(_CONFIG_FIELDS + _RESULT_FIELDS, metadata={SCHEMA_KEY: SCHEMA_VERSION.encode()})
 SELECTED_SCHEMA = pa.schema(

@@ -42,11 +42,15 @@ CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_la
 MAX_CELL = {"fnn": 512, "tfn": 64}  # configs trained together; bounds a cell's memory
 
 
+class DeviceError(RuntimeError):
+    """A device that was asked for and is not there."""
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        raise DeviceError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device(device)
 
 

@@ -12,18 +12,16 @@ import math
 import numpy as np
 import pandas as pd
 
+from .results import CONFIG, IDENTITY, column_role
+
 HYPERPARAMETERS = ("lr", "weight_decay")
-# Columns that differ between runs of one selection group without defining it.
-_NOT_KEYS = set(HYPERPARAMETERS) | {
-    "config_hash", "test_loss", "test_shift_loss", "val_loss", "train_loss", "test_accuracy",
-    "test_shift_accuracy", "val_accuracy", "best_step", "diverged", "diverged_step", "pretrain_steps",
-    "curve_steps", "train_curve", "val_curve", "wall_time_s", "cell_size", "device", "device_name",
-    "torch_threads", "engine", "lorabench_version", "torch_version", "n_trainable_params", "threshold_rank",
-}
 
 
 def group_columns(runs: pd.DataFrame) -> list[str]:
-    return [c for c in runs.columns if c not in _NOT_KEYS]
+    """The columns that define a selection group: the config without the hyperparameters
+    selected over, plus the identity columns (experiment, checkpoint). Metrics and
+    provenance, and any column outside the schema, differ within a group."""
+    return [c for c in runs.columns if c not in HYPERPARAMETERS and column_role(c) in (CONFIG, IDENTITY)]
 
 
 def select_by_validation(runs: pd.DataFrame) -> pd.DataFrame:
