@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .runs import pipeline
 
     pipeline.add_subparsers(sub)
+    from .runs.plan import add_plan_parser
+
+    add_plan_parser(sub)
     for name, what in (("figures", "every figure (with --comparison_out, the protocol comparison too)"),
                        ("claims", "claims.md/.csv and the protocol comparison")):
         report = sub.add_parser(name, help=f"write {what} from the Parquet results (lorabench.{name})")
@@ -230,6 +233,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .report import claims, figures
 
             return figures.figures_command(args) if args.command == "figures" else claims.claims_command(args)
+        if args.command == "plan":
+            from .runs.plan import plan_command
+
+            return plan_command(args)
         from .runs import pipeline
 
         if args.command in pipeline.COMMANDS:
