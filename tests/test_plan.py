@@ -176,3 +176,11 @@ def test_format_and_json(smoke, tmp_path, capsys):
     assert "total" in text and "on 8 core(s)" in text and "startup" in text
     assert result["wall_s"]["8"] <= result["wall_s"]["2"]
     json.dumps(result)  # JSON-able
+
+
+def test_a_real_calibration_of_the_constructions():
+    measured = plan.calibrate_engine("construct-fnn")
+    rate = plan.Rate.from_dict(measured)
+    assert rate.depths == plan.CAL_DEPTHS["fnn"]
+    assert all(0 < rate.config(d) < 10 for d in rate.depths) and rate.step(2) == 0
+    assert "16 constructions" in measured["measured"]

@@ -285,6 +285,9 @@ def _timed_run(cfgs: list[RunConfig], device: str) -> float:
     from .runner import model_key, run_configs
 
     models = {model_key(c): generate_models(model_key(c)) for c in cfgs}  # timed as models-*
+    # untimed first: one-off costs (lazy imports, the native library's load, allocator
+    # warm-up) belong to the process start-up, not to the configs
+    list(run_configs(cfgs[:2], device=device, models=models))
     return _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models)))
 
 
@@ -293,9 +296,10 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(1)  # the workflow's default: one thread per job
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    # the load says how far to trust the figures: CPU time, but shared caches and cores
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if engine == STARTUP:
-        return {"seconds": _startup_seconds(), "measured": f"python -c 'import lorabench.runs.pipeline' (CPU s), {stamp}"}
+        return {"seconds": _startup_seconds(), "measured": f"python importing lorabench's job modules (CPU s), {stamp}"}
     kind, family = engine.split("-")
     depths = CAL_DEPTHS[family]
     if kind == "models":
@@ -329,6 +333,7 @@ def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
     step_s, config_s = [], []
     for depth in depths:
         cfg = _cal_configs(family, depth, "sgd", "paper")[0]
+        generate_models(cfg.replace(seed=99, pretrained=1, pretrained_epochs=2))  # warm-up, untimed
         plain = sum(_cpu_seconds(lambda s=s: generate_models(cfg.replace(seed=s))) for s in seeds) / len(seeds)
         taken, spent = 0, 0.0
         for s in seeds:
@@ -346,7 +351,7 @@ def _startup_seconds(repeats: int = 3) -> float:
     """CPU seconds of a Python process that imports lorabench's job modules (the least of
     a few tries: start-up, not the machine's load)."""
     best = float("inf")
-    code = "import lorabench.runs.pipeline, lorabench.runs.runner, lorabench.core.generation"
+    code = "import lorabench.cli, lorabench.runs.pipeline, lorabench.runs.runner"  # what `python -m lorabench train` loads
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
@@ -434,6 +439,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _short(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} us"
+
+
 def format_plan(plan: dict) -> str:
     head = ("experiment", "protocol", "jobs", "configs", "config-steps", "constructions", "models", "core-h")
     lines = []
@@ -460,9 +472,10 @@ def format_plan(plan: dict) -> str:
             unit = "pretraining step" if engine.startswith("models") else "config-step"
             per = "model key" if engine.startswith("models") else "config"
             what = "; ".join(f"depth {d}: " + ("" if engine.startswith("construct") else
-                                                 f"{rate.step(d) * 1e6:.3g} us per {unit}, ")
-                             + f"{rate.config(d) * 1e3:.3g} ms per {per}" for d in rate.depths)
+                                                 f"{_short(rate.step(d))} per {unit}, ")
+                             + f"{_short(rate.config(d))} per {per}" for d in rate.depths)
         out.append(f"  {engine:<14} [{c['source']}] {what}")
+        out.append(f"  {'':<14} ({c.get('measured', '')})")
     out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
     return "\n".join(out)
 
