@@ -207,12 +207,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_key(engine: str) -> str:
+def cache_key(engine: str, device: str = "cpu") -> str:
+    """Version, CPU model, torch version and engine (and the GPU, when training runs on one)."""
     import torch
 
     from .. import __version__
 
-    return "|".join((__version__, cpu_model(), torch.__version__, engine))
+    parts = [__version__, cpu_model(), torch.__version__, engine]
+    if device != "cpu":
+        parts.append(torch.cuda.get_device_name(torch.device(device)))
+    return "|".join(parts)
 
 
 def cache_path() -> Path:
@@ -402,7 +406,8 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs})
-    measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path)
+    key = lambda engine: cache_key(engine, device.type)  # noqa: E731
+    measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
     startup_s = measured[STARTUP]["seconds"]
     rates = {e: Rate.from_dict(measured[e]) for e in needed}
     costs = job_costs(jobs, rates, startup_s, native)
@@ -421,7 +426,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "total": asdict(total),
         "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
         "startup_s": startup_s,
-        "calibration": {e: {**measured[e], "source": source[e], "key": cache_key(e)} for e in [STARTUP, *needed]},
+        "calibration": {e: {**measured[e], "source": source[e], "key": key(e)} for e in [STARTUP, *needed]},
         "cache": str(path or cache_path()),
     }
 
