@@ -220,6 +220,17 @@ def _add_workflow(sub) -> None:
     p.add_argument("inputs", nargs="*", help="Snakemake benchmark files (<rule>/<experiment>/<protocol>/<name>.tsv)")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="projected configs, config-steps, core-hours and wall time of a workflow config",
+                       formatter_class=HelpFormatter)
+    _option(p, "configfile", default="config.yaml", help="workflow config")
+    _option(p, "preset", help="override the config's preset (paper | quick | smoke)")
+    _option(p, "experiments", help="only these experiments (comma-separated)")
+    _option(p, "cores", default="1", help="core counts to project the wall time for, e.g. 2,8")
+    _option(p, "json", action="store_true", help="print the plan as JSON")
+    _option(p, "recalibrate", action="store_true", help="measure every engine again (ignore the cache)")
+
+
 def _add_report(sub) -> None:
     for name, what in (("figures", "every figure, or those named by --name"),
                        ("claims", "claims.md/.csv and the protocol comparison")):
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_run(sub)
     _add_workflow(sub)
+    _add_plan(sub)
     _add_report(sub)
     return parser
 
@@ -414,6 +426,17 @@ def _print_paths(paths: Sequence[Path]) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from .runs import plan
+
+    cores = plan.parse_cores(args.cores)
+    chosen = [e.strip() for e in args.experiments.split(",") if e.strip()] if args.experiments else None
+    wf, jobs = plan.load_workflow(args.configfile, args.preset, chosen)
+    projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate)
+    print(json.dumps(projected, indent=1) if args.json else plan.format_plan(projected))
+    return 0
+
+
 def costs_command(args: argparse.Namespace) -> int:
     from .runs.costs import write_costs
 
@@ -444,6 +467,7 @@ COMMANDS = {
     "aggregate": aggregate_command,
     "select": select_command,
     "costs": costs_command,
+    "plan": plan_command,
     "figures": figures_command,
     "claims": claims_command,
 }

@@ -1,0 +1,484 @@
+"""``lorabench plan``: what a workflow config will cost, before it runs.
+
+For each experiment and protocol of a config (a preset of ``config.yaml`` or any other
+config file): the jobs, the trained configs and their config-steps (configs x Adam
+steps), the constructions and model keys, and the projected core-hours on this machine;
+then the total and the projected wall time on a given number of cores.
+
+The projection is linear in measured rates. Each engine (``ENGINES``: the native and the
+torch trainer of FNN and TFN cells, the constructions, the model generation) is
+calibrated once by running small real cells through ``runner.run_configs`` at two depths
+and two step counts, which separates the cost of a config-step from the per-config cost
+(set-up and evaluation) and gives both as a line in the model's depth. Times are CPU
+time, so a busy machine slows the calibration's wall clock more than its figures. Rates
+are cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench version, CPU
+model, torch version and engine; ``--recalibrate`` measures again.
+
+What the projection leaves out or bounds: pretraining is counted at its full budget
+(``pretrained_epochs``; it may stop early), the per-config cost is scaled by the number
+of evaluation points, and the per-job fixed cost is the measured start-up of a Python
+process importing lorabench (Snakemake's own per-job overhead is not included).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from ..core.config import ConfigError, RunConfig
+
+ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn",
+           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn")
+STARTUP = "startup"
+CACHE_NAME = "plan-calibration.json"
+# The calibration's cells: the grid's shape (width 16, batch 256, H=2, N=10) at two
+# depths each; ranks 1-16 x weight decays fill a cell.
+CAL_DEPTHS = {"fnn": (2, 8), "tfn": (1, 2)}
+CAL_STEPS = {"fnn": (20, 200), "tfn": (10, 40)}
+CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}  # 64 and 32 configs
+CAL_N_TEST = 1000
+CAL_N_VAL = 256
+CAL_PRETRAIN_STEPS = 30
+
+
+# ------------------------------------------------------------------ rates
+@dataclass(frozen=True)
+class Rate:
+    """Core-seconds of one engine, measured at two depths and linear in between (and,
+    extrapolated, beyond): per config-step (per pretraining step for model generation)
+    and per config (per model key)."""
+
+    depths: tuple[int, int]
+    step_s: tuple[float, float]
+    config_s: tuple[float, float]
+    measured: str = ""  # how and when
+
+    def _at(self, values: tuple[float, float], depth: int) -> float:
+        (d0, d1), (v0, v1) = self.depths, values
+        value = v0 if d1 == d0 else v0 + (v1 - v0) * (depth - d0) / (d1 - d0)
+        return max(value, 0.0)
+
+    def step(self, depth: int) -> float:
+        return self._at(self.step_s, depth)
+
+    def config(self, depth: int) -> float:
+        return self._at(self.config_s, depth)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Rate":
+        return cls(tuple(d["depths"]), tuple(d["step_s"]), tuple(d["config_s"]), d.get("measured", ""))
+
+
+def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], n_configs: int,
+                      seconds: Mapping[tuple[int, int], float], measured: str = "") -> Rate:
+    """The rate from the times of ``n_configs`` configs at each (depth, steps)."""
+    step_s, config_s = [], []
+    (s0, s1) = steps
+    for depth in depths:
+        t0, t1 = seconds[(depth, s0)], seconds[(depth, s1)]
+        per_step = max(t1 - t0, 0.0) / (n_configs * (s1 - s0))
+        step_s.append(per_step)
+        config_s.append(max(t0 / n_configs - s0 * per_step, 0.0))
+    return Rate(tuple(depths), tuple(step_s), tuple(config_s), measured)
+
+
+# ------------------------------------------------------------------ counting
+def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> str:
+    """The engine that runs ``cfg`` in a job of ``kind``; ``native(cfg)`` is the trainer's
+    engine decision."""
+    if kind == "models":
+        return f"models-{cfg.exp}"
+    if kind == "construct":
+        return f"construct-{cfg.exp}"
+    return f"{'native' if native(cfg) else 'torch'}-{cfg.exp}"
+
+
+def eval_points(cfg: RunConfig) -> int:
+    return 2 * cfg.n_test + cfg.n_val  # test, shifted test, validation
+
+
+def config_cost(cfg: RunConfig, kind: str, rate: Rate) -> float:
+    """Core-seconds of one config (models job: one model key)."""
+    depth = cfg.frozen_depth
+    if kind == "models":
+        return rate.config(depth) + (cfg.pretrained_epochs if cfg.pretrained else 0) * rate.step(depth)
+    scale = eval_points(cfg) / eval_points(RunConfig(n_test=CAL_N_TEST, n_val=CAL_N_VAL))
+    steps = cfg.n_epochs if kind == "train" else 0
+    return steps * rate.step(depth) + scale * rate.config(depth)
+
+
+@dataclass
+class Row:
+    experiment: str
+    protocol: str
+    jobs: int = 0
+    configs: int = 0  # trained (sgd, flt)
+    config_steps: int = 0
+    constructions: int = 0
+    models: int = 0  # model keys generated
+    core_s: float = 0.0
+    engines: dict = field(default_factory=dict)  # engine -> core-seconds
+
+
+def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
+              native: Callable[[RunConfig], bool]) -> list[float]:
+    """Core-seconds of each job: start-up plus its configs."""
+    return [startup_s + sum(config_cost(c, j.kind, rates[engine_of(c, j.kind, native)]) for c in j.configs)
+            for j in jobs]
+
+
+def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
+          native: Callable[[RunConfig], bool], rates: Mapping[str, Rate]) -> list[Row]:
+    """One row per (experiment, protocol), in the jobs' order."""
+    rows: dict[tuple[str, str], Row] = {}
+    for job, cost in zip(jobs, costs):
+        row = rows.setdefault((job.experiment, job.protocol), Row(job.experiment, job.protocol))
+        row.jobs += 1
+        row.core_s += cost
+        row.engines[STARTUP] = row.engines.get(STARTUP, 0.0) + startup_s
+        for c in job.configs:
+            engine = engine_of(c, job.kind, native)
+            row.engines[engine] = row.engines.get(engine, 0.0) + config_cost(c, job.kind, rates[engine])
+        if job.kind == "train":
+            row.configs += len(job.configs)
+            row.config_steps += sum(c.n_epochs for c in job.configs)
+        elif job.kind == "construct":
+            row.constructions += len(job.configs)
+        else:
+            row.models += len(job.configs)
+    return list(rows.values())
+
+
+def makespan(durations: Iterable[float], cores: int) -> float:
+    """Longest-first list scheduling of independent jobs on ``cores`` workers."""
+    if cores < 1:
+        raise ConfigError(f"cores must be >= 1, got {cores}")
+    loads = [0.0] * cores
+    for d in sorted(durations, reverse=True):
+        heapq.heapreplace(loads, loads[0] + d)
+    return max(loads)
+
+
+def wall_time(jobs: Sequence, costs: Sequence[float], cores: int) -> float:
+    """Projected wall seconds on ``cores`` one-thread workers: the schedule of every job,
+    and no less than the longest chain (a seed's models job, then its longest job)."""
+    models: dict = {}
+    longest: dict = defaultdict(float)
+    for job, cost in zip(jobs, costs):
+        key = (job.experiment, job.protocol, job.seed)
+        if job.kind == "models":
+            models[key] = cost
+        else:
+            longest[key] = max(longest[key], cost)
+    chain = max((models.get(k, 0.0) + longest.get(k, 0.0) for k in set(models) | set(longest)), default=0.0)
+    return max(makespan(costs, cores), chain)
+
+
+def parse_cores(text: str) -> list[int]:
+    try:
+        cores = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--cores: expected comma-separated integers, got {text!r}") from None
+    if not cores or min(cores) < 1:
+        raise ConfigError(f"--cores: expected integers >= 1, got {text!r}")
+    return cores
+
+
+# ------------------------------------------------------------------ cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() == "model name":
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(engine: str, device: str = "cpu") -> str:
+    """Version, CPU model, torch version and engine (and the GPU, when training runs on one)."""
+    import torch
+
+    from .. import __version__
+
+    parts = [__version__, cpu_model(), torch.__version__, engine]
+    if device != "cpu":
+        parts.append(torch.cuda.get_device_name(torch.device(device)))
+    return "|".join(parts)
+
+
+def cache_path() -> Path:
+    from ..training.native import cache_dir
+
+    return cache_dir() / CACHE_NAME
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: measure again
+
+
+def calibration(engines: Iterable[str], calibrate: Callable[[str], dict], recalibrate: bool = False,
+                path: Optional[Path] = None, key: Callable[[str], str] = cache_key) -> tuple[dict, dict]:
+    """``({engine: measurement}, {engine: 'cache' | 'measured'})``; ``calibrate(engine)``
+    is called only for engines missing from the cache (every engine with ``recalibrate``),
+    and its result is cached."""
+    from .atomic import atomic_write
+
+    path = path or cache_path()
+    cache = _read_cache(path)
+    out, source = {}, {}
+    for engine in dict.fromkeys(engines):
+        k = key(engine)
+        if recalibrate or k not in cache:
+            cache[k] = calibrate(engine)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1, sort_keys=True)))
+            source[engine] = "measured"
+        else:
+            source[engine] = "cache"
+        out[engine] = cache[k]
+    return out, source
+
+
+# ------------------------------------------------------------------ calibration
+@contextmanager
+def _engine(setting: str):
+    old = os.environ.get("LORABENCH_ENGINE")
+    os.environ["LORABENCH_ENGINE"] = setting
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LORABENCH_ENGINE", None)
+        else:
+            os.environ["LORABENCH_ENGINE"] = old
+
+
+def _cal_configs(family: str, depth: int, method: str, protocol: str, steps: int = 1) -> list[RunConfig]:
+    base = dict(exp=family, width=16, target_depth=1 if family == "fnn" else depth, frozen_depth=depth,
+                batch_size=256, n_test=CAL_N_TEST, n_val=CAL_N_VAL, std=0.25, seed=0, protocol=protocol,
+                method=method, n_epochs=steps, lr=1e-4, curve_every=50, n_head=2, seq_length=10)
+    if method == "ours":
+        return [RunConfig(**base, rank=r).validated() for r in range(1, 17)]
+    return [RunConfig(**base, rank=r, weight_decay=wd).validated()
+            for r in range(1, 17) for wd in CAL_WEIGHT_DECAYS[family]]
+
+
+def _cpu_seconds(work: Callable[[], object]) -> float:
+    start = time.process_time()
+    work()
+    return time.process_time() - start
+
+
+def _timed_run(cfgs: list[RunConfig], device: str) -> float:
+    from ..core.generation import generate_models
+    from .runner import model_key, run_configs
+
+    models = {model_key(c): generate_models(model_key(c)) for c in cfgs}  # timed as models-*
+    # untimed first: one-off costs (lazy imports, the native library's load, allocator
+    # warm-up) belong to the process start-up, not to the configs
+    list(run_configs(cfgs[:2], device=device, models=models))
+    return _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models)))
+
+
+def calibrate_engine(engine: str, device: str = "cpu") -> dict:
+    """Measure one engine on small real cells (see the module's docstring); a JSON-able dict."""
+    import torch
+
+    torch.set_num_threads(1)  # the workflow's default: one thread per job
+    # the load says how far to trust the figures: CPU time, but shared caches and cores
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    if engine == STARTUP:
+        return {"seconds": _startup_seconds(), "measured": f"python importing lorabench's job modules (CPU s), {stamp}"}
+    kind, family = engine.split("-")
+    depths = CAL_DEPTHS[family]
+    if kind == "models":
+        return asdict(_calibrate_models(family, depths, stamp))
+    if kind == "construct":
+        seconds = {}
+        for depth in depths:
+            cfgs = _cal_configs(family, depth, "ours", "paper")
+            seconds[(depth, 0)] = _timed_run(cfgs, device)
+            seconds[(depth, 1)] = seconds[(depth, 0)]  # no steps
+        rate = rate_from_timings(depths, (0, 1), len(cfgs), seconds, f"{len(cfgs)} constructions per depth, {stamp}")
+        return asdict(rate)
+    protocol = "paper" if kind == "native" else "reference"
+    steps = CAL_STEPS[family]
+    seconds = {}
+    with _engine(kind):
+        for depth in depths:
+            for n in steps:
+                cfgs = _cal_configs(family, depth, "sgd", protocol, n)
+                seconds[(depth, n)] = _timed_run(cfgs, device)
+    measured = f"{len(cfgs)} configs x {steps} steps, {protocol} protocol, depths {depths}, {stamp}"
+    return asdict(rate_from_timings(depths, steps, len(cfgs), seconds, measured))
+
+
+def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
+    """Per model key: generation without pretraining, and the CPU time per pretraining
+    step actually taken (pretraining may stop before its budget)."""
+    from ..core.generation import generate_models
+
+    seeds = range(4)
+    step_s, config_s = [], []
+    for depth in depths:
+        cfg = _cal_configs(family, depth, "sgd", "paper")[0]
+        generate_models(cfg.replace(seed=99, pretrained=1, pretrained_epochs=2))  # warm-up, untimed
+        plain = sum(_cpu_seconds(lambda s=s: generate_models(cfg.replace(seed=s))) for s in seeds) / len(seeds)
+        taken, spent = 0, 0.0
+        for s in seeds:
+            pre = cfg.replace(seed=s, pretrained=1, pretrained_epochs=CAL_PRETRAIN_STEPS)
+            start = time.process_time()
+            taken += generate_models(pre).pretrain_steps or 0
+            spent += time.process_time() - start - plain
+        config_s.append(plain)
+        step_s.append(max(spent, 0.0) / max(taken, 1))
+    return Rate(tuple(depths), tuple(step_s), tuple(config_s),
+                f"{len(seeds)} seeds per depth, pretraining up to {CAL_PRETRAIN_STEPS} steps, {stamp}")
+
+
+def _startup_seconds(repeats: int = 3) -> float:
+    """CPU seconds of a Python process that imports lorabench's job modules (the least of
+    a few tries: start-up, not the machine's load)."""
+    best = float("inf")
+    code = "import lorabench.cli, lorabench.runs.pipeline, lorabench.runs.runner"  # what `python -m lorabench train` loads
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        best = min(best, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    return best
+
+
+# ------------------------------------------------------------------ the plan
+def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Optional[Sequence[str]] = None):
+    """The expanded workflow config of a config file, with its preset overridden and its
+    experiments restricted when asked."""
+    import yaml
+
+    from . import experiments as lbx
+
+    try:
+        with open(configfile) as f:
+            config = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{configfile}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{configfile}: not valid YAML ({error})") from None
+    if preset is not None:
+        config["preset"] = preset
+    wf = lbx.load(config)
+    jobs = wf.jobs()
+    if experiments:
+        unknown = sorted(set(experiments) - set(wf.experiments))
+        if unknown:
+            raise ConfigError(f"--experiments: unknown experiment(s) {', '.join(unknown)} "
+                              f"(the config has {', '.join(wf.experiments)})")
+        jobs = [j for j in jobs if j.experiment in experiments]
+    return wf, jobs
+
+
+def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
+              recalibrate: bool = False, native: Optional[Callable[[RunConfig], bool]] = None,
+              path: Optional[Path] = None) -> dict:
+    """The plan as a JSON-able dict: rows, total, wall times, calibration."""
+    from .runner import resolve_device
+
+    device = resolve_device(wf.device)
+    if native is None:
+        from ..training.native import use_native
+
+        native = lambda cfg: use_native(cfg, device)  # noqa: E731
+    if calibrate is None:
+        calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
+    needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs})
+    key = lambda engine: cache_key(engine, device.type)  # noqa: E731
+    measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
+    startup_s = measured[STARTUP]["seconds"]
+    rates = {e: Rate.from_dict(measured[e]) for e in needed}
+    costs = job_costs(jobs, rates, startup_s, native)
+    rows = count(jobs, costs, startup_s, native, rates)
+    total = Row("total", "")
+    for row in rows:
+        for name in ("jobs", "configs", "config_steps", "constructions", "models", "core_s"):
+            setattr(total, name, getattr(total, name) + getattr(row, name))
+        for engine, s in row.engines.items():
+            total.engines[engine] = total.engines.get(engine, 0.0) + s
+    return {
+        "preset": wf.preset,
+        "protocols": list(wf.protocols),
+        "device": device.type,
+        "rows": [asdict(r) for r in rows],
+        "total": asdict(total),
+        "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
+        "startup_s": startup_s,
+        "calibration": {e: {**measured[e], "source": source[e], "key": key(e)} for e in [STARTUP, *needed]},
+        "cache": str(path or cache_path()),
+    }
+
+
+def _hours(seconds: float) -> str:
+    h = seconds / 3600
+    return f"{h:.3g}" if h < 100 else f"{h:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _short(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def format_plan(plan: dict) -> str:
+    head = ("experiment", "protocol", "jobs", "configs", "config-steps", "constructions", "models", "core-h")
+    lines = []
+    for r in [*plan["rows"], plan["total"]]:
+        lines.append((r["experiment"], r["protocol"], str(r["jobs"]), str(r["configs"]), f"{r['config_steps']:,}",
+                      str(r["constructions"]), str(r["models"]), _hours(r["core_s"])))
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [f"plan: preset {plan['preset']}, protocols {', '.join(plan['protocols'])}, device {plan['device']}",
+           fmt(head), "  ".join("-" * w for w in widths)]
+    out += [fmt(cells) for cells in lines[:-1]]
+    out += ["  ".join("-" * w for w in widths), fmt(lines[-1]), ""]
+    engines = plan["total"]["engines"]
+    out.append("core-h by engine: " + ", ".join(f"{e} {_hours(s)}" for e, s in sorted(engines.items(), key=lambda x: -x[1])))
+    for n, s in plan["wall_s"].items():
+        out.append(f"projected wall time on {n} core(s), one job per core: {_duration(s)}")
+    out.append("")
+    out.append(f"calibration ({plan['cache']}):")
+    for engine, c in plan["calibration"].items():
+        if engine == STARTUP:
+            what = f"{c['seconds']:.2f} s per job (measured: process start-up and imports; Snakemake's own overhead not included)"
+        else:
+            rate = Rate.from_dict(c)
+            unit = "pretraining step" if engine.startswith("models") else "config-step"
+            per = "model key" if engine.startswith("models") else "config"
+            what = "; ".join(f"depth {d}: " + ("" if engine.startswith("construct") else
+                                                 f"{_short(rate.step(d))} per {unit}, ")
+                             + f"{_short(rate.config(d))} per {per}" for d in rate.depths)
+        out.append(f"  {engine:<14} [{c['source']}] {what}")
+        out.append(f"  {'':<14} ({c.get('measured', '')})")
+    out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
+    return "\n".join(out)

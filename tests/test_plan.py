@@ -1,0 +1,186 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from lorabench.cli import main
+from lorabench.core.config import ConfigError, RunConfig
+from lorabench.runs import plan
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
+RATE = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
+
+
+def fake_calibrate(engine):
+    return {"seconds": 1.0} if engine == plan.STARTUP else dict(RATE)
+
+
+def paper_native(cfg):
+    return cfg.protocol == "paper"
+
+
+# The smoke preset by hand, per protocol: seeds 2, one lr and weight decay, 30 steps (TFN
+# 10); ranks 1-16 become {1, 2, 8, 16} (4), classification's 0-16 {0, 1, 2, 8, 16} (5).
+# experiment: (trained configs, config-steps, constructions)
+SMOKE = {
+    "linear": (2 * 4 * 2, 2 * 4 * 2 * 30, 2 * 4 * 2),  # pretrained x ranks x seeds
+    "fnn": (2 * 2 * 4 * 2, 2 * 2 * 4 * 2 * 30, 2 * 2 * 4 * 2),  # variants x pretrained x ranks x seeds
+    "tfn": (2 * 2 * 4 * 2, 2 * 2 * 4 * 2 * 10, 2 * 2 * 4 * 2),
+    "flt": (2 * (3 + 4) * 2, 2 * (3 + 4) * 2 * 30, 0),  # pretrained x (last_layers + ranks) x seeds
+    "bias": (2 * 4 * 2 * 2, 2 * 4 * 2 * 2 * 30, 0),  # pretrained x ranks x tune_bias x seeds
+    "rank_step": (2 * 3 * 2, 2 * 3 * 2 * 30, 0),  # pretrained x rank steps x seeds
+    "classification": (2 * 2 * 4 * 2, 2 * 2 * 4 * 2 * 30, 2 * 2 * 5 * 2),  # tasks x variants x ranks x seeds
+    "depth": (3 * 4 * 2, 3 * 4 * 2 * 30, 0),  # frozen depths x ranks x seeds
+    "generalization": (2 * 4 * 2, 2 * 4 * 2 * 30, 2 * 4 * 2),
+    "training_curves": (2 * 3 * 2, 2 * 3 * 2 * 30, 0),  # variants x {1, 8, 16} x seeds
+    "uniform_sv": (4 * 2, 4 * 2 * 30, 4 * 2),
+}
+
+
+@pytest.fixture
+def smoke():
+    return plan.load_workflow(CONFIG, "smoke")
+
+
+def test_smoke_counts_match_a_count_by_hand(smoke, tmp_path):
+    wf, jobs = smoke
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json")
+    got = {(r["experiment"], r["protocol"]): (r["configs"], r["config_steps"], r["constructions"]) for r in result["rows"]}
+    expected = {(name, protocol): counts for name, counts in SMOKE.items() for protocol in ("paper", "reference")}
+    assert got == expected
+    assert result["total"]["config_steps"] == 2 * sum(c[1] for c in SMOKE.values())
+
+
+def test_experiments_filter_and_unknown_experiment(tmp_path):
+    wf, jobs = plan.load_workflow(CONFIG, "smoke", ["tfn"])
+    assert {j.experiment for j in jobs} == {"tfn"}
+    with pytest.raises(ConfigError, match="unknown experiment.*nope"):
+        plan.load_workflow(CONFIG, "smoke", ["tfn", "nope"])
+
+
+def test_bad_preset_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", "--configfile", CONFIG, "--preset", "huge"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "preset must be one of" in err and "huge" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rate_is_linear_in_depth_and_from_two_step_counts():
+    # 10 configs, per config 0.5 s + 0.01 s per step at depth 2; 1.5 s + 0.03 s at depth 4
+    seconds = {(2, 10): 10 * (0.5 + 0.1), (2, 30): 10 * (0.5 + 0.3), (4, 10): 10 * (1.5 + 0.3), (4, 30): 10 * (1.5 + 0.9)}
+    rate = plan.rate_from_timings((2, 4), (10, 30), 10, seconds)
+    assert rate.step(2) == pytest.approx(0.01) and rate.step(4) == pytest.approx(0.03)
+    assert rate.config(2) == pytest.approx(0.5) and rate.config(4) == pytest.approx(1.5)
+    assert rate.step(3) == pytest.approx(0.02) and rate.config(6) == pytest.approx(2.5)
+    assert plan.Rate((1, 2), (1.0, 0.0), (0.0, 0.0)).step(5) == 0.0  # never negative
+
+
+def test_config_cost_arithmetic():
+    rate = plan.Rate.from_dict(RATE)
+    cal_eval = 2 * plan.CAL_N_TEST + plan.CAL_N_VAL
+    cfg = RunConfig(frozen_depth=2, n_epochs=100, n_test=plan.CAL_N_TEST, n_val=plan.CAL_N_VAL, method="sgd")
+    assert plan.config_cost(cfg, "train", rate) == pytest.approx(100 * 2e-4 + 0.02)
+    big = cfg.replace(n_test=5 * plan.CAL_N_TEST)
+    assert plan.config_cost(big, "train", rate) == pytest.approx(100 * 2e-4 + 0.02 * (eval_of(big) / cal_eval))
+    assert plan.config_cost(cfg.replace(method="ours"), "construct", rate) == pytest.approx(0.02)
+    pre = cfg.replace(pretrained=1, pretrained_epochs=1000)
+    assert plan.config_cost(pre, "models", rate) == pytest.approx(0.02 + 1000 * 2e-4)
+    assert plan.config_cost(cfg, "models", rate) == pytest.approx(0.02)
+
+
+def eval_of(cfg):
+    return 2 * cfg.n_test + cfg.n_val
+
+
+def test_job_costs_add_startup_and_configs(smoke):
+    wf, jobs = smoke
+    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    costs = plan.job_costs(jobs, rates, 1.5, paper_native)
+    for job, cost in zip(jobs, costs):
+        expected = 1.5 + sum(plan.config_cost(c, job.kind, rates["native-fnn"]) for c in job.configs)
+        assert cost == pytest.approx(expected)
+    rows = plan.count(jobs, costs, 1.5, paper_native, rates)
+    assert sum(r.core_s for r in rows) == pytest.approx(sum(costs))
+    assert sum(sum(r.engines.values()) for r in rows) == pytest.approx(sum(costs))
+
+
+def test_engine_of():
+    fnn, tfn = RunConfig(method="sgd"), RunConfig(exp="tfn", method="sgd", protocol="reference")
+    assert plan.engine_of(fnn, "train", paper_native) == "native-fnn"
+    assert plan.engine_of(tfn, "train", paper_native) == "torch-tfn"
+    assert plan.engine_of(tfn, "construct", paper_native) == "construct-tfn"
+    assert plan.engine_of(fnn, "models", paper_native) == "models-fnn"
+
+
+def test_makespan_and_wall_time():
+    assert plan.makespan([3, 2, 4, 3], 2) == 6  # longest first: {4, 2}, {3, 3}
+    assert plan.makespan([5, 1, 1], 8) == 5
+    assert plan.makespan([1] * 8, 2) == 4
+    with pytest.raises(ConfigError):
+        plan.makespan([1], 0)
+
+    class J:
+        def __init__(self, kind, seed):
+            self.experiment, self.protocol, self.kind, self.seed = "e", "paper", kind, seed
+
+    jobs = [J("models", 0), J("train", 0), J("construct", 0), J("models", 1), J("train", 1)]
+    costs = [2.0, 10.0, 1.0, 2.0, 3.0]
+    assert plan.wall_time(jobs, costs, 1) == pytest.approx(18.0)  # every job in turn
+    assert plan.wall_time(jobs, costs, 8) == pytest.approx(12.0)  # seed 0's models, then its training
+
+
+def test_parse_cores():
+    assert plan.parse_cores("2,8") == [2, 8]
+    for bad in ("", "0", "two"):
+        with pytest.raises(ConfigError, match="--cores"):
+            plan.parse_cores(bad)
+
+
+def test_second_plan_reads_the_cache(smoke, tmp_path):
+    wf, jobs = smoke
+    calls = []
+
+    def counting(engine):
+        calls.append(engine)
+        return fake_calibrate(engine)
+
+    path = tmp_path / "c.json"
+    first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path)
+    engines = sorted(calls)
+    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "torch-tfn" in engines
+    assert {c["source"] for c in first["calibration"].values()} == {"measured"}
+    second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path)
+    assert sorted(calls) == engines  # nothing measured again
+    assert {c["source"] for c in second["calibration"].values()} == {"cache"}
+    assert second["total"] == first["total"]
+    plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path, recalibrate=True)
+    assert len(calls) == 2 * len(engines)
+    cached = json.loads(path.read_text())
+    assert all(key.endswith(tuple(engines)) for key in cached)
+
+
+def test_cache_key_names_version_cpu_torch_and_engine():
+    import torch
+
+    from lorabench import __version__
+
+    key = plan.cache_key("native-fnn")
+    assert key.split("|") == [__version__, plan.cpu_model(), torch.__version__, "native-fnn"]
+
+
+def test_format_and_json(smoke, tmp_path, capsys):
+    wf, jobs = smoke
+    result = plan.make_plan(wf, jobs, [2, 8], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json")
+    text = plan.format_plan(result)
+    assert "total" in text and "on 8 core(s)" in text and "startup" in text
+    assert result["wall_s"]["8"] <= result["wall_s"]["2"]
+    json.dumps(result)  # JSON-able
+
+
+def test_a_real_calibration_of_the_constructions():
+    measured = plan.calibrate_engine("construct-fnn")
+    rate = plan.Rate.from_dict(measured)
+    assert rate.depths == plan.CAL_DEPTHS["fnn"]
+    assert all(0 < rate.config(d) < 10 for d in rate.depths) and rate.step(2) == 0
+    assert "16 constructions" in measured["measured"]
