@@ -53,7 +53,7 @@
     const report = { shown: [], errors: window.reportProbeErrors || [] };
     try {
         if (!(await until(() => menu() && link("Workflow")))) throw new Error("the report's menu never rendered");
-        const names = Object.keys(categories);
+        const names = Object.keys(categories); // the report's own index of its results
         for (const category of names) {
             await openCategory(category, names.length === 1);
             for (let i = 0; i < rows().length; i++) {
