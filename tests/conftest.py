@@ -9,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 
 
-# The smoke workflow takes minutes: one run for the whole session, shared by every test
+# The smoke workflow takes minutes: one run per pytest invocation, shared by every test
 # file that needs its outputs (test_workflow.py, test_report_browser.py).
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
