@@ -74,16 +74,7 @@ def comparable(path: Path, schema=RUNS_SCHEMA) -> pd.DataFrame:
     return df.sort_values(keys).reset_index(drop=True)
 
 
-# --------------------------------------------------------------- the smoke run
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = make_workdir(tmp_path_factory.mktemp("smoke"))
-    start = time.perf_counter()
-    snakemake(workdir, "all_figures", "--config", "preset=smoke")
-    print(f"smoke workflow: {time.perf_counter() - start:.0f} s")
-    return workdir
-
-
+# --------------------------------------------------------------- the smoke run (conftest.py)
 def test_smoke_writes_both_parquet_files_with_their_schemas(smoke_run):
     runs = read_table(smoke_run / "results/runs.parquet", RUNS_SCHEMA).to_pandas()
     selected = read_table(smoke_run / "results/selected.parquet", SELECTED_SCHEMA).to_pandas()
@@ -118,11 +109,10 @@ def test_second_invocation_has_nothing_to_do(smoke_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_report_embeds_every_figure_with_a_caption(smoke_run):
+def test_report_embeds_every_figure_with_a_caption(smoke_report):
     from lorabench.report.figures import FIGURE_NAMES
 
-    snakemake(smoke_run, "--report", "report.html", "--config", "preset=smoke")
-    html = (smoke_run / "report.html").read_text()
+    html = smoke_report.read_text()
     for name in FIGURE_NAMES:
         assert f"{name}.png" in html
     assert "Transformer networks" in html  # a caption from workflow/report/tfn.rst
