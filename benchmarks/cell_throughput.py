@@ -12,7 +12,8 @@ configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
 * the authors' rate and the ratio: measured in the same run when ``--authors DIR`` names a
   checkout of their repository (UW-Madison-Lee-Lab/Expressive_Power_of_LoRA), else the
   figure stored in benchmarks/authors_baseline.json;
-* achieved GFLOP/s against a plain torch.bmm of the same shapes (the practical roofline);
+* achieved GFLOP/s (one core) against a plain torch.bmm of the same shapes (the practical
+  roofline) and against the core's FMA peak (2 FMA units x lanes x 2 flop x clock);
 * peak memory of one cell, and the projected time of the paper's full grids.
 
     python benchmarks/cell_throughput.py               # CPU, ~20 minutes on 2 cores
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 RANKS = list(range(1, 17))
@@ -184,6 +186,22 @@ def bmm_gflops(family, device):
     return 2 * C * tokens * 16 * 16 * n / (time.perf_counter() - start) / 1e9
 
 
+def fma_peak_gflops() -> Optional[float]:
+    """One core's float32 FMA peak: 2 FMA units x vector lanes x 2 flop x the clock
+    (/proc/cpuinfo's "cpu MHz"; 16 lanes with AVX-512, 8 with AVX2). None when unknown."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+    if lanes is None or "cpu MHz" not in fields:
+        return None
+    return 2 * lanes * 2 * float(fields["cpu MHz"]) / 1e3
+
+
 class Entry(dict):
     """A dict that prints each figure as soon as it is measured."""
 
@@ -242,6 +260,11 @@ def main():
             "achieved_gflops": rate * flops_per_config_step(family) / 1e9,
             "bmm_gflops_same_shapes": bmm_gflops(family, args.device),
         })
+        entry["fraction_of_bmm"] = entry["achieved_gflops"] / entry["bmm_gflops_same_shapes"]
+        peak = fma_peak_gflops() if args.device == "cpu" else None
+        if peak:
+            entry["fma_peak_gflops_per_core"] = peak
+            entry["fraction_of_fma_peak"] = entry["achieved_gflops"] / peak
         all_cores = rate
         if args.device == "cpu" and cores > 1:
             threaded = steady_state(family, short, long, args.device, threads=cores)

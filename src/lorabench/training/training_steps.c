@@ -37,7 +37,9 @@ typedef int ivec __attribute__((vector_size(4 * LANES)));
 
 INLINE vec load(const float *p) { return *(const vec_u *)p; }
 INLINE void store(float *p, vec v) { *(vec_u *)p = v; }
-INLINE vec splat(float x) { return (vec){0} + x; }
+/* Every lane x. (Not (vec){0} + x: that is a scalar 0 + x first, which the compiler must
+ * keep (it turns -0 into +0), and it keeps the broadcast out of the FMA's memory operand.) */
+INLINE vec splat(float x) { return __builtin_shufflevector((vec){x}, (vec){x}, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0); }
 /* v where keep is true, else 0 (a NaN in v is kept when keep is true). */
 INLINE vec keep_where(ivec keep, vec v) { return (vec)((ivec)v & keep); }
 typedef float half_vec __attribute__((vector_size(2 * LANES)));
@@ -447,27 +449,87 @@ INLINE float dot(const float *a, const float *b, const int NV) {
     return sum_lanes(acc);
 }
 
-/* One head's attention for n samples of N tokens: probs (n, N keys, N queries), out += the
- * head's output. x: inputs, qr: Mq x, vr: Mv x (token rows). */
-INLINE void attention(const float *restrict x, const float *restrict qr, const float *restrict vr, int n, int N,
-                      float *restrict probs, float *restrict out, const int D, const int NV) {
+/* Lanes that are true take a, the others b. */
+INLINE vec lanes_where(ivec m, vec a, vec b) { return (vec)((m & (ivec)a) | (~m & (ivec)b)); }
+
+/* exp on every lane (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial
+ * in r, times 2^n through the exponent bits): within 2 ulp of expf; 0 below expf's
+ * underflow (its subnormal range is dropped), a NaN stays a NaN. */
+INLINE vec vexp(vec x) {
+    const vec lo = splat(-87.33654f), hi = splat(88.3762626647949f);
+    const ivec under = x < lo;
+    vec z = lanes_where(x > hi, hi, lanes_where(under, lo, x));
+    const vec magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    const vec n = (z * splat(1.44269504088896341f) + magic) - magic;
+    const vec r = (z - n * splat(0.693359375f)) - n * splat(-2.12194440e-4f);
+    vec y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    y = y * (r * r) + r + splat(1.0f);
+    const ivec scale = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return keep_where(~under, y * (vec)scale);
+}
+
+#define MAX_QV (MAX_TOKENS / LANES) /* vectors of a score row (one lane per query) */
+
+/* Token rows (n, N, D) as columns: (n, D, NQ * LANES), one lane per token, zero-padded. */
+INLINE void tokens_as_lanes(const float *restrict rows, int n, int N, float *restrict cols, const int D,
+                            const int NQ) {
+    const int NP = NQ * LANES;
+    for (int b = 0; b < n; b++) {
+        const float *r = rows + (long)b * N * D;
+        float *t = cols + (long)b * D * NP;
+        for (int i = 0; i < D; i++) {
+            for (int q = 0; q < N; q++) t[i * NP + q] = r[q * D + i];
+            for (int q = N; q < NP; q++) t[i * NP + q] = 0.0f;
+        }
+    }
+}
+
+/* One head's attention for n samples of N tokens. Scores S[k][q] = t_k . x_q with
+ * t = X Mq (token rows), computed a key row at a time with the queries on the lanes
+ * (xT: tokens_as_lanes of the inputs), so that the softmax over the keys is lane-wise.
+ * probs (n, N keys, NQ * LANES); out += the head's output; vr: Mv x (token rows). */
+INLINE void attention_impl(const float *restrict xT, const float *restrict t, const float *restrict vr, int n,
+                           int N, float *restrict probs, float *restrict out, const int D, const int NV,
+                           const int NQ) {
+    const int NP = NQ * LANES;
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
-        float *P = probs + (long)b * N * N;
-        for (int k = 0; k < N; k++)
-            for (int q = 0; q < N; q++) P[k * N + q] = dot(x + base + k * D, qr + base + q * D, NV);
-        for (int q = 0; q < N; q++) { /* softmax over the keys, as torch: exp(s - max) / sum */
-            float peak = P[q];
-            for (int k = 1; k < N; k++) peak = P[k * N + q] > peak ? P[k * N + q] : peak;
-            float total = 0.0f;
-            for (int k = 0; k < N; k++) total += (P[k * N + q] = expf(P[k * N + q] - peak));
-            for (int k = 0; k < N; k++) P[k * N + q] /= total;
+        const float *xs = xT + (long)b * D * NP;
+        float *P = probs + (long)b * N * NP;
+        vec peak[MAX_QV], total[MAX_QV];
+        for (int k = 0; k < N; k++) {
+            vec acc[2][MAX_QV];
+            for (int u = 0; u < NQ; u++) acc[0][u] = acc[1][u] = splat(0.0f);
+            for (int i = 0; i < D; i += 2)
+                for (int e = 0; e < 2; e++) {
+                    const vec ti = splat(t[base + k * D + i + e]);
+                    for (int u = 0; u < NQ; u++) acc[e][u] += ti * load(xs + (i + e) * NP + u * LANES);
+                }
+            for (int u = 0; u < NQ; u++) {
+                const vec sc = acc[0][u] + acc[1][u];
+                store(P + k * NP + u * LANES, sc);
+                peak[u] = k == 0 ? sc : lanes_where(sc > peak[u], sc, peak[u]);
+            }
         }
+        for (int u = 0; u < NQ; u++) total[u] = splat(0.0f);
+        for (int k = 0; k < N; k++) /* softmax over the keys, as torch: exp(s - max) / sum */
+            for (int u = 0; u < NQ; u++) {
+                const vec e = vexp(load(P + k * NP + u * LANES) - peak[u]);
+                store(P + k * NP + u * LANES, e);
+                total[u] += e;
+            }
+        for (int k = 0; k < N; k++)
+            for (int u = 0; u < NQ; u++) store(P + k * NP + u * LANES, load(P + k * NP + u * LANES) / total[u]);
         for (int q = 0; q < N; q++) {
             vec acc[MAX_WIDTH / LANES];
             for (int v = 0; v < NV; v++) acc[v] = load(out + base + q * D + v * LANES);
             for (int k = 0; k < N; k++) {
-                const vec pk = splat(P[k * N + q]);
+                const vec pk = splat(P[k * NP + q]);
                 for (int v = 0; v < NV; v++) acc[v] += pk * load(vr + base + k * D + v * LANES);
             }
             for (int v = 0; v < NV; v++) store(out + base + q * D + v * LANES, acc[v]);
@@ -475,87 +537,132 @@ INLINE void attention(const float *restrict x, const float *restrict qr, const f
     }
 }
 
+/* One copy per score-row length, so that its loops have fixed lengths. */
+#define BY_QUERY_VECTORS(NQ, CALL)                                                                                 \
+    switch (NQ) {                                                                                                  \
+    case 1: CALL(1); break;                                                                                        \
+    case 2: CALL(2); break;                                                                                        \
+    case 3: CALL(3); break;                                                                                        \
+    default: CALL(4); break;                                                                                       \
+    }
+
+INLINE void attention(const float *restrict xT, const float *restrict t, const float *restrict vr, int n, int N,
+                      float *restrict probs, float *restrict out, const int D, const int NV) {
+#define ATT(NQ) attention_impl(xT, t, vr, n, N, probs, out, D, NV, NQ)
+    BY_QUERY_VECTORS((N + LANES - 1) / LANES, ATT)
+#undef ATT
+}
+
 /* Activations of one block kept for the backward pass (token rows, n samples). */
 typedef struct {
-    float *x, *q, *v, *probs, *att, *hid, *out; /* q, v, probs: per head */
+    float *x, *xT, *q, *v, *probs, *att, *hid, *out; /* q (X Mq), v, probs: per head; xT: x's tokens on lanes */
 } TfnBlock;
 
 INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const float *restrict p, int l, int n,
                               const float *restrict x, TfnBlock *a, const int D, const int NV) {
-    const int H = s->heads, N = s->tokens;
+    const int H = s->heads, N = s->tokens, NQ = (N + LANES - 1) / LANES;
     const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
     memset(a->att, 0, RD * sizeof(float));
+    tokens_as_lanes(x, n, N, a->xT, D, NQ);
     for (int h = 0; h < H; h++) {
         const long m = (long)l * H + h;
-        matmul(x, rows, w->mq_t + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
+        matmul(x, rows, w->mq + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
         matmul(x, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
-        attention(x, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * (long)n * N * N, a->att, D, NV);
+        attention(a->xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
     }
     matmul(a->att, rows, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, NULL, a->hid, D, NV);
     matmul(a->hid, rows, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, NULL, a->out, D, NV);
 }
 
 /* Backward through one head's attention: given d_att (gradient w.r.t. the summed head
- * outputs), adds the key-side term to dx (unless NULL) and writes dq (w.r.t. Mq x) and dv
- * (w.r.t. Mv x). */
-INLINE void attention_backward(const float *restrict x, const float *restrict qr, const float *restrict vr,
-                               const float *restrict probs, const float *restrict d_att, int n, int N,
-                               float *restrict dx, float *restrict dq, float *restrict dv, const int D, const int NV) {
+ * outputs; d_attT: its tokens on lanes), adds the query-side term to dx (unless NULL) and
+ * writes dt (w.r.t. t = X Mq, the key side) and dv (w.r.t. Mv x). */
+INLINE void attention_backward_impl(const float *restrict x, const float *restrict t, const float *restrict vr,
+                                    const float *restrict probs, const float *restrict d_att,
+                                    const float *restrict d_attT, int n, int N, float *restrict dx,
+                                    float *restrict dt, float *restrict dv, const int D, const int NV,
+                                    const int NQ) {
+    const int NP = NQ * LANES;
     float dS[MAX_TOKENS * MAX_TOKENS];
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
-        const float *P = probs + (long)b * N * N;
+        const float *P = probs + (long)b * N * NP, *gs = d_attT + (long)b * D * NP;
         for (int k = 0; k < N; k++) {
             vec acc[MAX_WIDTH / LANES];
             for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
             for (int q = 0; q < N; q++) {
-                dS[k * N + q] = dot(vr + base + k * D, d_att + base + q * D, NV); /* dP */
-                const vec pk = splat(P[k * N + q]);
+                const vec pk = splat(P[k * NP + q]);
                 for (int v = 0; v < NV; v++) acc[v] += pk * load(d_att + base + q * D + v * LANES);
             }
             for (int v = 0; v < NV; v++) store(dv + base + k * D + v * LANES, acc[v]);
         }
-        for (int q = 0; q < N; q++) { /* softmax backward over the keys */
-            float inner = 0.0f;
-            for (int k = 0; k < N; k++) inner += P[k * N + q] * dS[k * N + q];
-            for (int k = 0; k < N; k++) dS[k * N + q] = P[k * N + q] * (dS[k * N + q] - inner);
-        }
-        for (int k = 0; dx && k < N; k++) { /* S[k][q] = x_k . qr_q */
-            vec acc[MAX_WIDTH / LANES];
-            for (int v = 0; v < NV; v++) acc[v] = load(dx + base + k * D + v * LANES);
-            for (int q = 0; q < N; q++) {
-                const vec d = splat(dS[k * N + q]);
-                for (int v = 0; v < NV; v++) acc[v] += d * load(qr + base + q * D + v * LANES);
+        vec inner[MAX_QV];
+        for (int u = 0; u < NQ; u++) inner[u] = splat(0.0f);
+        for (int k = 0; k < N; k++) { /* dP[k][q] = vr_k . d_att_q, queries on the lanes */
+            vec acc[2][MAX_QV];
+            for (int u = 0; u < NQ; u++) acc[0][u] = acc[1][u] = splat(0.0f);
+            for (int i = 0; i < D; i += 2)
+                for (int e = 0; e < 2; e++) {
+                    const vec vi = splat(vr[base + k * D + i + e]);
+                    for (int u = 0; u < NQ; u++) acc[e][u] += vi * load(gs + (i + e) * NP + u * LANES);
+                }
+            for (int u = 0; u < NQ; u++) {
+                const vec dp = acc[0][u] + acc[1][u];
+                store(dS + k * NP + u * LANES, dp);
+                inner[u] += load(P + k * NP + u * LANES) * dp;
             }
-            for (int v = 0; v < NV; v++) store(dx + base + k * D + v * LANES, acc[v]);
         }
-        for (int q = 0; q < N; q++) {
+        for (int k = 0; k < N; k++) /* softmax backward over the keys */
+            for (int u = 0; u < NQ; u++) {
+                const int at = k * NP + u * LANES;
+                store(dS + at, load(P + at) * (load(dS + at) - inner[u]));
+            }
+        for (int k = 0; k < N; k++) { /* S[k][q] = t_k . x_q: the key side */
             vec acc[MAX_WIDTH / LANES];
             for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
-            for (int k = 0; k < N; k++) {
-                const vec d = splat(dS[k * N + q]);
-                for (int v = 0; v < NV; v++) acc[v] += d * load(x + base + k * D + v * LANES);
+            for (int q = 0; q < N; q++) {
+                const vec d = splat(dS[k * NP + q]);
+                for (int v = 0; v < NV; v++) acc[v] += d * load(x + base + q * D + v * LANES);
             }
-            for (int v = 0; v < NV; v++) store(dq + base + q * D + v * LANES, acc[v]);
+            for (int v = 0; v < NV; v++) store(dt + base + k * D + v * LANES, acc[v]);
+        }
+        for (int q = 0; dx && q < N; q++) { /* the query side */
+            vec acc[MAX_WIDTH / LANES];
+            for (int v = 0; v < NV; v++) acc[v] = load(dx + base + q * D + v * LANES);
+            for (int k = 0; k < N; k++) {
+                const vec d = splat(dS[k * NP + q]);
+                for (int v = 0; v < NV; v++) acc[v] += d * load(t + base + k * D + v * LANES);
+            }
+            for (int v = 0; v < NV; v++) store(dx + base + q * D + v * LANES, acc[v]);
         }
     }
+}
+
+INLINE void attention_backward(const float *restrict x, const float *restrict t, const float *restrict vr,
+                               const float *restrict probs, const float *restrict d_att, const float *restrict d_attT,
+                               int n, int N, float *restrict dx, float *restrict dt, float *restrict dv, const int D,
+                               const int NV) {
+#define ATT_BACK(NQ) attention_backward_impl(x, t, vr, probs, d_att, d_attT, n, N, dx, dt, dv, D, NV, NQ)
+    BY_QUERY_VECTORS((N + LANES - 1) / LANES, ATT_BACK)
+#undef ATT_BACK
 }
 
 /* Work space of one configuration, in floats. */
 typedef struct {
     TfnWeights w;
     TfnBlock *blocks; /* L of them */
-    float *y_out, *scratch, *d_out, *d_hid, *d_att, *dx, *dq, *dv, *dm, *dw, *grad;
+    float *y_out, *scratch, *d_out, *d_hid, *d_att, *d_attT, *dx, *dq, *dv, *dm, *dw, *grad;
     float *d_mq, *d_mv; /* (L, H, D, D) */
 } TfnWork;
 
 static long tfn_work_floats(const TfnShape *s) {
     const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
     const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
-    const long RD = n * s->tokens * s->width, PP = n * s->tokens * s->tokens;
+    const long NP = (s->tokens + LANES - 1) / LANES * LANES;
+    const long RD = n * s->tokens * s->width, PP = n * s->tokens * NP, XT = n * s->width * NP;
     const long weights = 10 * LH * DD + 4 * s->depth * DD + 2 * DD;
-    const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP);
-    return weights + blocks + 7 * RD + 3 * DD + s->n_param;
+    const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP + XT);
+    return weights + blocks + 7 * RD + XT + 3 * DD + s->n_param;
 }
 
 static float *take(float **cursor, long count) {
@@ -567,7 +674,8 @@ static float *take(float **cursor, long count) {
 static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock *blocks) {
     const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
     const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
-    const long RD = n * s->tokens * s->width, PP = n * s->tokens * s->tokens;
+    const long NP = (s->tokens + LANES - 1) / LANES * LANES;
+    const long RD = n * s->tokens * s->width, PP = n * s->tokens * NP, XT = n * s->width * NP;
     float *c = base;
     TfnWeights *w = &k->w;
     w->wq = take(&c, LH * DD), w->wk = take(&c, LH * DD), w->wv = take(&c, LH * DD), w->wo = take(&c, LH * DD);
@@ -578,12 +686,12 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     w->w_out = take(&c, DD), w->w_out_t = take(&c, DD);
     for (int l = 0; l < s->depth; l++) {
         blocks[l].q = take(&c, s->heads * RD), blocks[l].v = take(&c, s->heads * RD);
-        blocks[l].probs = take(&c, s->heads * PP);
+        blocks[l].probs = take(&c, s->heads * PP), blocks[l].xT = take(&c, XT);
         blocks[l].att = take(&c, RD), blocks[l].hid = take(&c, RD), blocks[l].out = take(&c, RD);
     }
     k->blocks = blocks;
     k->y_out = take(&c, RD), k->d_out = take(&c, RD), k->d_hid = take(&c, RD), k->d_att = take(&c, RD);
-    k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD);
+    k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD), k->d_attT = take(&c, XT);
     k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
     k->grad = take(&c, s->n_param);
 }
@@ -606,7 +714,7 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
                             float weight_decay, const float *restrict x, const float *restrict y,
                             const float *restrict vx, const float *restrict vy, int active, float *train_loss,
                             float *val_loss, TfnWork *k, const int D, const int NV) {
-    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch;
+    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch, NQ = (N + LANES - 1) / LANES;
     const long DD = (long)D * D, rows = (long)B * N, RD = rows * D;
     tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
     const float *out = tfn_forward_rows(s, k, p, x, B, D, NV);
@@ -638,14 +746,15 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
              * first block's input is data: no gradient). */
             float *dx = l > 0 ? d_out : NULL;
             if (dx) memset(dx, 0, RD * sizeof(float));
+            tokens_as_lanes(k->d_att, B, N, k->d_attT, D, NQ);
             for (int h = 0; h < H; h++) {
                 const long mi = (long)l * H + h;
-                attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * N, k->d_att, B, N, dx,
-                                   k->dq, k->dv, D, NV);
-                weight_gradient(k->dq, a->x, rows, k->d_mq + mi * DD, NULL, D, NV);
+                attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
+                                   k->d_attT, B, N, dx, k->dq, k->dv, D, NV);
+                weight_gradient(a->x, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
                 weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
                 if (dx) {
-                    matmul_add(k->dq, rows, k->w.mq + mi * DD, dx, D, NV);
+                    matmul_add(k->dq, rows, k->w.mq_t + mi * DD, dx, D, NV);
                     matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
                 }
             }
