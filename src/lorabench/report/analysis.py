@@ -26,7 +26,6 @@ from ..core.config import PROTOCOLS
 
 DEFAULT_PROTOCOL = "paper"
 DEFAULT_CHECKPOINT = "last"
-BAND = "minmax"  # or "iqr"
 FNN_PAIRS = ((1, 2), (2, 4))  # (Lbar, L)
 CLASSIFICATION_TASKS = ("classification", "binary_classification")
 PASS, FAIL, NOT_RUN, ERROR = "pass", "fail", "not run", "error"  # a claim's status
@@ -125,8 +124,8 @@ class Curve:
         return pd.Series(self.median, index=self.x)
 
 
-def curve(df: pd.DataFrame, x: str, y: str, band: str = BAND) -> Curve:
-    """Median over seeds of ``y`` at each value of ``x``, with the min-max (or IQR) band.
+def curve(df: pd.DataFrame, x: str, y: str) -> Curve:
+    """Median over seeds of ``y`` at each value of ``x``, with the min-max band over seeds.
     Diverged rows and non-finite values are dropped and counted."""
     if df is None or df.empty or not _has(df, x, y, "seed"):
         return Curve()
@@ -140,10 +139,7 @@ def curve(df: pd.DataFrame, x: str, y: str, band: str = BAND) -> Curve:
         return Curve(n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded)
     grouped = good.groupby(x)["_y"]
     med = grouped.median()
-    if band == "iqr":
-        low, high = grouped.quantile(0.25), grouped.quantile(0.75)
-    else:
-        low, high = grouped.min(), grouped.max()
+    low, high = grouped.min(), grouped.max()
     return Curve(
         x=med.index.to_numpy(), median=med.to_numpy(), low=low.to_numpy(), high=high.to_numpy(),
         n=grouped.size().to_numpy(), n_dropped=int((~ok).sum()), n_grid_excluded=grid_excluded,
