@@ -206,11 +206,11 @@ def _target_scale(key: RunConfig) -> float:
     MSE counts as exact."""
     import torch
 
-    from ..core import data
     from ..core.models import FNN, fnn_forward, tfn_forward
+    from ..core.protocols import protocol_of
 
     target = _models(key.replace(pretrained=0)).target
-    x = data.eval_sets(key).test.double()
+    x = protocol_of(key).eval_sets(key).test.double()
     with torch.no_grad():
         if isinstance(target, FNN):
             biases = None if target.biases is None else target.biases.double()
