@@ -100,7 +100,10 @@ class NativeEngine(Engine):
         return StepResult(loss, param, val.to(torch.float64), vy, vpred)
 
 
+ENGINES = {engine.name: engine for engine in (TorchEngine, NativeEngine)}
+
+
 def engine_for(trainable: Trainable, optimiser: BatchedAdam, task: str) -> Engine:
-    """The native engine where the trainable carries a native step (see
-    trainables._with_native), else torch."""
-    return (NativeEngine if trainable.native_step is not None else TorchEngine)(trainable, optimiser, task)
+    """The engine the trainable was built for (native where it carries a native step, see
+    trainables._with_native)."""
+    return ENGINES[trainable.engine](trainable, optimiser, task)
