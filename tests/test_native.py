@@ -1,5 +1,6 @@
 """The native training steps (training_steps.c) against the torch trainer they replace."""
 
+import ctypes
 import math
 
 import pytest
@@ -12,15 +13,9 @@ from lorabench.core.generation import generate_models
 from lorabench.runs.runner import run_configs
 from lorabench.core.adapters import LoRA
 from lorabench.core.models import map_tensors
-from lorabench.training.train import (
-    BatchedAdam,
-    autograd_value_and_grad,
-    fnn_trainable,
-    forward,
-    stack_lora,
-    stack_models,
-    tfn_trainable,
-)
+from lorabench.core.models import forward
+from lorabench.training.optimiser import BatchedAdam
+from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models, tfn_trainable
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native step cannot be built")
 
@@ -278,3 +273,14 @@ def test_native_tfn_cell_trains_and_matches_alone(engine):
     # The residual/dropout variant stays on torch.
     residual = _rows([base.replace(rank=2, lr=1e-2, better_optim=1)])
     assert {r["engine"] for r in residual.values()} == {"torch"}
+
+
+def test_layout_mismatch_is_a_clear_error(monkeypatch):
+    class Longer(ctypes.Structure):
+        _fields_ = native._TfnShape._fields_ + [("extra", ctypes.c_long)]
+
+    lib = native._build()
+    native._check_abi(lib)
+    monkeypatch.setattr(native, "_TfnShape", Longer)
+    with pytest.raises(native.NativeError, match="sizeof\\(TfnShape\\)"):
+        native._check_abi(lib)

@@ -6,7 +6,9 @@ import torch
 from lorabench.core.config import RunConfig
 from lorabench.runs.runner import run_configs
 from lorabench.core.generation import generate_models
-from lorabench.training.train import BatchedAdam, autograd_value_and_grad, fnn_trainable, forward, stack_lora, stack_models
+from lorabench.core.models import forward
+from lorabench.training.optimiser import BatchedAdam
+from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models
 
 FNN_CELL = dict(width=8, target_depth=1, frozen_depth=2, batch_size=64, n_test=500, n_epochs=40, method="sgd", seed=3)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from .config import ConfigError, RunConfig
 from .models import FNN, TFN
 
-TFN_ADAPTED = ("wq", "wk", "wv", "wo", "w2", "w_out")
+TFN_ADAPTED = ("wq", "wk", "wv", "wo", "w2", "w_out")  # also the native TFN step's order
 
 
 def layer_ranks(cfg: RunConfig) -> Optional[list[int]]:
@@ -52,8 +52,8 @@ def adapted_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every adapted matrix stack, without the trailing (D, D)."""
     if cfg.exp == "fnn":
         return {"weights": (cfg.frozen_depth,)}
-    stack = (cfg.target_depth, cfg.n_head)
-    return {"wq": stack, "wk": stack, "wv": stack, "wo": stack, "w2": (), "w_out": ()}
+    per_head = (cfg.target_depth, cfg.n_head)
+    return {name: per_head if name in ("wq", "wk", "wv", "wo") else () for name in TFN_ADAPTED}
 
 
 def column_mask(ranks: Union[int, list[int]], lead: tuple[int, ...], width: int) -> Tensor:
@@ -75,9 +75,6 @@ class LoRA:
 
     def delta(self, name: str) -> Tensor:
         return self.a[name] @ self.b[name].transpose(-1, -2)
-
-    def with_factors(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> "LoRA":
-        return replace(self, a=a, b=b)
 
     def to(self, device) -> "LoRA":
         move = lambda d: {k: v.to(device) for k, v in d.items()}
@@ -112,12 +109,6 @@ class LoRA:
         masks = cls._masks(cfg, ranks["weights"] if ranks else None)
         a = {k: torch.zeros_like(v) for k, v in b.items()}
         return cls(a, dict(b), masks)
-
-    @classmethod
-    def zeros(cls, cfg: RunConfig) -> "LoRA":
-        masks = cls._masks(cfg, layer_ranks(cfg))
-        zeros = {name: torch.zeros(*lead, cfg.width, cfg.width) for name, lead in adapted_shapes(cfg).items()}
-        return cls(zeros, {k: v.clone() for k, v in zeros.items()}, masks)
 
 
 def apply_lora(model: Union[FNN, TFN], lora: LoRA) -> Union[FNN, TFN]:

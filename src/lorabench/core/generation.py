@@ -23,7 +23,7 @@ from torch import Tensor
 from . import rng
 from .adapters import LoRA, layer_ranks, reference_layer_ranks
 from .config import RunConfig
-from .models import FNN, TFN, fnn_forward, tfn_forward
+from .models import FNN, TFN, forward
 
 Model = Union[FNN, TFN]
 
@@ -178,9 +178,9 @@ def pretrain(frozen: Model, target: Model, cfg: RunConfig, gen: torch.Generator)
     for step in range(cfg.pretrained_epochs):
         x = _draw_inputs(cfg, cfg.batch_size, gen)
         with torch.no_grad():
-            y = _forward(target, x)
+            y = forward(target, x)
         model = replace(frozen, **leaves)
-        loss = torch.nn.functional.mse_loss(_forward(model, x, drop), y)
+        loss = torch.nn.functional.mse_loss(forward(model, x, drop), y)
         if step == 0:
             initial = loss.item()
         elif loss.item() < initial / cfg.pretrained_level:
@@ -208,19 +208,17 @@ def _draw_inputs(cfg: RunConfig, n: int, gen: torch.Generator) -> Tensor:
     return torch.randn(n, cfg.width, cfg.seq_length, generator=gen)
 
 
-def _forward(model: Model, x: Tensor, dropout=None) -> Tensor:
-    return fnn_forward(model, x) if isinstance(model, FNN) else tfn_forward(model, x, dropout)
-
-
 # ------------------------------------------------------------------ entry point
 def generate_models(cfg: RunConfig) -> Models:
-    """Frozen model, target model, initial adapters and finite training set of one config."""
-    if cfg.protocol == "reference":
-        return _reference_models(cfg)
-    return _paper_models(cfg)
+    """Frozen model, target model, initial adapters and finite training set of one config,
+    in its protocol's random-number order."""
+    from .protocols import protocol_of  # the protocols choose between the two orders below
+
+    return protocol_of(cfg).generate_models(cfg)
 
 
-def _paper_models(cfg: RunConfig) -> Models:
+def paper_models(cfg: RunConfig) -> Models:
+    """One generator per purpose: the models of a seed do not depend on the rank."""
     seed = cfg.seed
     if cfg.exp == "fnn":
         target, _ = _random_fnn(cfg.target_depth, cfg, rng.generator(seed, "target"))
@@ -241,7 +239,8 @@ def _paper_models(cfg: RunConfig) -> Models:
     return Models(frozen, target, lora, x_train, steps)
 
 
-def _reference_models(cfg: RunConfig) -> Models:
+def reference_models(cfg: RunConfig) -> Models:
+    """The authors' single stream, in their order."""
     gen = rng.global_stream(cfg.seed)
     if cfg.exp == "fnn":
         ranks = reference_layer_ranks(cfg)

@@ -196,3 +196,8 @@ def tfn_forward(model: TFN, x: Tensor, dropout: Dropout = None) -> Tensor:
         h = out
     hc = "c" if h.dim() == 4 else ""
     return torch.einsum(f"{c}ed,{hc}dbn->{c}ebn", model.w_out, h).movedim(-3, -2)
+
+
+def forward(model, x: Tensor, dropout: Dropout = None) -> Tensor:
+    """Either family's forward pass (``dropout`` reaches only the TFN)."""
+    return fnn_forward(model, x) if isinstance(model, FNN) else tfn_forward(model, x, dropout)

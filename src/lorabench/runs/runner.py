@@ -19,23 +19,15 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import torch
 
 from .. import __version__
-from ..core import data, rng, theory
-from ..core.adapters import LoRA, apply_lora, layer_ranks, lora_parameter_count
+from ..core import data, theory
+from ..core.adapters import apply_lora, lora_parameter_count
 from ..core.config import RunConfig
 from ..core.construction import fnn_construction, tfn_construction
 from ..core.generation import Models, generate_models
 from ..core.models import FNN, map_tensors
-from ..training.train import (
-    PaperStream,
-    ReferenceFNNStream,
-    ReferenceTFNStream,
-    evaluate,
-    fnn_trainable,
-    stack_lora,
-    stack_models,
-    tfn_trainable,
-    train_cell,
-)
+from ..core.protocols import protocol_of
+from ..training.loop import evaluate, train_cell
+from ..training.trainables import fnn_trainable, stack_lora, stack_models, tfn_trainable
 
 # Configurations of one cell may differ only in these settings.
 CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
@@ -76,10 +68,7 @@ def model_key(cfg: RunConfig) -> RunConfig:
     (paper protocol: the rank only changes the adapters' initialisation; reference
     protocol: the rank changes the authors' random-number order, so it is part of the key).
     ``generate_models(model_key(cfg))`` gives ``cfg``'s models."""
-    neutral = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1)
-    if cfg.protocol == "paper":
-        neutral.update(rank=1, rank_step=0)
-    return cfg.replace(**neutral)
+    return protocol_of(cfg).model_key(cfg)
 
 
 class ModelCache:
@@ -92,12 +81,8 @@ class ModelCache:
     def get(self, cfg: RunConfig) -> Models:
         key = model_key(cfg)
         if key not in self._cache:
-            self._cache[key] = generate_models(key if cfg.protocol == "paper" else cfg)
-        models = self._cache[key]
-        if cfg.protocol == "paper":
-            lora = LoRA.gaussian_init(cfg, rng.generator(cfg.seed, "lora_init"), layer_ranks(cfg))
-            models = replace(models, lora_init=lora)
-        return models
+            self._cache[key] = generate_models(key)
+        return protocol_of(cfg).with_adapters(cfg, self._cache[key])
 
 
 def provenance(device: torch.device) -> dict:
@@ -165,17 +150,15 @@ def _metrics(model, target, sets: data.EvalSets, cfg: RunConfig, device) -> list
 def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> dict:
     start = time.perf_counter()
     frozen, target = models.frozen, models.target
-    # The paper protocol computes and evaluates the construction in float64: it is a
-    # statement about exact representation, and in float32 the TFN depth-2 adapters
-    # (entries near 1e5) alone cost ~1e-3 relative error. The reference protocol
-    # computes in float32 as the authors' code does.
-    dtype = torch.float64 if cfg.protocol == "paper" else torch.float32
+    protocol = protocol_of(cfg)
+    dtype = protocol.construction_dtype
     cast = lambda m: _cast(m, dtype)
     try:
         if isinstance(frozen, FNN):
-            calibration = data.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
+            calibration = protocol.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
             lora, biases = fnn_construction(
-                cast(frozen), cast(target), cfg.rank, calibration, authors_bias_propagation=cfg.protocol == "reference"
+                cast(frozen), cast(target), cfg.rank, calibration,
+                authors_bias_propagation=protocol.authors_bias_propagation,
             )
             adapted = apply_lora(replace(cast(frozen), biases=biases), lora)
         else:
@@ -185,14 +168,14 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         # Non-finite or singular weights: no construction exists; record it as diverged
         # (NaN metrics) instead of failing the whole job.
         adapted = None
-    row = _base_row(cfg, models, device, theory.mean_squared_output(models.target, data.eval_sets(cfg).test))
+    row = _base_row(cfg, models, device, theory.mean_squared_output(models.target, protocol.eval_sets(cfg).test))
     if adapted is None:
         row.update({f"{name}_loss": math.nan for name in ("test", "test_shift", "val")})
         if cfg.task != "regression":
             row.update({f"{name}_accuracy": math.nan for name in ("test", "test_shift", "val")})
     else:
         adapted, target = adapted.to(device), cast(target).to(device)
-        sets = data.eval_sets(cfg)
+        sets = protocol.eval_sets(cfg)
         sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
         row.update(_metrics(adapted, target, sets, cfg, device)[0])
     row.update(
@@ -226,16 +209,9 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     lora = stack_lora([m.lora_init for m in all_models]).to(device)
     make = fnn_trainable if cfg.exp == "fnn" else tfn_trainable
     trainable = make(cell, frozen, lora)
-    sets = data.eval_sets(cfg)
-    x_train = None
-    if cfg.n_train is not None:
-        x_train = all_models[0].x_train if cfg.protocol == "paper" else torch.stack([m.x_train for m in all_models])
-    if cfg.protocol == "paper":
-        stream = PaperStream(cfg, target, sets, x_train, device)
-    elif cfg.exp == "fnn":
-        stream = ReferenceFNNStream(cfg, target, sets, x_train, len(cell), device)
-    else:
-        stream = ReferenceTFNStream(cfg, target, x_train, len(cell), device)
+    protocol = protocol_of(cfg)
+    sets = protocol.eval_sets(cfg)
+    stream = protocol.stream(cfg, target, sets, protocol.training_set(all_models), len(cell), device)
     result = train_cell(cell, trainable, stream, progress)
     train_seconds = time.perf_counter() - start
 

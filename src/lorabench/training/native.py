@@ -8,10 +8,9 @@ home folder each get their own. The library is written under a temporary name an
 
 ``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
-* ``auto`` (default): native for the paper protocol where it applies and builds, else
-  torch (with a warning when the build fails). The reference protocol stays on torch: it
-  exists to repeat the authors' operations one for one, and its accuracy-driven choice of
-  training batch turns round-off differences into different trajectories;
+* ``auto`` (default): native where it applies and builds, for the protocols that train
+  natively by default (``Protocol.native_by_default``: the paper's, not the reference
+  protocol), else torch (with a warning when the build fails);
 * ``native``: native where it applies; a failed build is an error;
 * ``torch``: the stacked-tensor torch trainer everywhere.
 
@@ -35,6 +34,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..core.adapters import TFN_ADAPTED
+from ..core.protocols import protocol_of
 
 ENGINES = ("auto", "native", "torch")
 WIDTHS = (16, 32, 48, 64)  # the widths training_steps.c is specialised for
@@ -62,7 +64,8 @@ class _Shape(ctypes.Structure):
 
 class _TfnShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch")] + [
-        ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * 6), ("off_b", ctypes.c_long * 6),
+        ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * len(TFN_ADAPTED)),
+        ("off_b", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long), ("x_stride", ctypes.c_long), ("y_stride", ctypes.c_long)]
 
 
@@ -116,7 +119,31 @@ def _build() -> ctypes.CDLL:
             os.replace(out, library)
     lib = ctypes.CDLL(str(library))
     lib.fnn_step.restype = lib.tfn_step.restype = ctypes.c_int
+    _check_abi(lib)
     return lib
+
+
+TFN_FROZEN = ("wq", "wk", "wv", "wo", "w1", "w2", "w_out")  # the order of the C TfnFrozen struct
+
+
+def _check_abi(lib: ctypes.CDLL) -> None:
+    """The C side's struct sizes and TFN orders must be those this module passes."""
+    lib.abi_layout.restype = ctypes.c_int
+    expected = {
+        "sizeof(Shape)": ctypes.sizeof(_Shape),
+        "sizeof(TfnShape)": ctypes.sizeof(_TfnShape),
+        "sizeof(AdamConsts)": ctypes.sizeof(_AdamConsts),
+        "T_ADAPTED (the adapted TFN matrices)": len(TFN_ADAPTED),
+        "TfnFrozen pointers (the frozen TFN tensors)": len(TFN_FROZEN),
+        **{f"enum index of {name}": i for i, name in enumerate(TFN_ADAPTED)},
+    }
+    values = (ctypes.c_long * len(expected))()
+    count = lib.abi_layout(values, len(expected))
+    if count != len(expected):
+        raise NativeError(f"training_steps.c reports {count} layout values, native.py expects {len(expected)}")
+    for (what, want), got in zip(expected.items(), values):
+        if got != want:
+            raise NativeError(f"training_steps.c and native.py disagree on {what}: C {got}, Python {want}")
 
 
 def available() -> bool:
@@ -130,13 +157,15 @@ def available() -> bool:
 
 def applies(cfg, device: torch.device) -> bool:
     """Whether the native step can train ``cfg``'s cells: on the CPU, at the widths it is
-    specialised for; FNN cells of every method and task; TFN regression cells of the paper
-    protocol without the residual/dropout variant (the others train with torch)."""
+    specialised for; FNN cells of every method and task; TFN regression cells without the
+    residual/dropout variant whose protocol's stream the native step takes (the others
+    train with torch)."""
     if device.type != "cpu" or cfg.width not in WIDTHS:
         return False
     if cfg.exp == "fnn":
         return cfg.task in TASK_CODES
-    return cfg.task == "regression" and not cfg.better_optim and cfg.protocol == "paper" and cfg.seq_length <= MAX_TOKENS
+    return (cfg.task == "regression" and not cfg.better_optim and protocol_of(cfg).native_tfn
+            and cfg.seq_length <= MAX_TOKENS)
 
 
 def use_native(cfg, device: torch.device) -> bool:
@@ -144,7 +173,7 @@ def use_native(cfg, device: torch.device) -> bool:
     setting = engine_setting()
     if setting == "torch" or not applies(cfg, device):
         return False
-    if setting == "auto" and cfg.protocol == "reference":
+    if setting == "auto" and not protocol_of(cfg).native_by_default:
         return False
     try:
         _build()
@@ -239,12 +268,9 @@ class FNNStep(NativeStep):
                                  *map(_ptr, tensors))
 
 
-TFN_FROZEN = ("wq", "wk", "wv", "wo", "w1", "w2", "w_out")
-
-
 class TFNStep(NativeStep):
     """Frozen stacked TFN tensors (C, ...), the flat-parameter offsets of the cell's layout
-    (a_/b_ factors of wq wk wv wo w2 w_out, biases b1 b2) and the model's sizes. Inputs
+    (a_/b_ factors of TFN_ADAPTED, biases b1 b2) and the model's sizes. Inputs
     (B, D, N) are handed to the kernel as token rows (B, N, D)."""
 
     sample_shape = ("D", "N")
@@ -254,8 +280,9 @@ class TFNStep(NativeStep):
         super().__init__()
         self.frozen = [frozen[name].detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
         C = self.frozen[0].shape[0]
-        self.frozen_ptrs = (ctypes.c_void_p * 7)(*[t.data_ptr() for t in self.frozen])
-        self.frozen_strides = (ctypes.c_long * 7)(*[t.numel() // C for t in self.frozen])
+        n = len(TFN_FROZEN)
+        self.frozen_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in self.frozen])
+        self.frozen_strides = (ctypes.c_long * n)(*[t.numel() // C for t in self.frozen])
         self.offsets, self.n_param = offsets, n_param
         self.depth, self.heads, self.width = depth, heads, width
 
@@ -263,12 +290,12 @@ class TFNStep(NativeStep):
         return t.transpose(-1, -2).contiguous()
 
     def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _TfnShape:
-        names = ("wq", "wk", "wv", "wo", "w2", "w_out")
+        n, names = len(TFN_ADAPTED), TFN_ADAPTED
         return _TfnShape(
             depth=self.depth, heads=self.heads, width=self.width, tokens=x.shape[-2], batch=x.shape[-3],
             val_batch=vx.shape[-3], n_param=self.n_param,
-            off_a=(ctypes.c_long * 6)(*[self.offsets[f"a_{n}"][0] for n in names]),
-            off_b=(ctypes.c_long * 6)(*[self.offsets[f"b_{n}"][0] for n in names]),
+            off_a=(ctypes.c_long * n)(*[self.offsets[f"a_{name}"][0] for name in names]),
+            off_b=(ctypes.c_long * n)(*[self.offsets[f"b_{name}"][0] for name in names]),
             off_b1=self.offsets["b1"][0], off_b2=self.offsets["b2"][0],
             x_stride=0 if x.dim() == 3 else x[0].numel(), y_stride=0 if y.dim() == 3 else y[0].numel(),
         )

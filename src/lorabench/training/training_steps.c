@@ -819,3 +819,15 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
     free(blocks);
     return 0;
 }
+
+/* The layout native.py passes, checked when it loads the library: sizeof Shape, TfnShape,
+ * AdamConsts; T_ADAPTED; the TfnFrozen pointer count; the enum index of each adapted TFN
+ * matrix in native.py's order (TFN_ADAPTED). Writes at most n values; returns how many
+ * there are. */
+int abi_layout(long *out, int n) {
+    const long values[] = {sizeof(Shape), sizeof(TfnShape), sizeof(AdamConsts), T_ADAPTED,
+                           sizeof(TfnFrozen) / sizeof(const float *), TQ, TK, TV, TO, T2, TOUT};
+    const int count = sizeof(values) / sizeof(values[0]);
+    for (int i = 0; i < count && i < n; i++) out[i] = values[i];
+    return count;
+}
