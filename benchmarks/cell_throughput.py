@@ -6,7 +6,7 @@ configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
 * config-steps per second of the batched cell (steady state, from two run lengths):
   in one process on one core, in one process on every core (threads), and in one process
   per core; for the FNN with both engines (``native``: fnn_step.c, ``torch``: stacked
-  torch operations; see lorabench/native.py);
+  torch operations; see lorabench/training/native.py);
 * the same configs run one per process through ``python -m lorabench run`` (this
   project's single-config path, process start-up included, full 5,000 steps);
 * the authors' rate and the ratio: measured in the same run when ``--authors DIR`` names a
