@@ -1,0 +1,1 @@
+"""The maths: configs, seeded generators, the FNN and TFN, LoRA adapters, data and streams, model generation, the paper's constructions, theory, and one object per protocol. Imports nothing else of lorabench."""
