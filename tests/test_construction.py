@@ -12,7 +12,8 @@ from lorabench.core import rng
 from lorabench.core.adapters import apply_lora
 from lorabench.core.config import RunConfig
 from lorabench.core.construction import fnn_construction, linear_construction, tfn_construction
-from lorabench.core.generation import generate_models, group_product
+from lorabench.core.generation import group_product
+from lorabench.core.protocols import generate_models
 from lorabench.core.models import FNN, fnn_forward, tfn_forward
 from lorabench.core.theory import (
     fnn_single_layer_mse_bound,

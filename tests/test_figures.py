@@ -21,7 +21,7 @@ from lorabench.report import analysis, figures, style
 from lorabench.core import theory
 from lorabench.core.protocols import protocol_of
 from lorabench.core.config import RunConfig
-from lorabench.core.generation import generate_models
+from lorabench.core.protocols import generate_models
 from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
 from lorabench.runs.runner import model_key, theory_columns, threshold_rank, trainable_parameter_count
 from lorabench.runs.selection import select_by_validation

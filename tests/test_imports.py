@@ -97,3 +97,21 @@ def test_reporting_imports_no_model_code():
     offending = {name: sorted(d for d in _reachable(graph, name) if d.startswith(MODEL_CODE))
                  for name in graph if name.startswith("lorabench.report")}
     assert not {name: deps for name, deps in offending.items() if deps}
+
+
+LAYERS = ("core", "training", "runs", "report")  # each may import only those before it
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    def layer(module: str):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+    wrong = []
+    for module, deps in import_graph().items():
+        own = layer(module)
+        if own is None:
+            continue
+        allowed = set(LAYERS[: LAYERS.index(own) + 1])
+        wrong += [f"{module} -> {dep}" for dep in sorted(deps) if layer(dep) not in allowed | {None} or dep == "lorabench.cli"]
+    assert not wrong, "imports against the layering cli -> report -> runs -> training -> core:\n" + "\n".join(wrong)

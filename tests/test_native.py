@@ -9,7 +9,7 @@ import torch
 from lorabench.training import native
 from lorabench.core.config import RunConfig
 from lorabench.core.data import task_loss
-from lorabench.core.generation import generate_models
+from lorabench.core.protocols import generate_models
 from lorabench.runs.runner import run_configs
 from lorabench.core.adapters import LoRA
 from lorabench.core.models import map_tensors

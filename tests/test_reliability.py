@@ -31,7 +31,7 @@ import yaml
 from lorabench.runs import dispatch, pipeline
 from lorabench.core.config import RunConfig
 from lorabench.runs.experiments import Job
-from lorabench.core.generation import generate_models
+from lorabench.core.protocols import generate_models
 from lorabench.runs.results import SCHEMA_KEY, read_rows, write_rows
 from lorabench.runs.runner import model_key, run_configs
 

@@ -69,7 +69,7 @@ def test_rows_carry_the_theory_of_their_models(rows):
     """The stored SVD optimum and target scale are theory's values for the row's models."""
     from lorabench.core import theory
     from lorabench.core.protocols import protocol_of
-    from lorabench.core.generation import generate_models
+    from lorabench.core.protocols import generate_models
 
     for row in rows:
         cfg = RunConfig(**SMALL, method=row["method"], rank=row["rank"], lr=row["lr"])

@@ -9,7 +9,8 @@ import torch
 
 from lorabench.core.config import RunConfig
 from lorabench.core.construction import fnn_construction
-from lorabench.core.generation import generate_models, group_product, uniform_singular_values
+from lorabench.core.generation import group_product, uniform_singular_values
+from lorabench.core.protocols import generate_models
 from lorabench.core.theory import (
     discrepancy,
     fnn_group_singular_values,

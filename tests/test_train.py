@@ -5,7 +5,7 @@ import torch
 
 from lorabench.core.config import RunConfig
 from lorabench.runs.runner import run_configs
-from lorabench.core.generation import generate_models
+from lorabench.core.protocols import generate_models
 from lorabench.core.models import forward
 from lorabench.training.optimiser import BatchedAdam
 from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models

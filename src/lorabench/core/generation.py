@@ -208,15 +208,7 @@ def _draw_inputs(cfg: RunConfig, n: int, gen: torch.Generator) -> Tensor:
     return torch.randn(n, cfg.width, cfg.seq_length, generator=gen)
 
 
-# ------------------------------------------------------------------ entry point
-def generate_models(cfg: RunConfig) -> Models:
-    """Frozen model, target model, initial adapters and finite training set of one config,
-    in its protocol's random-number order."""
-    from .protocols import protocol_of  # the protocols choose between the two orders below
-
-    return protocol_of(cfg).generate_models(cfg)
-
-
+# ------------------------------------------------------------------ the two orders
 def paper_models(cfg: RunConfig) -> Models:
     """One generator per purpose: the models of a seed do not depend on the rank."""
     seed = cfg.seed

@@ -167,3 +167,9 @@ def protocol_of(cfg: RunConfig) -> Protocol:
         return REGISTRY[cfg.protocol]
     except KeyError:
         raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}") from None
+
+
+def generate_models(cfg: RunConfig) -> Models:
+    """Frozen model, target model, initial adapters and finite training set of one config,
+    in its protocol's random-number order."""
+    return protocol_of(cfg).generate_models(cfg)

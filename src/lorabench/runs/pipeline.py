@@ -96,7 +96,7 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 # ------------------------------------------------------------------- steps
 def generate(spec, out: str, threads: int = 1) -> None:
-    from ..core.generation import generate_models
+    from ..core.protocols import generate_models
 
     _set_threads(threads)
     spec = _spec(spec)

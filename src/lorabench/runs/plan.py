@@ -284,7 +284,7 @@ def _cpu_seconds(work: Callable[[], object]) -> float:
 
 
 def _timed_run(cfgs: list[RunConfig], device: str) -> float:
-    from ..core.generation import generate_models
+    from ..core.protocols import generate_models
     from .runner import model_key, run_configs
 
     models = {model_key(c): generate_models(model_key(c)) for c in cfgs}  # timed as models-*
@@ -330,7 +330,7 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
 def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
     """Per model key: generation without pretraining, and the CPU time per pretraining
     step actually taken (pretraining may stop before its budget)."""
-    from ..core.generation import generate_models
+    from ..core.protocols import generate_models
 
     seeds = range(4)
     step_s, config_s = [], []

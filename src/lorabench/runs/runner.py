@@ -23,7 +23,8 @@ from ..core import data, theory
 from ..core.adapters import apply_lora, lora_parameter_count
 from ..core.config import RunConfig
 from ..core.construction import fnn_construction, tfn_construction
-from ..core.generation import Models, generate_models
+from ..core.generation import Models
+from ..core.protocols import generate_models
 from ..core.models import FNN, map_tensors
 from ..core.protocols import protocol_of
 from ..training.loop import evaluate, train_cell
