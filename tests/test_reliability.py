@@ -379,16 +379,3 @@ def test_native_library_honours_the_umask(tmp_path):
         pytest.skip("no C compiler")
     assert proc.returncode == 0, proc.stderr
     assert set(_modes(tmp_path.iterdir()).values()) == {0o755}
-
-
-@pytest.mark.skipif(not Path(SNAKEMAKE).exists(), reason="snakemake is not installed next to python")
-def test_workflow_specs_honour_the_umask(tmp_path):
-    for item in ("Snakefile", "config.yaml"):
-        shutil.copy(ROOT / item, tmp_path / item)
-    for folder in ("workflow", "envs"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = subprocess.run(["sh", "-c", f"umask 022 && {SNAKEMAKE} -n --cores 1 --config preset=smoke"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    specs = list((tmp_path / "results" / "specs").rglob("*.json"))
-    assert specs and set(_modes(specs).values()) == {0o644}
