@@ -30,13 +30,6 @@ def fnn_threshold_rank(width: int, frozen_depth: int, target_depth: int) -> int:
     return math.ceil(width / (frozen_depth // target_depth))
 
 
-def rank_budget_threshold(width: int, frozen_depth: int, target_depth: int) -> int:
-    """ceil(D Lbar / L): the smallest R whose total rank R L covers the Lbar target layers'
-    D each. Equal to ``fnn_threshold_rank`` when Lbar divides L; below it otherwise, where
-    the uniform partition's smaller groups (floor(L / Lbar) layers) set the threshold."""
-    return math.ceil(width * target_depth / frozen_depth)
-
-
 def tfn_threshold_rank(width: int) -> int:
     """Smallest R exact for a generic TFN pair: ceil(D / 2)."""
     return math.ceil(width / 2)

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import PROTOCOLS
-from ..core.theory import rank_budget_threshold
 
 DEFAULT_PROTOCOL = "paper"
 DEFAULT_CHECKPOINT = "last"
@@ -208,6 +207,13 @@ def smallest_exact_rank(df: pd.DataFrame) -> float:
         return float(ranks[0])
     last = inexact[-1]
     return float(ranks[last + 1]) if last + 1 < len(ranks) else math.inf
+
+
+def rank_budget_threshold(width: int, frozen_depth: int, target_depth: int) -> int:
+    """ceil(D Lbar / L): the smallest R whose total rank R L covers the Lbar target layers'
+    D each. The theorem's threshold (``threshold_rank``) when Lbar divides L; below it
+    otherwise, where the uniform partition's smaller groups (floor(L / Lbar) layers) set it."""
+    return math.ceil(width * target_depth / frozen_depth)
 
 
 def measured_thresholds(df: pd.DataFrame) -> pd.DataFrame:
