@@ -21,3 +21,7 @@ def test_selection_note_names_what_was_left_out():
     assert "Not run: linear, tfn" in note
     not_drawn = note.split("figures (")[1].split(")")[0].split(", ")
     assert "linear" in not_drawn and "tfn" in not_drawn and "fnn" not in not_drawn and "fnn_log" not in not_drawn
+
+
+def test_threshold_law_figure_needs_only_its_experiment():
+    assert catalog.drawn_figures(["threshold_law"]) == ["threshold_law"]

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 NAMES = ["linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-         "training_curves", "uniform_sv"]
+         "training_curves", "uniform_sv", "threshold_law"]
 
 
 def load(preset="paper", **changes):
@@ -60,6 +60,8 @@ PAPER_COUNTS = {
     "generalization": 2 * 5 * (16 + 16 * GRID),
     "training_curves": 2 * 5 * 5 * GRID,  # ranks 1,4,8,13,16
     "uniform_sv": 5 * (16 + 16 * GRID),
+    # beyond the paper, constructions only, 3 seeds, ranks 1..D: FNN 5 depth pairs at D = 8..64, TFN 2 depths at D = 8..32
+    "threshold_law": 3 * (5 * (8 + 16 + 32 + 64) + 2 * (8 + 16 + 32)),
 }
 
 
@@ -71,6 +73,8 @@ def test_paper_preset_counts_match_the_paper_grid(paper):
 
 def test_paper_preset_settings(paper):
     for name, cfgs in paper.experiments.items():
+        if name == "threshold_law":
+            continue  # its own grid: test_threshold_law_grid
         assert {c.seed for c in cfgs} == set(range(5)), name
         assert {c.width for c in cfgs} == {16}
         for c in cfgs:
@@ -107,6 +111,38 @@ def test_smoke_preset_is_small_but_complete(smoke):
         assert fnn_threshold_rank(16, c.frozen_depth, c.target_depth) in {
             x.rank for x in smoke.experiments["fnn"] if x.frozen_depth == c.frozen_depth
         }
+
+
+def test_threshold_law_grid(paper, smoke):
+    cfgs = paper.experiments["threshold_law"]
+    assert {c.method for c in cfgs} == {"ours"} and {c.pretrained for c in cfgs} == {0} and {c.seed for c in cfgs} == {0, 1, 2}
+    fnn = {(c.width, c.target_depth, c.frozen_depth) for c in cfgs if c.exp == "fnn"}
+    assert fnn == {(w, lbar, depth) for w in (8, 16, 32, 64) for lbar, depth in ((1, 2), (1, 4), (2, 4), (2, 5), (2, 6))}
+    tfn = {(c.width, c.target_depth, c.frozen_depth) for c in cfgs if c.exp == "tfn"}
+    assert tfn == {(w, depth, depth) for w in (8, 16, 32) for depth in (1, 2)}
+    for width in (8, 16, 32, 64):  # every rank 1..D, in paper and quick (the quick preset's rank subset is replaced)
+        for wf in (paper, load("quick")):
+            assert {c.rank for c in wf.experiments["threshold_law"] if c.width == width} == set(range(1, width + 1))
+    # smoke: D = 8, 16; FNN (1, 2), TFN depth 1; the ranks either side of the threshold D/2
+    small = smoke.experiments["threshold_law"]
+    assert {(c.exp, c.width, c.target_depth, c.frozen_depth) for c in small} == {
+        (exp, w, 1, depth) for w in (8, 16) for exp, depth in (("fnn", 2), ("tfn", 1))}
+    assert {c.rank for c in small if c.width == 8} == {3, 4, 7, 8} and {c.rank for c in small if c.width == 16} == {3, 4, 7, 8, 16}
+
+
+def test_an_experiments_only_drops_runs_and_its_subset_replaces_the_presets():
+    config = copy.deepcopy(CONFIG)
+    config["preset"] = "quick"
+    config["presets"]["quick"]["experiments"]["fnn"] = {"only": {"target_depth": [2]}, "subset": {"rank": [5, 7]}}
+    fnn = lbx.load(config).experiments["fnn"]
+    assert {(c.target_depth, c.frozen_depth) for c in fnn} == {(2, 4)}
+    assert {c.rank for c in fnn} == {5, 7}  # not in the quick preset's own rank subset
+    config["presets"]["quick"]["experiments"]["fnn"] = {"only": {"target_depth": [3]}}
+    with pytest.raises(ConfigError, match="'fnn' has no runs"):
+        lbx.load(config)
+    config["presets"]["quick"]["experiments"]["fnn"] = {"only": {"nope": [3]}}
+    with pytest.raises(ConfigError, match="unknown setting.*nope"):
+        lbx.load(config)
 
 
 def test_quick_preset_lies_between(smoke, paper):

@@ -153,13 +153,16 @@ def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[Run
                 out += [s.replace(method="sgd", target_depth=lbar, frozen_depth=depth, rank=r) for r in (1, 2, 4)]
         elif experiment == "uniform_sv":
             out += [s.replace(init_mode="uniform_singular_values", method=m, rank=r) for r in RANKS for m in ("ours", "sgd")]
+        elif experiment == "threshold_law":  # a pair Lbar divides, one it does not, and a TFN
+            for lbar, depth, exp in ((1, 2, "fnn"), (2, 5, "fnn"), (1, 1, "tfn")):
+                out += [s.replace(exp=exp, target_depth=lbar, frozen_depth=depth, rank=r, method="ours") for r in RANKS]
         else:
             raise ValueError(experiment)
     return out
 
 
 EXPERIMENTS = ("linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-               "training_curves", "uniform_sv")
+               "training_curves", "uniform_sv", "threshold_law")
 
 
 def synthetic_runs(
@@ -340,3 +343,45 @@ def test_relative_mse_uses_the_target_scale(frames):
     rel = analysis.relative_mse(ours)
     assert np.all(rel[ours["rank"] >= 2] < 1e-12)
     assert np.all(rel[ours["rank"] == 1] > 0)
+
+
+def _law_rows(exact_from: dict[int, int], ranks=(1, 2, 3, 4), threshold=3) -> pd.DataFrame:
+    """One setting's construction rows: seed -> first exact rank (0: exact nowhere)."""
+    out = []
+    for seed, first in exact_from.items():
+        for rank in ranks:
+            exact = bool(first) and rank >= first
+            out.append(dict(exp="fnn", width=4, target_depth=1, frozen_depth=2, seed=seed, rank=rank, threshold_rank=threshold,
+                            test_loss=1e-9 if exact else 1e-2, target_mse_scale=0.5, diverged=False))
+    return pd.DataFrame(out)
+
+
+def test_smallest_exact_rank_is_where_every_larger_rank_is_exact():
+    rows = _law_rows({0: 3})
+    assert analysis.smallest_exact_rank(rows) == 3
+    # an exact rank followed by an inexact one does not count: exactness must hold from there on
+    flaky = rows.assign(test_loss=[1e-9, 1e-2, 1e-9, 1e-9])
+    assert analysis.smallest_exact_rank(flaky) == 3
+    assert analysis.smallest_exact_rank(_law_rows({0: 0})) == math.inf
+    # the relative MSE decides: 1e-9 / 1e-4 = 1e-5 is above the 1e-6 tolerance
+    assert analysis.smallest_exact_rank(rows.assign(target_mse_scale=1e-4)) == math.inf
+    diverged = rows.assign(diverged=[False, False, False, True])
+    assert analysis.smallest_exact_rank(diverged) == math.inf
+
+
+def test_measured_threshold_is_the_median_over_seeds():
+    table = analysis.measured_thresholds(_law_rows({0: 2, 1: 3, 2: 0}))
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["predicted"], row["measured"], row["low"], row["high"]) == (3, 3.0, 2.0, math.inf)
+    assert (row["n_seeds"], row["n_never"], row["budget"]) == (3, 1, 2)
+    assert analysis.measured_thresholds(_law_rows({0: 0, 1: 0, 2: 4})).iloc[0]["measured"] == math.inf
+
+
+def test_threshold_law_figure_reads_the_measured_thresholds(frames):
+    _, selected = frames
+    table = analysis.measured_thresholds(analysis.rows(selected, "threshold_law", "paper", "ours"))
+    # the synthetic constructions are exact from the threshold on: every point on the diagonal
+    assert len(table) == 3 and (table["measured"] == table["predicted"]).all()
+    assert set(table["predicted"]) == {2}  # D = 4: (1,2) and (2,5) floor(5/2) = 2, TFN 4/2
+    assert table.loc[table["frozen_depth"] == 5, "budget"].item() == 2  # ceil(4 * 2 / 5)

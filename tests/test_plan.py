@@ -34,6 +34,7 @@ SMOKE = {
     "generalization": (2 * 4 * 2, 2 * 4 * 2 * 30, 2 * 4 * 2),
     "training_curves": (2 * 3 * 2, 2 * 3 * 2 * 30, 0),  # variants x {1, 8, 16} x seeds
     "uniform_sv": (4 * 2, 4 * 2 * 30, 4 * 2),
+    "threshold_law": (0, 0, (4 + 5) * 2 * 2),  # constructions only: ranks {3, 4, 7, 8} at D=8, and 16 at D=16; FNN + TFN; seeds
 }
 
 

@@ -29,6 +29,8 @@ DEFAULT_CHECKPOINT = "last"
 FNN_PAIRS = ((1, 2), (2, 4))  # (Lbar, L)
 CLASSIFICATION_TASKS = ("classification", "binary_classification")
 PASS, FAIL, NOT_RUN, ERROR = "pass", "fail", "not run", "error"  # a claim's status
+EXACT_RTOL = 1e-6  # exact: MSE / mean squared target output at most this
+THRESHOLD_KEYS = ("exp", "width", "target_depth", "frozen_depth")  # one threshold-law setting
 
 
 # ------------------------------------------------------------------ inputs
@@ -182,3 +184,55 @@ def theory_rows(df: pd.DataFrame) -> pd.DataFrame:
 def relative_mse(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
     """MSE / mean squared target output, per row (the exactness measure)."""
     return df[y].astype(float) / df["target_mse_scale"].astype(float)
+
+
+def is_exact(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
+    """Per row: relative MSE <= EXACT_RTOL (a diverged or non-finite row is not exact)."""
+    rel = relative_mse(df, y)
+    diverged = df["diverged"].astype(bool) if "diverged" in df else pd.Series(False, index=df.index)
+    return (rel <= EXACT_RTOL) & ~diverged
+
+
+def smallest_exact_rank(df: pd.DataFrame) -> float:
+    """Of one seed's construction rows at several ranks: the smallest tested rank from
+    which every tested rank is exact; inf when the largest tested rank is not exact."""
+    if df is None or df.empty:
+        return math.nan
+    exact = is_exact(df).to_numpy()
+    ranks = df["rank"].astype(int).to_numpy()
+    order = np.argsort(ranks, kind="stable")
+    ranks, exact = ranks[order], exact[order]
+    inexact = np.nonzero(~exact)[0]
+    if not len(inexact):
+        return float(ranks[0])
+    last = inexact[-1]
+    return float(ranks[last + 1]) if last + 1 < len(ranks) else math.inf
+
+
+def rank_budget_threshold(width: int, frozen_depth: int, target_depth: int) -> int:
+    """ceil(D Lbar / L): the smallest R whose total rank R L covers the Lbar target layers'
+    D each. The theorem's threshold (``threshold_rank``) when Lbar divides L; below it
+    otherwise, where the uniform partition's smaller groups (floor(L / Lbar) layers) set it."""
+    return math.ceil(width * target_depth / frozen_depth)
+
+
+def measured_thresholds(df: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (THRESHOLD_KEYS) of construction rows: the theorem's threshold as
+    stored (``predicted``), ceil(D Lbar / L) (``budget``, FNN only), and the median over
+    seeds of ``smallest_exact_rank`` (``measured``; inf: not exact at the largest rank
+    tested, for most seeds), with the seeds' min and max and how many seeds were never exact."""
+    columns = list(THRESHOLD_KEYS) + ["predicted", "budget", "measured", "low", "high", "n_seeds", "n_never"]
+    if df is None or df.empty or not _has(df, *THRESHOLD_KEYS, "rank", "seed", "threshold_rank"):
+        return pd.DataFrame(columns=columns)
+    out = []
+    for key, part in df.groupby(list(THRESHOLD_KEYS), sort=True):
+        per_seed = np.array([smallest_exact_rank(s) for _, s in part.groupby("seed")])
+        exp, width, lbar, depth = key
+        out.append(dict(
+            zip(THRESHOLD_KEYS, (exp, int(width), int(lbar), int(depth))),
+            predicted=threshold(part),
+            budget=rank_budget_threshold(int(width), int(depth), int(lbar)) if exp == "fnn" else None,
+            measured=float(np.median(per_seed)), low=float(per_seed.min()), high=float(per_seed.max()),
+            n_seeds=len(per_seed), n_never=int(np.isinf(per_seed).sum()),
+        ))
+    return pd.DataFrame(out, columns=columns)

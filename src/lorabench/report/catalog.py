@@ -20,6 +20,7 @@ FIGURE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "generalization": ("generalization",),
     "training_curves": ("training_curves",),
     "uniform_sv": ("uniform_sv",),
+    "threshold_law": ("threshold_law",),
 }
 
 

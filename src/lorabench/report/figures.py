@@ -32,12 +32,14 @@ from . import style
 from .analysis import (
     CLASSIFICATION_TASKS,
     DEFAULT_CHECKPOINT,
+    EXACT_RTOL,
     FNN_PAIRS,
     Curve,
     choose_protocol,
     curve,
     ensure_selected,
     excluded_note,
+    measured_thresholds,
     rows,
     theory_rows,
     threshold,
@@ -317,6 +319,72 @@ def fig_uniform_sv(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECK
     return _save(fig, out_dir, "uniform_sv", "Uniform singular values of the discrepancy", p, checkpoint)
 
 
+THRESHOLD_MARKERS = "osD^vP"  # one per (Lbar, L) pair or TFN depth, in sorted order
+
+
+def _threshold_panel(ax, table: pd.DataFrame, family: str, title: str) -> None:
+    """Measured against predicted threshold rank on log2 axes, colour by width, marker by
+    depth setting; a setting never exact at the largest tested rank is drawn at the top
+    edge as an open marker."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    part = table[table["exp"] == family]
+    if part.empty:
+        finish_panel(ax, False, title, log=False, xlabel="", ylabel="")
+        return
+    widths = sorted(int(w) for w in part["width"].unique())
+    colour = dict(zip(widths, style.colours(len(widths))))
+    depths = sorted({(int(r.target_depth), int(r.frozen_depth)) for r in part.itertuples()})
+    top = 2.0 * float(part["width"].max())
+    for k, (lbar, depth) in enumerate(depths):
+        mine = part[(part["target_depth"] == lbar) & (part["frozen_depth"] == depth)]
+        # a small horizontal offset per depth setting keeps coinciding points apart
+        x = mine["predicted"].astype(float).to_numpy() * 2 ** (0.06 * (k - (len(depths) - 1) / 2))
+        y = mine["measured"].astype(float).to_numpy()
+        never = ~np.isfinite(y)
+        marker = THRESHOLD_MARKERS[k % len(THRESHOLD_MARKERS)]
+        colours_ = np.array([colour[int(w)] for w in mine["width"]])
+        if (~never).any():
+            ax.scatter(x[~never], y[~never], c=colours_[~never], marker=marker, s=30, edgecolors="black", linewidths=0.4, zorder=3)
+        if never.any():
+            ax.scatter(x[never], np.full(never.sum(), top), facecolors="none", edgecolors=colours_[never], marker=marker,
+                       s=30, linewidths=1.1, zorder=3)
+        label = f"$L={lbar}$" if family == "tfn" else rf"$(\bar L, L)=({lbar},{depth})$"
+        ax.scatter([], [], marker=marker, s=30, color="0.6", edgecolors="black", linewidths=0.4, label=label)
+    for w in widths:
+        ax.scatter([], [], color=colour[w], marker="s", s=22, label=f"$D={w}$")
+    lims = (1.0, top * 1.3)
+    ax.plot(lims, lims, **{**style.THEORY, "label": "$y = x$ (theorem)"})
+    ticks = [2.0**k for k in range(int(np.log2(top)) + 1)]
+    for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+        scale("log", base=2)
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_minor_locator(NullLocator())
+        axis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.set_xlim(*lims)
+    ax.set_ylim(*lims)
+    n_never = int((~np.isfinite(part["measured"].astype(float))).sum())
+    title += f"; open, at {top:g}: {n_never} never exact" if n_never else ""
+    finish_panel(ax, True, title, log=False, xlabel="theorem's threshold rank $R^*$",
+                 ylabel="measured smallest exact rank", integer_x=False, legend=False)
+    ax.legend(loc="lower right", fontsize=5.5, ncol=2)
+
+
+def fig_threshold_law(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKPOINT) -> list[Path]:
+    """Beyond the paper: the smallest rank from which the construction is exact (median
+    over seeds) against the theorems' threshold, FNN (ceil(D/floor(L/Lbar))) and TFN
+    (ceil(D/2)) panels, one marker per (D, depth setting); on the diagonal the law holds."""
+    p = choose_protocol(selected, "threshold_law", protocol)
+    table = measured_thresholds(rows(selected, "threshold_law", p, "ours"))
+    fig, axes = style.panels(1, 2)
+    _threshold_panel(axes[0][0], table, "fnn", "ReLU FNN")
+    _threshold_panel(axes[0][1], table, "tfn", "TFN ($H=2$, $N=10$)")
+    style.suptitle(fig, f"The threshold law: smallest exact rank vs the theorem's [{p} protocol]",
+                   f"Median over seeds of the smallest rank from which every tested rank is exact "
+                   f"(test MSE / mean squared target output <= {EXACT_RTOL:g}); constructions only.")
+    return style.save(fig, out_dir, "threshold_law")
+
+
 FIGURES: dict[str, Callable[..., list[Path]]] = {
     "linear": fig_linear,
     "fnn": fig_fnn,
@@ -331,6 +399,7 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
     "generalization": fig_generalization,
     "training_curves": fig_training_curves,
     "uniform_sv": fig_uniform_sv,
+    "threshold_law": fig_threshold_law,
 }
 FIGURE_NAMES: list[str] = list(FIGURES)
 

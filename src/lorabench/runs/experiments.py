@@ -13,8 +13,11 @@ experiment's settings, the config's ``defaults``. Fields a method does not read
 the construction is not repeated over the learning-rate grid.
 
 A preset scales every experiment: ``set`` replaces fields (seeds, test size, lr x wd grid),
-``cap`` bounds them (steps), ``subset`` keeps the listed values of a swept field (ranks);
-its ``experiments`` entries do the same for one experiment, after the rest.
+``cap`` bounds them (steps), ``subset`` keeps the listed values of a swept field (ranks),
+``only`` drops the runs whose value of a field is not listed (whole variants, e.g. widths);
+its ``experiments`` entries do the same for one experiment, after the rest, except that an
+entry's ``subset`` of a field replaces the preset's ``subset`` of that field (so one
+experiment can keep ranks the others drop).
 
 Jobs: one per (experiment, protocol, seed) and kind (models, construct, train), or per
 (experiment, protocol) and kind with a preset's ``split_seeds: false`` (fewer processes for
@@ -42,6 +45,7 @@ from .dispatch import DISPATCHES, SlurmSettings
 
 PRESETS = ("paper", "quick", "smoke")
 JOB_KINDS = ("models", "construct", "train")
+SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
 # Fields a method does not read: left at RunConfig's defaults unless its block sets them.
 IGNORED = {
     "ours": ("lr", "weight_decay", "n_epochs", "tune_bias", "last_layers", "best_epoch", "curve_every"),
@@ -197,6 +201,11 @@ def apply_preset(values: dict, preset: Mapping[str, Any]) -> dict:
     return values
 
 
+def _kept(cfg: RunConfig, preset: Mapping[str, Any]) -> bool:
+    """Whether ``cfg`` passes a preset's ``only`` filters."""
+    return all(getattr(cfg, name) in keep for name, keep in (preset.get("only") or {}).items())
+
+
 def expand_experiment(
     name: str, spec: Mapping[str, Any], defaults: Mapping[str, Any], preset: Mapping[str, Any]
 ) -> tuple[RunConfig, ...]:
@@ -207,6 +216,10 @@ def expand_experiment(
     if not methods:
         raise ConfigError(f"experiment {name!r}: no methods")
     _check_fields(settings, f"experiment {name!r} settings")
+    own = (preset.get("experiments") or {}).get(name) or {}
+    shared = dict(preset)
+    if own.get("subset"):
+        shared["subset"] = {k: v for k, v in (preset.get("subset") or {}).items() if k not in own["subset"]}
     out: dict[RunConfig, None] = {}
     for i, variant in enumerate(variants):
         _check_fields(variant, f"experiment {name!r} variant {i}")
@@ -216,8 +229,8 @@ def expand_experiment(
             block = dict(block or {})
             _check_fields(block, f"experiment {name!r} method {method!r}")
             merged = {**defaults, **settings, **variant, **block, "method": method}
-            merged = apply_preset(merged, preset)
-            merged = apply_preset(merged, (preset.get("experiments") or {}).get(name) or {})
+            merged = apply_preset(merged, shared)
+            merged = apply_preset(merged, own)
             for ignored in IGNORED[method]:
                 if ignored not in block:
                     merged.pop(ignored, None)
@@ -226,7 +239,8 @@ def expand_experiment(
                     cfg = config_from_dict(values)
                 except ConfigError as error:
                     raise ConfigError(f"experiment {name!r} method {method!r}: {error}") from None
-                out[cfg] = None
+                if _kept(cfg, shared) and _kept(cfg, own):
+                    out[cfg] = None
     if not out:
         raise ConfigError(f"experiment {name!r} has no runs")
     return tuple(out)
@@ -255,12 +269,12 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
         if name not in PRESETS:
             raise ConfigError(f"presets: unknown preset {name!r} (one of {PRESETS})")
         spec = spec or {}
-        for part in ("set", "cap", "subset"):
+        for part in SCALING:
             _check_fields(spec.get(part) or {}, f"preset {name!r} {part}")
         for experiment, override in (spec.get("experiments") or {}).items():
             if experiment not in (config.get("experiments") or {}):
                 raise ConfigError(f"preset {name!r}: unknown experiment {experiment!r}")
-            for part in ("set", "cap", "subset"):
+            for part in SCALING:
                 _check_fields((override or {}).get(part) or {}, f"preset {name!r} experiment {experiment!r} {part}")
     blocks = dict(config.get("experiments") or {})
     experiments = {name: expand_experiment(name, spec, defaults, preset) for name, spec in blocks.items()}
@@ -285,7 +299,7 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
 def _preset_for(preset: Mapping[str, Any], name: str) -> dict:
     """The parts of a preset that expand_experiment reads for experiment ``name``."""
     own = (preset.get("experiments") or {}).get(name)
-    out = {k: v for k, v in preset.items() if k in ("set", "cap", "subset")}
+    out = {k: v for k, v in preset.items() if k in SCALING}
     return {**out, "experiments": {name: own}} if own else out
 
 
