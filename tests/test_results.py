@@ -67,15 +67,16 @@ def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
 
 def test_rows_carry_the_theory_of_their_models(rows):
     """The stored SVD optimum and target scale are theory's values for the row's models."""
-    from lorabench.core import data, theory
+    from lorabench.core import theory
     from lorabench.core.generation import generate_models
+    from lorabench.core.protocols import protocol_of
 
     for row in rows:
         cfg = RunConfig(**SMALL, method=row["method"], rank=row["rank"], lr=row["lr"])
         models = generate_models(cfg)
         optimum = theory.linear_optimal_mse(models.frozen.weights.double(), models.target.weights[0].double(), cfg.rank)
         assert row["svd_optimum_mse"] == pytest.approx(optimum, rel=1e-12, abs=1e-15)
-        y = fnn_forward_double(models.target, data.eval_sets(cfg).test)
+        y = fnn_forward_double(models.target, protocol_of(cfg).eval_sets(cfg).test)
         assert row["target_mse_scale"] == pytest.approx(float((y**2).mean()), rel=1e-12)
         assert row["target_mse_scale"] > 0
 
