@@ -18,9 +18,10 @@ import pyarrow as pa
 import pytest
 
 from lorabench.report import analysis, figures, style
-from lorabench.core import data, theory
+from lorabench.core import theory
 from lorabench.core.config import RunConfig
 from lorabench.core.generation import generate_models
+from lorabench.core.protocols import protocol_of
 from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
 from lorabench.runs.runner import model_key, theory_columns, threshold_rank, trainable_parameter_count
 from lorabench.runs.selection import select_by_validation
@@ -62,7 +63,7 @@ def default_metrics(experiment: str, cfg: RunConfig) -> dict:
 @functools.lru_cache(maxsize=None)
 def _models_and_scale(key: RunConfig):
     models = generate_models(key)
-    return models, theory.mean_squared_output(models.target, data.eval_sets(key).test)
+    return models, theory.mean_squared_output(models.target, protocol_of(key).eval_sets(key).test)
 
 
 def stored_theory(cfg: RunConfig) -> dict:
