@@ -14,6 +14,7 @@ from lorabench.runs.runner import run_configs
 from lorabench.core.adapters import LoRA
 from lorabench.core.models import map_tensors
 from lorabench.core.models import forward
+from lorabench.core.protocols import protocol_of
 from lorabench.training.optimiser import BatchedAdam
 from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models, tfn_trainable
 
@@ -45,6 +46,8 @@ CASES = [
     dict(method="flt"),
     dict(method="sgd", task="classification"),
     dict(method="sgd", task="binary_classification"),
+    dict(method="sgd", task="classification", protocol="reference"),
+    dict(method="sgd", task="binary_classification", protocol="reference"),
 ]
 
 
@@ -76,7 +79,8 @@ def test_native_step_equals_torch_step(case, shared_batch, monkeypatch):
         loss, val = ours.native_step(native_cell.native_step, flat_native, (x, y), (vx, vy), active, 1)
         loss_ref, grad = torch_cell.value_and_grad(torch_cell.layout, flat_torch, x, y)
         flat_torch = theirs.step(flat_torch, grad, active)
-        val_ref = task_loss(forward(torch_cell.model(flat_torch), vx), vy, cfgs[0].task)
+        val_ref = task_loss(forward(torch_cell.model(flat_torch), vx), vy, cfgs[0].task,
+                            protocol_of(cfgs[0]).classification_loss)
         torch.testing.assert_close(loss, loss_ref, rtol=2e-5, atol=1e-9)
         torch.testing.assert_close(val, val_ref, rtol=2e-5, atol=1e-9)
         # Adam's step is ~lr * g / |g| for a fresh entry: where a gradient entry is ~0
@@ -226,11 +230,11 @@ def test_native_tfn_step_equals_torch_step(monkeypatch):
     flat_native, flat_torch = start.clone(), start.clone()
     for step in range(3):
         loss, val = ours.native_step(native_cell.native_step, flat_native, batch, val_batch, active, 2)
-        loss_ref, grad = autograd_value_and_grad(torch_cell, flat_torch, *batch, "regression")
+        loss_ref, grad = autograd_value_and_grad(torch_cell, flat_torch, *batch, "regression", "labels")
         if step == 0:  # after one step, the first moment is 0.1 x the gradient
             torch.testing.assert_close(ours.exp_avg, 0.1 * grad * torch_cell.mask, rtol=2e-5, atol=3e-6)
         flat_torch = theirs.step(flat_torch, grad, active)
-        val_ref = task_loss(forward(torch_cell.model(flat_torch), val_batch[0]), val_batch[1], "regression")
+        val_ref = task_loss(forward(torch_cell.model(flat_torch), val_batch[0]), val_batch[1], "regression", "labels")
         torch.testing.assert_close(loss, loss_ref, rtol=2e-5, atol=1e-9)
         torch.testing.assert_close(val, val_ref, rtol=2e-5, atol=1e-9)
         assert torch.isclose(flat_native, flat_torch, rtol=1e-5, atol=5e-6).float().mean() > 0.995
@@ -245,11 +249,12 @@ def test_native_tfn_gradient_is_as_accurate_as_torch_in_two_blocks(monkeypatch):
     active = torch.ones(len(cfgs), dtype=torch.bool)
     loss, _ = ours.native_step(native_cell.native_step, start.clone(), batch, val_batch, active, 1)
     native_grad = ours.exp_avg.double() / 0.1
-    loss32, torch_grad = autograd_value_and_grad(torch_cell, start, *batch, "regression")
+    loss32, torch_grad = autograd_value_and_grad(torch_cell, start, *batch, "regression", "labels")
     exact_cell, _ = _tfn_cell(cfgs, "torch", monkeypatch, torch.float64)
     x64 = batch[0].double()
     loss64, exact = autograd_value_and_grad(exact_cell, start.double(), x64,
-                                            forward(map_tensors(target, lambda t: t.double()), x64), "regression")
+                                            forward(map_tensors(target, lambda t: t.double()), x64), "regression",
+                                            "labels")
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=0)
     mask = torch_cell.mask.double()
     for name, (begin, end) in torch_cell.layout.offsets.items():

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from lorabench.core import data
 from lorabench.core.config import PROTOCOLS, ConfigError, RunConfig
 from lorabench.core.protocols import REGISTRY, protocol_of
 
@@ -34,3 +36,50 @@ def test_reference_validation_set_is_the_first_test_draws():
     assert torch.equal(sets.val, sets.test[: cfg.batch_size])
     paper = protocol_of(cfg.replace(protocol="paper")).eval_sets(cfg.replace(protocol="paper"))
     assert paper.val.shape[0] == cfg.n_val and not torch.equal(paper.val[:8], paper.test[:8])
+
+
+# ------------------------------------------------------------- classification loss
+def test_each_protocol_names_its_classification_loss():
+    assert protocol_of(RunConfig(**CFG, protocol="paper")).classification_loss == "labels"
+    assert protocol_of(RunConfig(**CFG, protocol="reference")).classification_loss == "soft_outputs"
+
+
+@pytest.mark.parametrize("shared_target", [True, False])
+def test_label_loss_is_cross_entropy_against_the_targets_argmax(shared_target):
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 50, 8, generator=gen, dtype=torch.float64)
+    target = torch.randn(50, 8, generator=gen, dtype=torch.float64) if shared_target else \
+        torch.randn(3, 50, 8, generator=gen, dtype=torch.float64)
+    per_config = lambda c: target if shared_target else target[c]
+    readout = data.binary_readout(8, torch.float64)
+    for task, logits in (("classification", lambda y: y), ("binary_classification", lambda y: y @ readout)):
+        expected = torch.stack([F.cross_entropy(logits(pred[c]), logits(per_config(c)).argmax(dim=-1))
+                                for c in range(3)])
+        torch.testing.assert_close(data.task_loss(pred, target, task, "labels"), expected, rtol=1e-12, atol=0)
+
+
+def test_label_loss_gradient_is_softmax_minus_one_hot():
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 30, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(data.task_loss(pred, target, "classification", "labels").sum(), [pred])
+    one_hot = F.one_hot(target.argmax(dim=-1), 6).to(torch.float64)
+    torch.testing.assert_close(grad, (pred.detach().softmax(dim=-1) - one_hot) / 30, rtol=1e-12, atol=1e-15)
+
+
+def test_authors_loss_is_unbounded_below_and_the_label_loss_is_not():
+    """With a negative target output, the authors' loss falls without bound as the
+    predicted class's logit grows (here by (w_1 + w_2) s = -0.5 s); cross entropy
+    against a class stays >= 0."""
+    target = torch.tensor([[2.0, -1.0, 0.5]])
+    for scale in (1.0, 10.0, 100.0):
+        pred = torch.tensor([[[scale, 0.0, 0.0]]])
+        assert data.task_loss(pred, target, "classification", "labels") >= 0
+    soft = [float(data.task_loss(torch.tensor([[[s, 0.0, 0.0]]]), target, "classification", "soft_outputs"))
+            for s in (1.0, 10.0, 100.0)]
+    assert soft[0] > soft[1] > soft[2] and soft[2] < -40
+
+
+def test_unknown_classification_loss_is_a_clear_error():
+    with pytest.raises(ValueError, match="classification_loss must be one of"):
+        data.task_loss(torch.zeros(1, 2, 4), torch.zeros(2, 4), "classification", "hinge")

@@ -7,6 +7,7 @@ from lorabench.core.config import RunConfig
 from lorabench.runs.runner import run_configs
 from lorabench.core.protocols import generate_models
 from lorabench.core.models import forward
+from lorabench.core.protocols import protocol_of
 from lorabench.training.optimiser import BatchedAdam
 from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models
 
@@ -42,10 +43,13 @@ def test_masked_entries_and_inactive_configs_never_move():
     assert flat[0, 1] == 1.0 and torch.equal(flat[1], torch.ones(2))
 
 
-@pytest.mark.parametrize("method, task", [("sgd", "regression"), ("flt", "regression"), ("sgd", "classification"),
-                                          ("sgd", "binary_classification")])
-def test_hand_written_fnn_gradients_equal_autograd(method, task):
-    cfgs = [RunConfig(**{**FNN_CELL, "frozen_depth": 3, "method": method}, rank=r, task=task, last_layers=2, tune_bias=tb)
+@pytest.mark.parametrize("method, task, protocol", [
+    ("sgd", "regression", "paper"), ("flt", "regression", "paper"), ("sgd", "classification", "paper"),
+    ("sgd", "binary_classification", "paper"), ("sgd", "classification", "reference"),
+    ("sgd", "binary_classification", "reference")])
+def test_hand_written_fnn_gradients_equal_autograd(method, task, protocol):
+    cfgs = [RunConfig(**{**FNN_CELL, "frozen_depth": 3, "method": method}, rank=r, task=task, last_layers=2,
+                      tune_bias=tb, protocol=protocol)
             for r in (1, 5) for tb in (0, 1)]
     models = [generate_models(c) for c in cfgs]
     trainable = fnn_trainable(cfgs, stack_models([m.frozen for m in models]), stack_lora([m.lora_init for m in models]))
@@ -54,7 +58,8 @@ def test_hand_written_fnn_gradients_equal_autograd(method, task):
     x = torch.randn(64, 8, generator=gen)
     y = forward(models[0].target, x)
     loss, grad = trainable.value_and_grad(trainable.layout, flat, x, y)
-    loss_ref, grad_ref = autograd_value_and_grad(trainable, flat, x, y, task)
+    loss_ref, grad_ref = autograd_value_and_grad(trainable, flat, x, y, task,
+                                                 protocol_of(cfgs[0]).classification_loss)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
 

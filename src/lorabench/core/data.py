@@ -33,19 +33,32 @@ def _logits(y: Tensor, task: str) -> Tensor:
     return y
 
 
-def task_loss(pred: Tensor, target: Tensor, task: str) -> Tensor:
+# The classification losses: cross entropy against the target's argmax class (the
+# paper protocol), or against the target's outputs used as soft, unnormalised class
+# weights (the authors' code; unbounded below wherever a target output is negative).
+CLASSIFICATION_LOSSES = ("labels", "soft_outputs")
+
+
+def task_loss(pred: Tensor, target: Tensor, task: str, classification_loss: str) -> Tensor:
     """Per-configuration loss; pred (C, B, ...), target broadcastable -> (C,).
 
     Regression: MSE averaged over samples and coordinates (torch's MSELoss).
-    Classification: cross entropy of the outputs against the target's outputs used as
-    soft, unnormalised class weights (the authors' definition); binary: both first
-    summed into two halves.
+    Classification: cross entropy of the outputs, against the target's argmax class
+    ("labels") or against the target's outputs as class weights ("soft_outputs"); the
+    binary task first sums the outputs over the two halves of the coordinates (for
+    both the model and the target, as ``accuracy`` does).
     """
     if task == "regression":
         residual = pred - target
         return (residual * residual).flatten(1).mean(dim=1)
     log_probs = torch.log_softmax(_logits(pred, task), dim=-1)
-    return -(_logits(target, task) * log_probs).sum(dim=-1).mean(dim=-1)
+    if classification_loss == "labels":
+        labels = _logits(target, task).argmax(dim=-1, keepdim=True)
+        labels = labels.expand(*log_probs.shape[:-1], 1)
+        return -log_probs.gather(-1, labels).squeeze(-1).mean(dim=-1)
+    if classification_loss == "soft_outputs":
+        return -(_logits(target, task) * log_probs).sum(dim=-1).mean(dim=-1)
+    raise ValueError(f"classification_loss must be one of {CLASSIFICATION_LOSSES}, got {classification_loss!r}")
 
 
 def accuracy(pred: Tensor, target: Tensor, task: str) -> Tensor:

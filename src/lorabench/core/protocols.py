@@ -42,6 +42,9 @@ class Protocol:
     native_tfn: bool
     # Whether the first validation always counts as an improvement.
     first_validation_improves: bool
+    # The classification tasks' loss (data.CLASSIFICATION_LOSSES), in training, selection
+    # and the reported losses alike.
+    classification_loss: str
 
     def selects_by_accuracy(self, task: str) -> bool:
         """Whether an improvement is judged by validation accuracy rather than loss."""
@@ -81,6 +84,10 @@ class PaperProtocol(Protocol):
     native_by_default = True
     native_tfn = True
     first_validation_improves = False
+    # Appendix G: cross entropy against the target's class (its argmax, the label that
+    # the accuracy scores); the authors' soft weights, the target's raw outputs, make the
+    # loss unbounded below wherever one is negative.
+    classification_loss = "labels"
 
     def selects_by_accuracy(self, task: str) -> bool:
         return False
@@ -124,6 +131,7 @@ class ReferenceProtocol(Protocol):
     # Each config draws its validation batch from its own stream.
     native_tfn = False
     first_validation_improves = True
+    classification_loss = "soft_outputs"
 
     def selects_by_accuracy(self, task: str) -> bool:
         return task != "regression"

@@ -140,7 +140,7 @@ def _metrics(model, target, sets: data.EvalSets, cfg: RunConfig, device) -> list
     """Test, shifted test and validation metrics of stacked models, one dict per config."""
     out = {}
     for name, x in (("test", sets.test), ("test_shift", sets.test_shift), ("val", sets.val)):
-        result = evaluate(model, target, x.to(device), cfg.task)
+        result = evaluate(model, target, x.to(device), cfg.task, protocol_of(cfg).classification_loss)
         out[f"{name}_loss"] = result["loss"]
         if "accuracy" in result:
             out[f"{name}_accuracy"] = result["accuracy"]

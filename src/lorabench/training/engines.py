@@ -42,8 +42,9 @@ class StepResult:
 class Engine:
     name: str
 
-    def __init__(self, trainable: Trainable, optimiser: BatchedAdam, task: str):
+    def __init__(self, trainable: Trainable, optimiser: BatchedAdam, task: str, classification_loss: str):
         self.trainable, self.optimiser, self.task = trainable, optimiser, task
+        self.classification_loss = classification_loss
 
     @contextmanager
     def running(self):
@@ -63,20 +64,21 @@ class TorchEngine(Engine):
         if trainable.value_and_grad is not None and dropout is None:
             loss, grad = trainable.value_and_grad(trainable.layout, param, x, y)
         else:
-            loss, grad = autograd_value_and_grad(trainable, param, x, y, self.task, dropout)
+            loss, grad = autograd_value_and_grad(trainable, param, x, y, self.task, self.classification_loss,
+                                                 dropout)
         with torch.no_grad():
             param = self.optimiser.step(param, grad, active & torch.isfinite(loss))
             vx, vy = val_batch()
             vpred = forward(trainable.model(param), vx)
-            val = data.task_loss(vpred, vy, self.task).to(torch.float64)
+            val = data.task_loss(vpred, vy, self.task, self.classification_loss).to(torch.float64)
         return StepResult(loss, param, val, vy, vpred)
 
 
 class NativeEngine(Engine):
     name = "native"
 
-    def __init__(self, trainable: Trainable, optimiser: BatchedAdam, task: str):
-        super().__init__(trainable, optimiser, task)
+    def __init__(self, trainable: Trainable, optimiser: BatchedAdam, task: str, classification_loss: str):
+        super().__init__(trainable, optimiser, task, classification_loss)
         self.threads = torch.get_num_threads()
 
     @contextmanager
@@ -103,7 +105,7 @@ class NativeEngine(Engine):
 ENGINES = {engine.name: engine for engine in (TorchEngine, NativeEngine)}
 
 
-def engine_for(trainable: Trainable, optimiser: BatchedAdam, task: str) -> Engine:
+def engine_for(trainable: Trainable, optimiser: BatchedAdam, task: str, classification_loss: str) -> Engine:
     """The engine the trainable was built for (native where it carries a native step, see
     trainables._with_native)."""
-    return ENGINES[trainable.engine](trainable, optimiser, task)
+    return ENGINES[trainable.engine](trainable, optimiser, task, classification_loss)

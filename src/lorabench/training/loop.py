@@ -51,7 +51,7 @@ def train_cell(
     flat = trainable.init.clone()
     device = flat.device
     optimiser = BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], trainable.mask)
-    engine = engine_for(trainable, optimiser, task)
+    engine = engine_for(trainable, optimiser, task, protocol.classification_loss)
     by_accuracy = protocol.selects_by_accuracy(task)
     inf = torch.full((C,), math.inf, dtype=torch.float64, device=device)
     best = flat.clone()
@@ -107,7 +107,8 @@ def train_cell(
 
 
 @torch.no_grad()
-def evaluate(model: Model, target: Model, x: Tensor, task: str, sample_chunk: int = 1000) -> dict[str, Tensor]:
+def evaluate(model: Model, target: Model, x: Tensor, task: str, classification_loss: str,
+             sample_chunk: int = 1000) -> dict[str, Tensor]:
     """Loss (and accuracy for the classification tasks) of stacked models on one input
     set, in sample chunks; returns (C,) float64 tensors.
 
@@ -121,7 +122,7 @@ def evaluate(model: Model, target: Model, x: Tensor, task: str, sample_chunk: in
         if pred.ndim == truth.ndim:  # an unstacked model: add the configuration dimension
             pred = pred.unsqueeze(0)
         weight = chunk.shape[0] / n
-        total_loss = total_loss + weight * data.task_loss(pred, truth, task).to(torch.float64)
+        total_loss = total_loss + weight * data.task_loss(pred, truth, task, classification_loss).to(torch.float64)
         if task != "regression":
             total_correct = total_correct + weight * data.accuracy(pred, truth, task)
     out = {"loss": total_loss}

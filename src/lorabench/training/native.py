@@ -42,6 +42,8 @@ ENGINES = ("auto", "native", "torch")
 WIDTHS = (16, 32, 48, 64)  # the widths training_steps.c is specialised for
 MAX_TOKENS = 64
 TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
+# Or'ed into a classification task's code: the loss against the target's argmax class.
+LABELS_CODE = 4
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno"]
 
 
@@ -244,12 +246,14 @@ class FNNStep(NativeStep):
     sample_shape = ("D",)
 
     def __init__(self, *, frozen_weights: Optional[Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
-                 depth: int, width: int, has_bias: bool, relu: bool, task: str, full: bool):
+                 depth: int, width: int, has_bias: bool, relu: bool, task: str, classification_loss: str,
+                 full: bool):
         super().__init__()
         self.frozen = None if frozen_weights is None else frozen_weights.detach().to(torch.float32).contiguous()
         self.offsets, self.n_param = offsets, n_param
         self.depth, self.width, self.has_bias, self.relu = depth, width, has_bias, relu
-        self.task, self.full = TASK_CODES[task], full
+        labels = task != "regression" and classification_loss == "labels"
+        self.task, self.full = TASK_CODES[task] | (LABELS_CODE if labels else 0), full
 
     def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _Shape:
         first = "weights" if self.full else "a"

@@ -21,6 +21,7 @@ from ..core import data
 from ..core.adapters import LoRA, apply_lora
 from ..core.config import RunConfig
 from ..core.models import FNN, TFN, forward, shared_input_layer
+from ..core.protocols import protocol_of
 from .optimiser import Layout
 
 Model = Union[FNN, TFN]
@@ -67,7 +68,8 @@ def stack_lora(adapters: list[LoRA]) -> LoRA:
     return LoRA(stack("a"), stack("b"), stack("mask"))
 
 
-def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str,
+                       classification_loss: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Loss (C,) and its gradients w.r.t. the stacked weights (C, L, D, D) and biases
     (C, L, D), by hand: the same products autograd would do, without its bookkeeping
     (this is the hot loop of the whole benchmark).
@@ -94,7 +96,7 @@ def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str) -> tuple[Ten
     else:
         with torch.enable_grad():
             out = h.detach().requires_grad_(True)
-            loss = data.task_loss(out, y, task)
+            loss = data.task_loss(out, y, task, classification_loss)
             (grad,) = torch.autograd.grad(loss.sum(), [out])
     d_weights, d_biases = [], []
     for layer in reversed(range(L)):
@@ -123,7 +125,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     C = len(cfgs)
     like = frozen.weights
     has_bias = frozen.biases is not None
-    task = cfgs[0].task
+    task, classification_loss = cfgs[0].task, protocol_of(cfgs[0]).classification_loss
     if cfgs[0].method == "flt":
         L = frozen.depth
         layer_on = torch.tensor(
@@ -136,7 +138,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
         build = lambda p: replace(frozen, weights=p["weights"], biases=p["biases"])
 
         def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
-            loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task)
+            loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task, classification_loss)
             return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
 
         return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], _fnn_step(cfgs[0], frozen, None))
@@ -154,7 +156,7 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
 
     def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
         p = layout.views(flat)
-        loss, d_weights, d_biases = fnn_value_and_grad(build(p), x, y, task)
+        loss, d_weights, d_biases = fnn_value_and_grad(build(p), x, y, task, classification_loss)
         # W = W0 + A B^T: dA = dW B, dB = dW^T A.
         grads = {"a": d_weights @ p["b"], "b": d_weights.transpose(-1, -2) @ p["a"]}
         if has_bias:
@@ -183,6 +185,7 @@ def _fnn_step(cfg: RunConfig, frozen: FNN, frozen_weights: Optional[Tensor]):
         has_bias=frozen.biases is not None,
         relu=frozen.activation == "relu",
         task=cfg.task,
+        classification_loss=protocol_of(cfg).classification_loss,
         full=frozen_weights is None,
     )
 
@@ -212,9 +215,10 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
     return _with_native(_trainable(init, masks, build), cfgs[0], make_step)
 
 
-def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str, dropout=None):
+def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str,
+                            classification_loss: str, dropout=None):
     leaf = flat.detach().requires_grad_(True)
-    loss = data.task_loss(forward(trainable.model(leaf), x, dropout), y, task)
+    loss = data.task_loss(forward(trainable.model(leaf), x, dropout), y, task, classification_loss)
     # Non-finite losses are masked out so they cannot reach other configs' gradients.
     total = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
     (grad,) = torch.autograd.grad(total, [leaf])

@@ -58,6 +58,9 @@ INLINE float sum_lanes(vec v) {
 }
 
 enum { REGRESSION = 0, CLASSIFICATION = 1, BINARY = 2 };
+/* Or'ed into a classification task: cross entropy against the target's argmax class
+ * (one-hot weights) instead of the target's outputs as weights. */
+enum { LABELS = 4 };
 
 typedef struct {
     int depth, width, batch, val_batch;
@@ -171,8 +174,11 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
         }
         return (float)(total / ((double)n * D));
     }
-    /* Cross entropy with the target's outputs as soft, unnormalised class weights;
+    /* Cross entropy with the target's outputs as soft, unnormalised class weights, or
+     * with LABELS one-hot weights at their argmax (the first maximum, as torch's argmax);
      * binary: both first summed over the two halves of the coordinates. */
+    const int labels = task & LABELS;
+    task &= ~LABELS;
     const int K = task == BINARY ? 2 : D;
     const int half = D / 2;
     for (int b = 0; b < n; b++) {
@@ -187,6 +193,11 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
         } else {
             memcpy(logit, o, D * sizeof(float));
             memcpy(weight, t, D * sizeof(float));
+        }
+        if (labels) {
+            int label = 0;
+            for (int k = 1; k < K; k++) label = weight[k] > weight[label] ? k : label;
+            for (int k = 0; k < K; k++) weight[k] = k == label ? 1.0f : 0.0f;
         }
         float peak = logit[0];
         for (int k = 1; k < K; k++) peak = logit[k] > peak ? logit[k] : peak;
