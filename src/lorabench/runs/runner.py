@@ -169,14 +169,14 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         # Non-finite or singular weights: no construction exists; record it as diverged
         # (NaN metrics) instead of failing the whole job.
         adapted = None
-    row = _base_row(cfg, models, device, theory.mean_squared_output(models.target, protocol.eval_sets(cfg).test))
+    sets = protocol.eval_sets(cfg)
+    row = _base_row(cfg, models, device, theory.mean_squared_output(models.target, sets.test))
     if adapted is None:
         row.update({f"{name}_loss": math.nan for name in ("test", "test_shift", "val")})
         if cfg.task != "regression":
             row.update({f"{name}_accuracy": math.nan for name in ("test", "test_shift", "val")})
     else:
         adapted, target = adapted.to(device), cast(target).to(device)
-        sets = protocol.eval_sets(cfg)
         sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
         row.update(_metrics(adapted, target, sets, cfg, device)[0])
     row.update(
