@@ -24,6 +24,11 @@ rule all_figures:
     default_target: True
 
 
+rule all_runs:  # one piece of a run in pieces (`lorabench plan --pieces 2h`): train and aggregate, draw nothing
+    input:
+        PIECE,
+
+
 rule all_results:
     input:
         "results/runs.parquet",

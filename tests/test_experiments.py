@@ -224,3 +224,41 @@ def test_sweep_and_preset_mechanics():
     cfgs = lbx.expand_experiment("x", spec, defaults, preset)
     assert {c.seed for c in cfgs} == {7} and {c.rank for c in cfgs} == {2}
     assert {c.n_epochs for c in cfgs if c.method == "sgd"} == {10}
+
+
+# full_length: the paper's configs, fewer seeds (the transformer one; threshold_law its own three).
+FULL_LENGTH_SEEDS = {name: {0, 1} for name in NAMES} | {"tfn": {0}, "threshold_law": {0, 1, 2}}
+
+
+def test_full_length_is_the_paper_grid_on_fewer_seeds(paper):
+    full = load("full_length")
+    assert list(full.experiments) == list(paper.experiments)
+    for name, cfgs in full.experiments.items():
+        expected = {c for c in paper.experiments[name] if c.seed in FULL_LENGTH_SEEDS[name]}
+        assert set(cfgs) == expected, name
+        assert {c.seed for c in cfgs} == FULL_LENGTH_SEEDS[name]
+    steps = {c.n_epochs for c in full.experiments["generalization"] if c.method == "sgd"}
+    assert steps == {20000} and {c.n_epochs for c in full.experiments["fnn"] if c.method == "sgd"} == {5000}
+
+
+def test_split_by_cuts_a_seeds_training_into_one_job_per_value(smoke):
+    wf = dataclasses.replace(smoke, split_seeds=True, split_by=("target_depth", "pretrained"))
+    jobs = [j for j in wf.jobs() if j.experiment == "fnn" and j.protocol == "paper"]
+    train = [j for j in jobs if j.kind == "train"]
+    assert len(train) == 2 * 2 * 2  # seeds x depth pairs x random/pretrained
+    for job in train:
+        assert len({(c.seed, c.target_depth, c.pretrained) for c in job.configs}) == 1
+    assert Counter(j.kind for j in jobs) == {"models": 2, "construct": 2, "train": 8}
+    unsplit = [c for j in smoke.jobs() if j.experiment == "fnn" and j.protocol == "paper" and j.kind == "train"
+               for c in j.configs]
+    assert Counter(c for j in train for c in j.configs) == Counter(unsplit)
+    for job in jobs:  # each job's reference expands back to it
+        assert lbx.resolve_job(wf.job_ref(job)) == job
+
+
+def test_split_by_names_runconfig_fields():
+    config = copy.deepcopy(CONFIG)
+    config["presets"]["smoke"]["split_by"] = ["depht"]
+    config["preset"] = "smoke"
+    with pytest.raises(ConfigError, match="split_by.*depht"):
+        lbx.load(config)

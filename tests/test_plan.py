@@ -185,3 +185,72 @@ def test_a_real_calibration_of_the_constructions():
     assert rate.depths == plan.CAL_DEPTHS["fnn"]
     assert all(0 < rate.config(d) < 10 for d in rate.depths) and rate.step(2) == 0
     assert "16 constructions" in measured["measured"]
+
+
+class FakeJob:
+    def __init__(self, experiment, protocol, kind, seed=0):
+        self.experiment, self.protocol, self.kind, self.seed = experiment, protocol, kind, seed
+
+
+def test_parse_duration():
+    assert plan.parse_duration("2h") == 7200 and plan.parse_duration("90min") == 5400
+    assert plan.parse_duration("30m") == 1800 and plan.parse_duration("5400s") == 5400
+    for bad in ("", "2", "two hours", "0h", "-1h"):
+        with pytest.raises(ConfigError, match="--pieces"):
+            plan.parse_duration(bad)
+
+
+def test_pieces_keep_both_protocols_together_when_they_fit_and_pack_first_fit():
+    # per (experiment, protocol): one models job of 1 s and one train job; budget 100 s on 1 core
+    train = {("a", "paper"): 20, ("a", "reference"): 20, ("b", "paper"): 60, ("b", "reference"): 60,
+             ("c", "paper"): 150, ("c", "reference"): 10, ("d", "paper"): 10, ("d", "reference"): 10}
+    jobs, costs = [], []
+    for (name, protocol), seconds in train.items():
+        jobs += [FakeJob(name, protocol, "models"), FakeJob(name, protocol, "train")]
+        costs += [1.0, float(seconds)]
+    pieces = plan.make_pieces(jobs, costs, 1, 100.0, ["paper", "reference"])
+    got = [(p.experiments, p.protocols, p.over_budget) for p in pieces]
+    assert got == [
+        (["a", "d"], ["paper", "reference"], False),  # 42 + 22 s: together
+        (["b"], ["paper"], False), (["c"], ["paper"], True),  # c alone is above the budget
+        (["b", "c"], ["reference"], False),  # 61 + 11 s
+    ]
+    covered = sorted((e, p) for piece in pieces for e in piece.experiments for p in piece.protocols)
+    assert covered == sorted(train)
+    assert all(p.wall_s <= 100 for p in pieces if not p.over_budget)
+    assert pieces[0].wall_s == pytest.approx(64.0) and pieces[0].core_s == pytest.approx(64.0)
+
+
+def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):
+    wf, jobs = smoke
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json",
+                            pieces_s=60.0)
+    pieces = result["pieces"]
+    assert pieces["cores"] == 2 and pieces["budget_s"] == 60.0
+    covered = sorted((e, p) for run in pieces["runs"] for e in run["experiments"] for p in run["protocols"])
+    assert covered == sorted((name, p) for name in wf.experiments for p in wf.protocols)
+    for run in pieces["runs"]:
+        assert run["over_budget"] or run["wall_s"] <= 60.0
+        assert run["command"] == (f"snakemake --cores 2 all_runs --config preset=smoke "
+                                  f"experiments=[{','.join(run['experiments'])}] protocols=[{','.join(run['protocols'])}]")
+    assert pieces["combine"] == "snakemake --cores 2 all_figures --config preset=smoke"
+    text = plan.format_plan(result)
+    assert "piece(s) of at most 60 s on 2 core(s)" in text and pieces["combine"] in text
+    json.dumps(result)
+
+
+def test_native_rates_project_the_reference_cells_at_the_native_engines(smoke, tmp_path):
+    wf, jobs = smoke
+    both = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json",
+                          native_rates=True)
+    engines = set(both["total"]["engines"])
+    assert {"native-fnn", "native-tfn"} <= engines and not any(e.startswith("torch") for e in engines)
+    assert both["native_rates"] and "native engine's rates" in plan.format_plan(both)
+
+
+def test_bad_pieces_budget_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", "--configfile", CONFIG, "--preset", "smoke", "--pieces", "two hours"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--pieces" in err and len(err.strip().splitlines()) == 1

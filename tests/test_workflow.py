@@ -203,6 +203,25 @@ def test_slurm_names_that_are_not_slurm_names_are_refused(tmp_path, name):
     assert not (workdir / "PWNED").exists() and not (workdir / "results").exists()
 
 
+def test_pieces_per_protocol_combine_and_the_last_run_trains_nothing(tmp_path):
+    config = tiny_config(experiments=("linear",))
+    config["protocols"] = ["paper", "reference"]
+    workdir = make_workdir(tmp_path, config)
+    snakemake(workdir, "all_runs", "--config", "protocols=[paper]")
+    paper = workdir / "results/selected/linear/paper.parquet"
+    first = (paper.stat().st_mtime_ns, paper.read_bytes())
+    assert not (workdir / "results/figures").exists()  # a piece draws nothing
+    snakemake(workdir, "all_runs", "--config", "protocols=[reference]")
+    assert (paper.stat().st_mtime_ns, paper.read_bytes()) == first  # the other protocol's piece left it alone
+    outputs = planned_outputs(workdir, "all_figures")
+    assert outputs and not [o for o in outputs if re.match(r"results/(models|constructions|cells|runs/linear/|selected/linear/)", o)]
+    snakemake(workdir, "all_figures")
+    for name in ("selected/linear.parquet", "selected.parquet"):
+        table = read_table(workdir / "results" / name, SELECTED_SCHEMA).to_pandas()
+        assert set(table["protocol"]) == {"paper", "reference"}
+    assert "Nothing to be done" in snakemake(workdir, "-n", "all_figures").stdout
+
+
 # --------------------------------------------------------------- refused configs
 BAD = [
     (["preset=huge"], "huge"),

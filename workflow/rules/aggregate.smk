@@ -1,12 +1,36 @@
-# Stage 3: per experiment, its result rows (results/runs/<experiment>.parquet) and their
-# selection by validation loss (per rank, seed, ... over lr x weight decay;
-# results/selected/<experiment>.parquet); then every experiment's rows in
-# results/runs.parquet and their selection in results/selected.parquet.
+# Stage 3: per experiment and protocol, its result rows (results/runs/<experiment>/
+# <protocol>.parquet) and their selection by validation loss (per rank, seed, ... over
+# lr x weight decay; results/selected/<experiment>/<protocol>.parquet): a run of one
+# protocol never rewrites another's, so runs in pieces (`--config protocols=[...]`)
+# combine. Then per experiment its protocols' rows (results/runs/<experiment>.parquet,
+# results/selected/<experiment>.parquet), and every experiment's in results/runs.parquet
+# and results/selected.parquet.
+
+
+rule aggregate_protocol:
+    input:
+        protocol_results,
+    output:
+        runs="results/runs/{experiment}/{protocol}.parquet",
+        selected="results/selected/{experiment}/{protocol}.parquet",
+    log:
+        "logs/aggregate_protocol/{experiment}/{protocol}.log",
+    benchmark:
+        "logs/benchmarks/aggregate_protocol/{experiment}/{protocol}/runs.tsv"
+    params:
+        lb=LB,
+    resources:
+        runtime=30,
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.lb} aggregate --out {output.runs} --selected {output.selected} {input} > {log} 2>&1"
 
 
 rule aggregate_experiment:
     input:
-        experiment_results,
+        experiment_runs,
     output:
         runs="results/runs/{experiment}.parquet",
         selected="results/selected/{experiment}.parquet",

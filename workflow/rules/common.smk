@@ -104,6 +104,8 @@ CLAIMS = [
     *expand("results/protocol_comparison.{ext}", ext=("png", "pdf", "md", "csv")),
 ]
 SELECTION_NOTE = catalog.selection_note(SELECTED, DEFINED)
+# What a piece of a run in pieces builds: its experiments' rows per protocol, no figures.
+PIECE = [f"results/{kind}/{name}/{p}.parquet" for kind in ("runs", "selected") for name in SELECTED for p in WF.protocols]
 REPORT_DIR = os.path.join(workflow.basedir, "workflow", "report")
 
 
@@ -142,15 +144,28 @@ def job_ref(kind):
     return lambda wildcards: Untracked(shlex.quote(WF.job_ref(find_job(wildcards, kind))))
 
 
-def result_files(experiment=None):
-    """The construction and training result files of one experiment (or every one)."""
-    return sorted(job_path(j) for j in JOBS if j.kind != "models" and experiment in (None, j.experiment))
+def result_files(experiment=None, protocol=None):
+    """The construction and training result files of one experiment and protocol (or every one)."""
+    return sorted(job_path(j) for j in JOBS
+                  if j.kind != "models" and experiment in (None, j.experiment) and protocol in (None, j.protocol))
 
 
-def experiment_results(wildcards):
-    if wildcards.experiment not in WF.experiments:
-        raise WorkflowError(f"experiment {wildcards.experiment!r} does not run (running: {', '.join(SELECTED)})")
-    return result_files(wildcards.experiment)
+def _running(experiment):
+    if experiment not in WF.experiments:
+        raise WorkflowError(f"experiment {experiment!r} does not run (running: {', '.join(SELECTED)})")
+
+
+def protocol_results(wildcards):
+    _running(wildcards.experiment)
+    if wildcards.protocol not in WF.protocols:
+        raise WorkflowError(f"protocol {wildcards.protocol!r} does not run (running: {', '.join(WF.protocols)})")
+    return result_files(wildcards.experiment, wildcards.protocol)
+
+
+def experiment_runs(wildcards):
+    """An experiment's per-protocol rows, of every protocol that runs."""
+    _running(wildcards.experiment)
+    return [f"results/runs/{wildcards.experiment}/{p}.parquet" for p in WF.protocols]
 
 
 def figure_selection(name):
@@ -168,6 +183,7 @@ def caption(name):
 def benchmark_files():
     """Every benchmark record of this config's jobs but the costs step's own."""
     out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in JOBS]
+    out += [f"logs/benchmarks/aggregate_protocol/{name}/{p}/runs.tsv" for name in SELECTED for p in WF.protocols]
     out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
     out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv"]
     out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv" for name in FIGURE_NAMES]

@@ -21,8 +21,10 @@ experiment can keep ranks the others drop).
 
 Jobs: one per (experiment, protocol, seed) and kind (models, construct, train), or per
 (experiment, protocol) and kind with a preset's ``split_seeds: false`` (fewer processes for
-small runs); a job's id is ``s<seed>-<hash of its configs>`` (``all-<hash>``), so changing
-an experiment changes its jobs' ids and nothing else's.
+small runs); a preset's ``split_by: [field, ...]`` cuts each seed's training further, one
+train job per value of those fields (so a single-seed experiment can use several cores);
+a job's id is ``s<seed>-<hash of its configs>`` (``all-<hash>``), so changing an experiment
+changes its jobs' ids and nothing else's.
 
 A job travels to its step as a small reference (``WorkflowConfig.job_ref``: the
 experiment's definition, the preset and the job's id); the step expands that one
@@ -43,7 +45,7 @@ from typing import Any, Mapping, Optional
 from ..core.config import DEVICES, PROTOCOLS, ConfigError, RunConfig, config_from_dict
 from .dispatch import DISPATCHES, SlurmSettings
 
-PRESETS = ("paper", "quick", "smoke")
+PRESETS = ("paper", "full_length", "quick", "smoke")
 JOB_KINDS = ("models", "construct", "train")
 SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
 # Fields a method does not read: left at RunConfig's defaults unless its block sets them.
@@ -88,6 +90,7 @@ class WorkflowConfig:
     slurm: SlurmSettings
     experiments: Mapping[str, tuple[RunConfig, ...]]  # protocol-free: protocol set per job
     split_seeds: bool = True
+    split_by: tuple[str, ...] = ()  # RunConfig fields cutting a seed's training into jobs
     # per experiment, what expand_experiment read: its block, the defaults and the preset
     definitions: Mapping[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
@@ -99,14 +102,15 @@ class WorkflowConfig:
         out = []
         for name in self.experiments:
             for protocol in self.protocols:
-                out.extend(experiment_jobs(name, protocol, self.configs(name, protocol), self.split_seeds))
+                out.extend(experiment_jobs(name, protocol, self.configs(name, protocol), self.split_seeds,
+                                           self.split_by))
         return out
 
     def job_ref(self, job: Job) -> str:
         """What a step needs to rebuild ``job`` (``resolve_job``), as compact JSON: a few
         hundred bytes, where the job's spec of a paper-grid training job is ~150 kB."""
         ref = {"experiment": job.experiment, "protocol": job.protocol, "kind": job.kind, "id": job.id,
-               "split_seeds": self.split_seeds, **self.definitions[job.experiment]}
+               "split_seeds": self.split_seeds, "split_by": list(self.split_by), **self.definitions[job.experiment]}
         return json.dumps(ref, sort_keys=True, separators=(",", ":"))
 
     def select(self, names) -> "WorkflowConfig":
@@ -133,10 +137,11 @@ def resolve_job(ref: str) -> Job:
         name, protocol, kind, job_id = values["experiment"], values["protocol"], values["kind"], values["id"]
         block, defaults, preset = values["definition"], values["defaults"], values["preset"]
         split_seeds = bool(values["split_seeds"])
+        split_by = tuple(values.get("split_by") or ())
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"not a lorabench job reference ({type(error).__name__}: {error})") from None
     cfgs = [c.replace(protocol=protocol) for c in expand_experiment(name, block, defaults, preset)]
-    for job in experiment_jobs(name, protocol, cfgs, split_seeds):
+    for job in experiment_jobs(name, protocol, cfgs, split_seeds, split_by):
         if job.kind == kind and job.id == job_id:
             return job
     raise ConfigError(f"job {job_id} ({kind}) is not in experiment {name!r} ({protocol}) as referenced")
@@ -148,7 +153,10 @@ def configs_hash(cfgs) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def experiment_jobs(experiment: str, protocol: str, cfgs: list[RunConfig], split_seeds: bool = True) -> list[Job]:
+def experiment_jobs(experiment: str, protocol: str, cfgs: list[RunConfig], split_seeds: bool = True,
+                    split_by: tuple[str, ...] = ()) -> list[Job]:
+    """The jobs of one experiment and protocol: per seed (or for all seeds) a models job,
+    a construct job, and a train job per value of the ``split_by`` fields."""
     from .runner import cells, model_key
 
     jobs = []
@@ -159,8 +167,11 @@ def experiment_jobs(experiment: str, protocol: str, cfgs: list[RunConfig], split
         ours = tuple(c for c in mine if c.method == "ours")
         if ours:
             jobs.append(Job(experiment, protocol, seed, "construct", ours))
-        gradient = [c for c in mine if c.method != "ours"]
-        if gradient:
+        parts: dict[tuple, list[RunConfig]] = {}
+        for c in mine:
+            if c.method != "ours":
+                parts.setdefault(tuple(getattr(c, name) for name in split_by), []).append(c)
+        for gradient in parts.values():
             # the runner's cells, in its order: the job runs them one after the other
             ordered = tuple(c for cell in cells(gradient) for c in cell)
             jobs.append(Job(experiment, protocol, seed, "train", ordered))
@@ -271,6 +282,7 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
         spec = spec or {}
         for part in SCALING:
             _check_fields(spec.get(part) or {}, f"preset {name!r} {part}")
+        _check_fields(dict.fromkeys(spec.get("split_by") or ()), f"preset {name!r} split_by")
         for experiment, override in (spec.get("experiments") or {}).items():
             if experiment not in (config.get("experiments") or {}):
                 raise ConfigError(f"preset {name!r}: unknown experiment {experiment!r}")
@@ -292,6 +304,7 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
         slurm=slurm,
         experiments=experiments,
         split_seeds=bool(preset.get("split_seeds", True)),
+        split_by=tuple(preset.get("split_by") or ()),
         definitions=definitions,
     )
 

@@ -14,6 +14,15 @@ time, so a busy machine slows the calibration's wall clock more than its figures
 are cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench version, CPU
 model, torch version and engine; ``--recalibrate`` measures again.
 
+Pieces (``--pieces 2h``): the experiments and protocols grouped into Snakemake runs each
+projected to fit the budget on the given cores (first-fit by projected wall time; an
+experiment runs with both protocols in one piece when they fit together, else one piece
+per protocol), each with its command; their outputs combine (``results/runs/<experiment>/
+<protocol>.parquet``), and a last run of ``all_figures`` only aggregates and draws.
+
+``--native-rates`` projects every training cell at the native engine's rates, as when the
+native engine trains the reference protocol's cells too.
+
 What the projection leaves out or bounds: pretraining is counted at its full budget
 (``pretrained_epochs``; it may stop early), the per-config cost is scaled by the number
 of evaluation points, and the per-job fixed cost is the measured start-up of a Python
@@ -26,6 +35,7 @@ import heapq
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -171,18 +181,25 @@ def makespan(durations: Iterable[float], cores: int) -> float:
 
 
 def wall_time(jobs: Sequence, costs: Sequence[float], cores: int) -> float:
-    """Projected wall seconds on ``cores`` one-thread workers: the schedule of every job,
-    and no less than the longest chain (a seed's models job, then its longest job)."""
-    models: dict = {}
-    longest: dict = defaultdict(float)
-    for job, cost in zip(jobs, costs):
-        key = (job.experiment, job.protocol, job.seed)
-        if job.kind == "models":
-            models[key] = cost
-        else:
-            longest[key] = max(longest[key], cost)
-    chain = max((models.get(k, 0.0) + longest.get(k, 0.0) for k in set(models) | set(longest)), default=0.0)
-    return max(makespan(costs, cores), chain)
+    """Projected wall seconds on ``cores`` one-thread workers: the models jobs first
+    (longest first), then every other job, longest first, on the first free worker once
+    its seed's models job is done (so never less than that chain)."""
+    if cores < 1:
+        raise ConfigError(f"cores must be >= 1, got {cores}")
+    loads = [0.0] * cores
+    ready: dict = {}
+    models = sorted(((c, j) for j, c in zip(jobs, costs) if j.kind == "models"), key=lambda x: -x[0])
+    for cost, job in models:
+        start = heapq.heappop(loads)
+        ready[(job.experiment, job.protocol, job.seed)] = start + cost
+        heapq.heappush(loads, start + cost)
+    end = max(loads)
+    others = sorted(((c, j) for j, c in zip(jobs, costs) if j.kind != "models"), key=lambda x: -x[0])
+    for cost, job in others:
+        start = max(heapq.heappop(loads), ready.get((job.experiment, job.protocol, job.seed), 0.0))
+        heapq.heappush(loads, start + cost)
+        end = max(end, start + cost)
+    return end
 
 
 def parse_cores(text: str) -> list[int]:
@@ -363,6 +380,88 @@ def _startup_seconds(repeats: int = 3) -> float:
     return best
 
 
+# ------------------------------------------------------------------ pieces
+DURATION_UNITS = {"h": 3600.0, "min": 60.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``2h``, ``90min`` or ``5400s``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(h|min|m|s)\s*", text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--pieces: expected a duration such as 2h, 90min or 5400s, got {text!r}")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+@dataclass
+class Piece:
+    """One Snakemake run of the plan: these experiments under these protocols."""
+
+    experiments: list
+    protocols: list
+    wall_s: float = 0.0
+    core_s: float = 0.0
+    over_budget: bool = False  # a single experiment and protocol projected above the budget
+
+
+def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: float,
+                protocols: Sequence[str]) -> list[Piece]:
+    """The jobs' experiments and protocols cut into pieces each projected to take at most
+    ``budget_s`` on ``cores`` (``wall_time``). An experiment keeps both protocols in one
+    piece when they fit together; otherwise each protocol is its own unit. Units of the
+    same protocols are packed first-fit, longest first; a piece is a product of
+    experiments and protocols, so one ``--config experiments=[...] protocols=[...]``
+    names it."""
+    by_unit: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_unit[(job.experiment, job.protocol)].append(i)
+    order = list(dict.fromkeys(job.experiment for job in jobs))
+    protocols = [p for p in protocols if any(p == key[1] for key in by_unit)]
+
+    def wall(indices: list[int]) -> float:
+        return wall_time([jobs[i] for i in indices], [costs[i] for i in indices], cores)
+
+    units: list[tuple[tuple[str, ...], str, list[int]]] = []  # (protocols, experiment, job indices)
+    for name in order:
+        together = [i for p in protocols for i in by_unit.get((name, p), [])]
+        if len(protocols) == 1 or wall(together) <= budget_s:
+            units.append((tuple(protocols), name, together))
+        else:
+            units.extend(((p,), name, by_unit[(name, p)]) for p in protocols if by_unit.get((name, p)))
+    groups = list(dict.fromkeys(u[0] for u in units))
+    pieces: list[tuple[tuple[str, ...], list[str], list[int]]] = []
+    for group in sorted(groups, key=len, reverse=True):  # both protocols first, then each
+        mine: list[tuple[list[str], list[int]]] = []
+        for _, name, indices in sorted((u for u in units if u[0] == group), key=lambda u: -wall(u[2])):
+            for names, held in mine:
+                if wall(held + indices) <= budget_s:
+                    names.append(name)
+                    held.extend(indices)
+                    break
+            else:
+                mine.append(([name], list(indices)))
+        mine.sort(key=lambda piece: min(order.index(name) for name in piece[0]))  # the config's order
+        pieces.extend((group, names, held) for names, held in mine)
+    out = []
+    for group, names, held in pieces:
+        seconds = wall(held)
+        out.append(Piece(sorted(names, key=order.index), list(group), seconds, sum(costs[i] for i in held),
+                         seconds > budget_s))
+    return out
+
+
+def piece_command(piece: Piece, preset: str, cores: int, configfile: str = "config.yaml") -> str:
+    """The Snakemake command of one piece: its training and its per-protocol results only."""
+    config = "" if configfile == "config.yaml" else f"--configfile {configfile} "
+    return (f"snakemake --cores {cores} all_runs {config}--config preset={preset} "
+            f"experiments=[{','.join(piece.experiments)}] protocols=[{','.join(piece.protocols)}]")
+
+
+def combine_command(preset: str, cores: int, configfile: str = "config.yaml") -> str:
+    """The run after every piece: aggregation, figures, claims and tables (no training)."""
+    config = "" if configfile == "config.yaml" else f"--configfile {configfile} "
+    return f"snakemake --cores {cores} all_figures {config}--config preset={preset}"
+
+
 # ------------------------------------------------------------------ the plan
 def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Optional[Sequence[str]] = None):
     """The expanded workflow config of a config file, with its preset overridden and its
@@ -393,8 +492,11 @@ def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Op
 
 def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
               recalibrate: bool = False, native: Optional[Callable[[RunConfig], bool]] = None,
-              path: Optional[Path] = None) -> dict:
-    """The plan as a JSON-able dict: rows, total, wall times, calibration."""
+              path: Optional[Path] = None, native_rates: bool = False, pieces_s: Optional[float] = None,
+              configfile: str = "config.yaml") -> dict:
+    """The plan as a JSON-able dict: rows, total, wall times, calibration; with
+    ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
+    commands. ``native_rates``: every cell's engine as if it were the paper protocol's."""
     from .runner import resolve_device
 
     device = resolve_device(wf.device)
@@ -402,6 +504,9 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         from ..training.native import use_native
 
         native = lambda cfg: use_native(cfg, device)  # noqa: E731
+    if native_rates:
+        decide = native
+        native = lambda cfg: decide(cfg.replace(protocol="paper"))  # noqa: E731
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs})
@@ -417,10 +522,11 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
             setattr(total, name, getattr(total, name) + getattr(row, name))
         for engine, s in row.engines.items():
             total.engines[engine] = total.engines.get(engine, 0.0) + s
-    return {
+    out = {
         "preset": wf.preset,
         "protocols": list(wf.protocols),
         "device": device.type,
+        "native_rates": native_rates,
         "rows": [asdict(r) for r in rows],
         "total": asdict(total),
         "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
@@ -428,6 +534,15 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "calibration": {e: {**measured[e], "source": source[e], "key": key(e)} for e in [STARTUP, *needed]},
         "cache": str(path or cache_path()),
     }
+    if pieces_s is not None:
+        n = cores[0]
+        out["pieces"] = {
+            "budget_s": pieces_s, "cores": n,
+            "runs": [{**asdict(p), "command": piece_command(p, wf.preset, n, configfile)}
+                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols)],
+            "combine": combine_command(wf.preset, n, configfile),
+        }
+    return out
 
 
 def _hours(seconds: float) -> str:
@@ -458,7 +573,8 @@ def format_plan(plan: dict) -> str:
                       str(r["constructions"]), str(r["models"]), _hours(r["core_s"])))
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    out = [f"plan: preset {plan['preset']}, protocols {', '.join(plan['protocols'])}, device {plan['device']}",
+    rates = ", training at the native engine's rates" if plan.get("native_rates") else ""
+    out = [f"plan: preset {plan['preset']}, protocols {', '.join(plan['protocols'])}, device {plan['device']}{rates}",
            fmt(head), "  ".join("-" * w for w in widths)]
     out += [fmt(cells) for cells in lines[:-1]]
     out += ["  ".join("-" * w for w in widths), fmt(lines[-1]), ""]
@@ -466,6 +582,8 @@ def format_plan(plan: dict) -> str:
     out.append("core-h by engine: " + ", ".join(f"{e} {_hours(s)}" for e, s in sorted(engines.items(), key=lambda x: -x[1])))
     for n, s in plan["wall_s"].items():
         out.append(f"projected wall time on {n} core(s), one job per core: {_duration(s)}")
+    if "pieces" in plan:
+        out += ["", *format_pieces(plan["pieces"])]
     out.append("")
     out.append(f"calibration ({plan['cache']}):")
     for engine, c in plan["calibration"].items():
@@ -482,3 +600,17 @@ def format_plan(plan: dict) -> str:
         out.append(f"  {'':<14} ({c.get('measured', '')})")
     out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
     return "\n".join(out)
+
+
+def format_pieces(pieces: dict) -> list[str]:
+    runs = pieces["runs"]
+    out = [f"{len(runs)} piece(s) of at most {_duration(pieces['budget_s'])} on {pieces['cores']} core(s), "
+           "in any order (each trains only its experiments and protocols):"]
+    for i, run in enumerate(runs, 1):
+        over = "  ABOVE THE BUDGET: one experiment and protocol alone" if run["over_budget"] else ""
+        out.append(f"  {i}. {_duration(run['wall_s'])} ({_hours(run['core_s'])} core-h): "
+                   f"{', '.join(run['experiments'])} [{', '.join(run['protocols'])}]{over}")
+        out.append(f"     {run['command']}")
+    out.append("then, to aggregate and draw (no training):")
+    out.append(f"     {pieces['combine']}")
+    return out
