@@ -20,6 +20,7 @@ rule all_figures:
     input:
         FIGURES,
         CLAIMS,
+        PAPER_TABLES,
         "results/costs.csv",
     default_target: True
 

@@ -160,3 +160,51 @@ def test_cli_figures_and_claims(tmp_path, monkeypatch, capsys):
     assert "bias.png" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["claims", "--out", str(tmp_path)])  # neither --runs nor --selected
+
+
+# ------------------------------------------------------------------ the paper's tables
+def tiny_linear_selected() -> pd.DataFrame:
+    """Three seeds of a linear panel at R=1 and R*=2: construction and gradient update."""
+    out = []
+    values = [(0.3, 1e-12, 0.1, 0.05), (0.1, 1e-12, 0.15, 0.01), (0.2, 3e-12, 0.12, 0.02)]  # per seed
+    for seed, (o1, o2, g1, g2) in enumerate(values):
+        for rank, ours, gd in ((1, o1, g1), (2, o2, g2)):
+            base = dict(experiment="linear", protocol="paper", seed=seed, rank=rank, pretrained=0, threshold_rank=2,
+                        diverged=False, val_loss=0.0, n_excluded=0, n_trainable_params=64 * rank)
+            out.append({**base, "method": "ours", "checkpoint": "construction", "test_loss": ours})
+            out.append({**base, "method": "sgd", "checkpoint": "last", "test_loss": gd})
+    return pd.DataFrame(out)
+
+
+def _table_row(text: str, quantity: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {quantity} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_paper_tables_put_the_paper_next_to_the_medians_over_seeds():
+    from lorabench.report import paper_tables
+
+    text = paper_tables.paper_tables_markdown(tiny_linear_selected())
+    for table in paper_tables.TABLES:  # every figure has its table, citing the paper
+        assert f"## {table.title}" in text and table.source in text
+    assert "| quantity | the paper | measured (paper) |" in text and "measured (reference)" not in text
+    assert _table_row(text, "threshold rank R* = ceil(D/L)")[1:] == ["8 (D=16, L=2)", "2"]
+    assert _table_row(text, "random: construction, R=1")[1:] == ["~0.28", "0.2"]
+    assert _table_row(text, "random: construction, R=R*")[2] == "1e-12"
+    assert _table_row(text, "random: gradient update, R=1")[2] == "0.12"
+    assert _table_row(text, "random: gradient update, R=R*")[2] == "0.02"
+    assert _table_row(text, "random: construction, R=16")[2] == "not run"  # no such rank here
+    assert _table_row(text, "random: first rank where the construction is at or below the gradient update")[2] == "R=2"
+    assert _table_row(text, "pretrained: construction, R=1")[2] == "not run"
+    assert _table_row(text, "random: fixed biases, R=1")[2] == "not run"  # experiment absent
+    assert "Seeds measured: paper: 3." in text
+
+
+def test_paper_tables_command_reads_parquet_and_writes_markdown(tmp_path):
+    to_frames(synthetic_runs(["fnn"], metrics=built_metrics, lrs=LRS[:1], base=CLAIM_BASE), tmp_path, select=False)
+    out = tmp_path / "tables" / "paper_tables.md"
+    assert main(["paper-tables", "--selected", str(tmp_path / "selected.parquet"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "measured (paper)" in text and "measured (reference)" in text
+    row = _table_row(text, "(2, 4) random: gradient update, R=1")
+    assert row[1].startswith("~0.009") and row[2] != "not run" and row[3] != "not run"

@@ -96,9 +96,20 @@ def test_smoke_writes_every_figure(smoke_run):
         assert (smoke_run / "results" / name).exists()
 
 
+def test_smoke_writes_the_paper_tables_with_both_protocols(smoke_run):
+    from lorabench.report.paper_tables import TABLES
+
+    text = (smoke_run / "results/paper_tables.md").read_text()
+    assert all(f"## {table.title}" in text for table in TABLES)
+    line = next(line for line in text.splitlines() if line.startswith("| random: construction, R=1 |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert len(cells) == 4 and float(cells[2]) > 0 and float(cells[3]) > 0  # measured under both protocols
+
+
 def test_smoke_writes_the_costs_of_every_rule(smoke_run):
     costs = pd.read_csv(smoke_run / "results/costs.csv")
-    assert {"generate_models", "train", "construct", "aggregate_experiment", "aggregate", "claims", "figure_fnn"} <= set(costs["rule"])
+    assert {"generate_models", "train", "construct", "aggregate_protocol", "aggregate_experiment", "aggregate", "claims",
+            "paper_tables", "figure_fnn"} <= set(costs["rule"])
     trained = {name for name, spec in CONFIG["experiments"].items() if set(spec["methods"]) - {"ours"}}
     assert set(costs.loc[costs["rule"] == "train", "experiment"]) == trained  # threshold_law: constructions only
     assert set(costs.loc[costs["rule"] == "train", "protocol"]) == {"paper", "reference"}

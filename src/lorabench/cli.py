@@ -243,6 +243,12 @@ def _add_report(sub) -> None:
         _option(p, "selected", help="selected.parquet (default: selected from --runs)")
         _option(p, "out", required=True, help="output folder")
         _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
+    p = sub.add_parser("paper-tables", help="write per figure of the paper a table: what the paper shows, what was measured",
+                       formatter_class=HelpFormatter)
+    _option(p, "runs", help="runs.parquet")
+    _option(p, "selected", help="selected.parquet (default: selected from --runs)")
+    _option(p, "out", required=True, help="Markdown file to write")
+    _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
     _option(sub.choices["figures"], "protocol", choices=PROTOCOLS, help="default: paper where it has rows")
     _option(sub.choices["figures"], "name", action="append", help="only this figure (repeatable; default: every figure)")
 
@@ -465,6 +471,13 @@ def claims_command(args: argparse.Namespace) -> int:
     return _print_paths(write_claims_and_comparison(runs, selected, args.out, checkpoint=args.checkpoint))
 
 
+def paper_tables_command(args: argparse.Namespace) -> int:
+    from .report.paper_tables import write_paper_tables
+
+    _, selected = _report_inputs(args)
+    return _print_paths([write_paper_tables(selected, args.out, checkpoint=args.checkpoint)])
+
+
 COMMANDS = {
     "run": run_command,
     "models": models_command,
@@ -476,6 +489,7 @@ COMMANDS = {
     "plan": plan_command,
     "figures": figures_command,
     "claims": claims_command,
+    "paper-tables": paper_tables_command,
 }
 
 

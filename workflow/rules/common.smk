@@ -103,6 +103,7 @@ CLAIMS = [
     "results/claims.csv",
     *expand("results/protocol_comparison.{ext}", ext=("png", "pdf", "md", "csv")),
 ]
+PAPER_TABLES = "results/paper_tables.md"  # per figure of the paper: what it shows, what this run measured
 SELECTION_NOTE = catalog.selection_note(SELECTED, DEFINED)
 # What a piece of a run in pieces builds: its experiments' rows per protocol, no figures.
 PIECE = [f"results/{kind}/{name}/{p}.parquet" for kind in ("runs", "selected") for name in SELECTED for p in WF.protocols]
@@ -185,6 +186,7 @@ def benchmark_files():
     out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in JOBS]
     out += [f"logs/benchmarks/aggregate_protocol/{name}/{p}/runs.tsv" for name in SELECTED for p in WF.protocols]
     out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
-    out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv"]
+    out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv",
+            "logs/benchmarks/paper_tables/all/all/paper_tables.tsv"]
     out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv" for name in FIGURE_NAMES]
     return sorted(out)

@@ -7,6 +7,7 @@ rule costs:
     input:
         FIGURES,
         CLAIMS,
+        PAPER_TABLES,
         "results/runs.parquet",
     output:
         "results/costs.csv",

@@ -1,7 +1,8 @@
 # Stage 4: one job per figure (results/figures/<name>.png and .pdf, in the report with a
 # caption from workflow/report/<name>.rst), reading only its experiments' selected rows;
 # figures of experiments that do not run are not requested. Then the claims and the
-# protocol comparison, with a note naming the experiments left out of the run.
+# protocol comparison, with a note naming the experiments left out of the run; and the
+# paper's figures side by side with this run's measurements (results/paper_tables.md).
 
 for name in FIGURE_NAMES:
 
@@ -55,3 +56,23 @@ rule claims:
     shell:
         "{params.lb} claims --runs {input.runs} --selected {input.selected} --out results > {log} 2>&1"
         " && printf %s {params.note} >> {output.md}"
+
+
+rule paper_tables:
+    input:
+        selected="results/selected.parquet",
+    output:
+        PAPER_TABLES,
+    log:
+        "logs/paper_tables.log",
+    benchmark:
+        "logs/benchmarks/paper_tables/all/all/paper_tables.tsv"
+    params:
+        lb=LB,
+    resources:
+        runtime=30,
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.lb} paper-tables --selected {input.selected} --out {output} > {log} 2>&1"
