@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import numpy as np
 import pandas as pd
 
 from .analysis import DEFAULT_CHECKPOINT, curve, present_protocols, rows, threshold
@@ -38,7 +37,6 @@ class Row:
 
 @dataclass(frozen=True)
 class Table:
-    key: str
     title: str
     source: str  # where in the paper
     experiment: str
@@ -154,7 +152,7 @@ def _rank_rows(experiment: str, panel: str, equal: dict, paper: dict, gradient: 
 
 
 TABLES: tuple[Table, ...] = (
-    Table("linear", "Linear model", "Sec. 6, approximation error against rank, linear-model panel; Lemma 1 (Sec. 3)",
+    Table("Linear model", "Sec. 6, approximation error against rank, linear-model panel; Lemma 1 (Sec. 3)",
           "linear", (
               Row("threshold rank R* = ceil(D/L)", "8 (D=16, L=2)", threshold_of("linear", **RANDOM)),
               *_rank_rows("linear", "random", RANDOM, {
@@ -165,7 +163,7 @@ TABLES: tuple[Table, ...] = (
                   "ours R=1": "~0.083", "ours R=R*": "~0 (from R ~7)", "ours R=16": "~0",
                   "sgd R=1": "~0.083 (coincides)", "sgd R=R*": "~0", "crossover": "none: the curves coincide"}),
           )),
-    Table("fnn", "ReLU FNNs", "Sec. 6, FNN panel (Lbar=2, L=4); Appendix G, FNN approximation (both depth pairs); Sec. 4",
+    Table("ReLU FNNs", "Sec. 6, FNN panel (Lbar=2, L=4); Appendix G, FNN approximation (both depth pairs); Sec. 4",
           "fnn", (
               Row("threshold rank R* = ceil(D Lbar/L)", "8 for (Lbar, L) = (1, 2) and (2, 4)", threshold_of("fnn", **FNN_24, **RANDOM)),
               *_rank_rows("fnn", "(2, 4) random", {**FNN_24, **RANDOM}, {
@@ -181,7 +179,7 @@ TABLES: tuple[Table, ...] = (
                   "sgd R=R*": "plateau ~1e-5 to 5e-5 (log scale)", "sgd R=16": "plateau ~1e-5 to 5e-5",
                   "crossover": "the construction is the lower from R ~7-8"}, {"tune_bias": 1}),
           )),
-    Table("tfn", "Transformer networks (H=2, N=10)", "Appendix G, TFN approximation; Theorem 7 (Sec. 5)", "tfn", (
+    Table("Transformer networks (H=2, N=10)", "Appendix G, TFN approximation; Theorem 7 (Sec. 5)", "tfn", (
         Row("threshold rank R* = ceil(D/2)", "8 (D=16)", threshold_of("tfn", target_depth=1, **RANDOM)),
         *_rank_rows("tfn", "depth 1 random", {"target_depth": 1, **RANDOM}, {
             "ours R=R*-1": "~1", "ours R=R*": "~1e-6: about six orders of magnitude below R=7",
@@ -194,7 +192,7 @@ TABLES: tuple[Table, ...] = (
         *_rank_rows("tfn", "depth 1 pretrained", {"target_depth": 1, **PRETRAINED}, {
             "sgd R=1": "~6", "sgd R=16": "~0.2-0.5", "crossover": "similar to random"}),
     )),
-    Table("flt", "Final-layer tuning against LoRA (Lbar=1, L=8)",
+    Table("Final-layer tuning against LoRA (Lbar=1, L=8)",
           "Appendix G.4, comparison to tuning final layers; Table 1 finding 3; Lemma 4", "flt", (
               Row("random: LoRA R=1", "~0.083 at 256 parameters", with_params("flt", "sgd", 1, **RANDOM)),
               Row("random: final-layer tuning, last 1 layer", "~0.118 at 256 parameters",
@@ -209,7 +207,7 @@ TABLES: tuple[Table, ...] = (
               Row("pretrained: final-layer tuning, last 7 layers", "~0.029", with_params("flt", "flt", 7, x="last_layers", **PRETRAINED)),
               Row("pretrained: LoRA R=16", "~0.005-0.01", with_params("flt", "sgd", 16, **PRETRAINED)),
           )),
-    Table("bias", "Fixed against updatable biases (Lbar=1, L=2)",
+    Table("Fixed against updatable biases (Lbar=1, L=2)",
           "Appendix G, benefit of updating biases; Table 1 finding 4", "bias", (
               Row("random: fixed biases, R=1", "~0.11", median("bias", "sgd", 1, tune_bias=0, **RANDOM)),
               Row("random: updatable biases, R=1", "~0.088", median("bias", "sgd", 1, tune_bias=1, **RANDOM)),
@@ -223,7 +221,7 @@ TABLES: tuple[Table, ...] = (
               Row("pretrained: ranks where updatable < fixed", "every rank",
                   fraction_below("bias", {"tune_bias": 1}, {"tune_bias": 0}, **PRETRAINED)),
           )),
-    Table("classification", "Classification and distribution shift (random frozen models)",
+    Table("Classification and distribution shift (random frozen models)",
           "Appendix G, classification and distribution shift", "classification", tuple(
               row
               for task, name, paper in (
@@ -252,7 +250,7 @@ TABLES: tuple[Table, ...] = (
                       median("classification", "sgd", 16, y="test_shift_accuracy", **task, **pair)),
               )
           )),
-    Table("generalization", "Generalization from a finite training set (20,000 steps)", "Appendix G, generalization",
+    Table("Generalization from a finite training set (20,000 steps)", "Appendix G, generalization",
           "generalization", (
               Row("(1, 2), n_train=400: gradient update training MSE, R=16", "~1e-7: keeps falling with R",
                   median("generalization", "sgd", 16, y="train_loss", **FNN_12)),
@@ -273,7 +271,7 @@ TABLES: tuple[Table, ...] = (
                   quotient("generalization", "sgd", 16, "test_loss", "train_loss", **FNN_24)),
               Row("(2, 4): construction test MSE, R=R*", "~1e-9 (exact from R=8)", median("generalization", "ours", "R*", **FNN_24)),
           )),
-    Table("training_curves", "Training curves (final training loss, random frozen models)",
+    Table("Training curves (final training loss, random frozen models)",
           "Appendix G, training curves (one best run per rank in the paper; here the median over seeds)",
           "training_curves", tuple(
               Row(f"{name}: final training loss, R={rank}", paper, median("training_curves", "sgd", rank, y="train_loss", **pair))
