@@ -154,6 +154,21 @@ def test_engine_setting_is_checked(engine):
         list(run_configs([RunConfig(**CELL)], device="cpu"))
 
 
+def test_auto_trains_the_protocols_native_families_natively(engine):
+    """LORABENCH_ENGINE=auto: FNN cells of both protocols and paper TFN cells native;
+    reference TFN cells torch (their per-config validation stream)."""
+    engine("auto")
+    cpu = torch.device("cpu")
+    fnn = RunConfig(**CELL)
+    tfn = RunConfig(**TFN_CELL, target_depth=1, frozen_depth=1)
+    for protocol, expected in (("paper", (True, True)), ("reference", (True, False))):
+        got = tuple(native.use_native(c.replace(protocol=protocol), cpu) for c in (fnn, tfn))
+        assert got == expected, protocol
+    assert native.use_native(fnn.replace(protocol="reference", task="classification"), cpu)
+    engine("native")
+    assert not native.use_native(tfn.replace(protocol="reference"), cpu)  # native_tfn, not a default
+
+
 def test_unsupported_cells_train_with_torch(engine):
     engine("native")
     rows = run_configs([RunConfig(**{**CELL, "width": 8}), RunConfig(exp="tfn", width=8, target_depth=1,

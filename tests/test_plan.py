@@ -5,6 +5,7 @@ import pytest
 
 from lorabench.cli import main
 from lorabench.core.config import ConfigError, RunConfig
+from lorabench.core.protocols import protocol_of
 from lorabench.runs import plan
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
@@ -15,8 +16,10 @@ def fake_calibrate(engine):
     return {"seconds": 1.0} if engine == plan.STARTUP else dict(RATE)
 
 
-def paper_native(cfg):
-    return cfg.protocol == "paper"
+def default_native(cfg):
+    """The default engine decision: the protocol's native families (every model here has
+    a native width)."""
+    return cfg.exp in protocol_of(cfg).native_families
 
 
 # The smoke preset by hand, per protocol: seeds 2, one lr and weight decay, 30 steps (TFN
@@ -45,7 +48,7 @@ def smoke():
 
 def test_smoke_counts_match_a_count_by_hand(smoke, tmp_path):
     wf, jobs = smoke
-    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json")
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
     got = {(r["experiment"], r["protocol"]): (r["configs"], r["config_steps"], r["constructions"]) for r in result["rows"]}
     expected = {(name, protocol): counts for name, counts in SMOKE.items() for protocol in ("paper", "reference")}
     assert got == expected
@@ -97,21 +100,23 @@ def eval_of(cfg):
 def test_job_costs_add_startup_and_configs(smoke):
     wf, jobs = smoke
     rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
-    costs = plan.job_costs(jobs, rates, 1.5, paper_native)
+    costs = plan.job_costs(jobs, rates, 1.5, default_native)
     for job, cost in zip(jobs, costs):
         expected = 1.5 + sum(plan.config_cost(c, job.kind, rates["native-fnn"]) for c in job.configs)
         assert cost == pytest.approx(expected)
-    rows = plan.count(jobs, costs, 1.5, paper_native, rates)
+    rows = plan.count(jobs, costs, 1.5, default_native, rates)
     assert sum(r.core_s for r in rows) == pytest.approx(sum(costs))
     assert sum(sum(r.engines.values()) for r in rows) == pytest.approx(sum(costs))
 
 
 def test_engine_of():
     fnn, tfn = RunConfig(method="sgd"), RunConfig(exp="tfn", method="sgd", protocol="reference")
-    assert plan.engine_of(fnn, "train", paper_native) == "native-fnn"
-    assert plan.engine_of(tfn, "train", paper_native) == "torch-tfn"
-    assert plan.engine_of(tfn, "construct", paper_native) == "construct-tfn"
-    assert plan.engine_of(fnn, "models", paper_native) == "models-fnn"
+    assert plan.engine_of(fnn, "train", default_native) == "native-fnn"
+    assert plan.engine_of(fnn.replace(protocol="reference"), "train", default_native) == "native-fnn"
+    assert plan.engine_of(tfn, "train", default_native) == "torch-tfn"
+    assert plan.engine_of(tfn.replace(protocol="paper"), "train", default_native) == "native-tfn"
+    assert plan.engine_of(tfn, "construct", default_native) == "construct-tfn"
+    assert plan.engine_of(fnn, "models", default_native) == "models-fnn"
 
 
 def test_makespan_and_wall_time():
@@ -147,15 +152,15 @@ def test_second_plan_reads_the_cache(smoke, tmp_path):
         return fake_calibrate(engine)
 
     path = tmp_path / "c.json"
-    first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path)
+    first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     engines = sorted(calls)
     assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "torch-tfn" in engines
     assert {c["source"] for c in first["calibration"].values()} == {"measured"}
-    second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path)
+    second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     assert sorted(calls) == engines  # nothing measured again
     assert {c["source"] for c in second["calibration"].values()} == {"cache"}
     assert second["total"] == first["total"]
-    plan.make_plan(wf, jobs, [2], calibrate=counting, native=paper_native, path=path, recalibrate=True)
+    plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path, recalibrate=True)
     assert len(calls) == 2 * len(engines)
     cached = json.loads(path.read_text())
     assert all(key.endswith(tuple(engines)) for key in cached)
@@ -172,7 +177,7 @@ def test_cache_key_names_version_cpu_torch_and_engine():
 
 def test_format_and_json(smoke, tmp_path, capsys):
     wf, jobs = smoke
-    result = plan.make_plan(wf, jobs, [2, 8], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json")
+    result = plan.make_plan(wf, jobs, [2, 8], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
     text = plan.format_plan(result)
     assert "total" in text and "on 8 core(s)" in text and "startup" in text
     assert result["wall_s"]["8"] <= result["wall_s"]["2"]

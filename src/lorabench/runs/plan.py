@@ -332,6 +332,9 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
             seconds[(depth, 1)] = seconds[(depth, 0)]  # no steps
         rate = rate_from_timings(depths, (0, 1), len(cfgs), seconds, f"{len(cfgs)} constructions per depth, {stamp}")
         return asdict(rate)
+    # Each trainer on the protocol whose cells it trains by default: native the FNN and
+    # TFN cells of the paper protocol (and the reference FNN cells, whose step is the
+    # same), torch the reference protocol's TFN cells.
     protocol = "paper" if kind == "native" else "reference"
     steps = CAL_STEPS[family]
     seconds = {}

@@ -8,9 +8,10 @@ home folder each get their own. The library is written under a temporary name an
 
 ``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
-* ``auto`` (default): native where it applies and builds, for the protocols that train
-  natively by default (``Protocol.native_by_default``: the paper's, not the reference
-  protocol), else torch (with a warning when the build fails);
+* ``auto`` (default): native where it applies and builds, for the model families that
+  the cell's protocol trains natively by default (``Protocol.native_families``: FNN and
+  TFN in the paper protocol, FNN in the reference protocol), else torch (with a warning
+  when the build fails);
 * ``native``: native where it applies; a failed build is an error;
 * ``torch``: the stacked-tensor torch trainer everywhere.
 
@@ -175,7 +176,7 @@ def use_native(cfg, device: torch.device) -> bool:
     setting = engine_setting()
     if setting == "torch" or not applies(cfg, device):
         return False
-    if setting == "auto" and not protocol_of(cfg).native_by_default:
+    if setting == "auto" and cfg.exp not in protocol_of(cfg).native_families:
         return False
     try:
         _build()

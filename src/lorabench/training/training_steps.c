@@ -201,8 +201,8 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
         }
         float peak = logit[0];
         for (int k = 1; k < K; k++) peak = logit[k] > peak ? logit[k] : peak;
-        double norm = 0.0, weight_sum = 0.0, sample = 0.0;
-        for (int k = 0; k < K; k++) norm += exp((double)logit[k] - peak);
+        double norm = 0.0, weight_sum = 0.0, sample = 0.0, e[MAX_WIDTH];
+        for (int k = 0; k < K; k++) norm += e[k] = exp((double)logit[k] - peak);
         const double log_norm = peak + log(norm);
         for (int k = 0; k < K; k++) {
             sample -= (double)weight[k] * ((double)logit[k] - log_norm);
@@ -212,7 +212,7 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
         if (grad) {
             float d[MAX_WIDTH];
             for (int k = 0; k < K; k++)
-                d[k] = (float)((exp((double)logit[k] - log_norm) * weight_sum - weight[k]) / n);
+                d[k] = (float)((e[k] / norm * weight_sum - weight[k]) / n);  /* softmax: the exps above */
             float *g = grad + (long)b * D;
             for (int i = 0; i < D; i++) g[i] = task == BINARY ? d[i >= half] : d[i];
         }
