@@ -289,3 +289,31 @@ def test_layout_mismatch_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(native, "_TfnShape", Longer)
     with pytest.raises(native.NativeError, match="sizeof\\(TfnShape\\)"):
         native._check_abi(lib)
+
+
+def test_native_tfn_step_reads_shared_rows_and_per_config_validation(monkeypatch):
+    """The reference protocol's TFN data (one training and validation batch per config, as
+    rows of a few distinct batches) gives bit for bit the step of the stacked copies, and
+    each config is validated on its own batch."""
+    from lorabench.core.streams import SharedRows, stacked
+
+    cfgs, native_cell, _, target, start, _, _ = _tfn_setup(1, monkeypatch)
+    C, gen = len(cfgs), torch.Generator().manual_seed(11)
+    x, vx = torch.randn(3, 8, 16, 5, generator=gen), torch.randn(2, 6, 16, 5, generator=gen)
+    train = SharedRows(x, forward(target, x), torch.arange(C) % 3)
+    val = SharedRows(vx, forward(target, vx), torch.arange(C) // ((C + 1) // 2))
+    active = torch.ones(C, dtype=torch.bool)
+    flat_rows, flat_copies = start.clone(), start.clone()
+    ours, theirs = _adam(cfgs, native_cell), _adam(cfgs, native_cell)
+    for _ in range(2):
+        loss, v = ours.native_step(native_cell.native_step, flat_rows, train, val, active, 2)
+        loss_c, v_c = theirs.native_step(native_cell.native_step, flat_copies, stacked(train), stacked(val), active, 1)
+        assert torch.equal(loss, loss_c) and torch.equal(v, v_c)
+    assert torch.equal(flat_rows, flat_copies)
+    # each config validated on its own batch (half the cell reads the second one)
+    model = native_cell.model(flat_rows)
+    own = task_loss(forward(model, stacked(val)[0]), stacked(val)[1], "regression", "labels")
+    torch.testing.assert_close(v, own, rtol=2e-5, atol=1e-9)
+    bad = SharedRows(x, forward(target, x), torch.full((C,), 3))
+    with pytest.raises(native.NativeError, match="row index"):
+        ours.native_step(native_cell.native_step, flat_rows, bad, val, active, 1)

@@ -50,8 +50,8 @@ SELECTED = [run for run in RUNS if not _is_slow(run)]
 # validation accuracy, a discrete decision that round-off differences can flip.
 CASES = [(run, "torch") for run in SELECTED] + [
     (run, "native") for run in SELECTED
-    if run["args"]["exp"] == "fnn" and run["args"]["method"] != "ours" and run["args"]["width"] in native.WIDTHS
-    and run["args"]["task"] == "regression"
+    if run["args"]["method"] != "ours" and run["args"]["width"] in native.WIDTHS
+    and run["args"]["task"] == "regression" and not run["args"]["better_optim"]
 ]
 
 
@@ -79,8 +79,8 @@ def test_reference_protocol_reproduces_the_authors_code(run, engine, monkeypatch
     # The depth-2 TFN (outputs ~1e3, products of N(0,1) matrices) amplifies the different
     # float32 association of our attention products to ~1e-4.
     rel = 1e-3 if (cfg.exp == "tfn" and cfg.target_depth == 2) else 1e-5
-    if engine == "native":  # its summation order, amplified by training (measured: up to 2e-5)
-        rel = 1e-4
+    if engine == "native":  # its summation order, amplified by training (measured: FNN up to 2e-5)
+        rel = max(rel, 1e-4)
         assert {r["engine"] for r in rows.values()} == {"native"}
     for key in ("test_loss", "test_shift_loss", "test_accuracy", "test_shift_accuracy"):
         if theirs.get(key) is not None:

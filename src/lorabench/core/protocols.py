@@ -38,8 +38,6 @@ class Protocol:
     authors_bias_propagation: bool
     # Whether LORABENCH_ENGINE=auto trains with the native engine where it applies.
     native_by_default: bool
-    # Whether the native TFN step (one validation set per cell) can take its TFN stream.
-    native_tfn: bool
     # Whether the first validation always counts as an improvement.
     first_validation_improves: bool
     # The classification tasks' loss (data.CLASSIFICATION_LOSSES), in training, selection
@@ -82,7 +80,6 @@ class PaperProtocol(Protocol):
     construction_dtype = torch.float64
     authors_bias_propagation = False
     native_by_default = True
-    native_tfn = True
     first_validation_improves = False
     # Appendix G: cross entropy against the target's class (its argmax, the label that
     # the accuracy scores); the authors' soft weights, the target's raw outputs, make the
@@ -128,8 +125,6 @@ class ReferenceProtocol(Protocol):
     # It exists to repeat the authors' operations one for one, and its accuracy-driven
     # choice of training batch turns round-off differences into different trajectories.
     native_by_default = False
-    # Each config draws its validation batch from its own stream.
-    native_tfn = False
     first_validation_improves = True
     classification_loss = "soft_outputs"
 
@@ -164,6 +159,8 @@ class ReferenceProtocol(Protocol):
     def stream(self, cfg, target, sets, x_train, C, device):
         if cfg.exp == "fnn":
             return streams.ReferenceFNNStream(cfg, target, sets, x_train, C, device)
+        if cfg.better_optim:
+            return streams.ReferenceTFNDropoutStream(cfg, target, x_train, C, device)
         return streams.ReferenceTFNStream(cfg, target, x_train, C, device)
 
 
