@@ -154,19 +154,19 @@ def test_engine_setting_is_checked(engine):
         list(run_configs([RunConfig(**CELL)], device="cpu"))
 
 
-def test_auto_trains_the_protocols_native_families_natively(engine):
-    """LORABENCH_ENGINE=auto: FNN cells of both protocols and paper TFN cells native;
-    reference TFN cells torch (their per-config validation stream)."""
+def test_auto_trains_both_protocols_natively(engine):
+    """LORABENCH_ENGINE=auto: FNN and TFN cells of both protocols native (the reference
+    TFN through its shared stream positions); the residual TFN variant torch."""
     engine("auto")
     cpu = torch.device("cpu")
     fnn = RunConfig(**CELL)
     tfn = RunConfig(**TFN_CELL, target_depth=1, frozen_depth=1)
-    for protocol, expected in (("paper", (True, True)), ("reference", (True, False))):
-        got = tuple(native.use_native(c.replace(protocol=protocol), cpu) for c in (fnn, tfn))
-        assert got == expected, protocol
-    assert native.use_native(fnn.replace(protocol="reference", task="classification"), cpu)
-    engine("native")
-    assert not native.use_native(tfn.replace(protocol="reference"), cpu)  # native_tfn, not a default
+    for protocol in ("paper", "reference"):
+        for cfg in (fnn, fnn.replace(task="classification"), tfn):
+            assert native.use_native(cfg.replace(protocol=protocol), cpu), (protocol, cfg.exp, cfg.task)
+        assert not native.use_native(tfn.replace(protocol=protocol, better_optim=1), cpu)
+    engine("torch")
+    assert not native.use_native(fnn, cpu)
 
 
 def test_unsupported_cells_train_with_torch(engine):
@@ -304,3 +304,31 @@ def test_layout_mismatch_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(native, "_TfnShape", Longer)
     with pytest.raises(native.NativeError, match="sizeof\\(TfnShape\\)"):
         native._check_abi(lib)
+
+
+def test_native_tfn_step_reads_shared_rows_and_per_config_validation(monkeypatch):
+    """The reference protocol's TFN data (one training and validation batch per config, as
+    rows of a few distinct batches) gives bit for bit the step of the stacked copies, and
+    each config is validated on its own batch."""
+    from lorabench.core.streams import SharedRows, stacked
+
+    cfgs, native_cell, _, target, start, _, _ = _tfn_setup(1, monkeypatch)
+    C, gen = len(cfgs), torch.Generator().manual_seed(11)
+    x, vx = torch.randn(3, 8, 16, 5, generator=gen), torch.randn(2, 6, 16, 5, generator=gen)
+    train = SharedRows(x, forward(target, x), torch.arange(C) % 3)
+    val = SharedRows(vx, forward(target, vx), torch.arange(C) // ((C + 1) // 2))
+    active = torch.ones(C, dtype=torch.bool)
+    flat_rows, flat_copies = start.clone(), start.clone()
+    ours, theirs = _adam(cfgs, native_cell), _adam(cfgs, native_cell)
+    for _ in range(2):
+        loss, v = ours.native_step(native_cell.native_step, flat_rows, train, val, active, 2)
+        loss_c, v_c = theirs.native_step(native_cell.native_step, flat_copies, stacked(train), stacked(val), active, 1)
+        assert torch.equal(loss, loss_c) and torch.equal(v, v_c)
+    assert torch.equal(flat_rows, flat_copies)
+    # each config validated on its own batch (half the cell reads the second one)
+    model = native_cell.model(flat_rows)
+    own = task_loss(forward(model, stacked(val)[0]), stacked(val)[1], "regression", "labels")
+    torch.testing.assert_close(v, own, rtol=2e-5, atol=1e-9)
+    bad = SharedRows(x, forward(target, x), torch.full((C,), 3))
+    with pytest.raises(native.NativeError, match="row index"):
+        ours.native_step(native_cell.native_step, flat_rows, bad, val, active, 1)

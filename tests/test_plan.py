@@ -2,10 +2,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorabench.cli import main
 from lorabench.core.config import ConfigError, RunConfig
-from lorabench.core.protocols import protocol_of
+from lorabench.training import native
 from lorabench.runs import plan
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
@@ -17,9 +18,8 @@ def fake_calibrate(engine):
 
 
 def default_native(cfg):
-    """The default engine decision: the protocol's native families (every model here has
-    a native width)."""
-    return cfg.exp in protocol_of(cfg).native_families
+    """The default engine decision: native wherever the native step applies."""
+    return native.applies(cfg, torch.device("cpu"))
 
 
 # The smoke preset by hand, per protocol: seeds 2, one lr and weight decay, 30 steps (TFN
@@ -110,11 +110,12 @@ def test_job_costs_add_startup_and_configs(smoke):
 
 
 def test_engine_of():
-    fnn, tfn = RunConfig(method="sgd"), RunConfig(exp="tfn", method="sgd", protocol="reference")
-    assert plan.engine_of(fnn, "train", default_native) == "native-fnn"
-    assert plan.engine_of(fnn.replace(protocol="reference"), "train", default_native) == "native-fnn"
-    assert plan.engine_of(tfn, "train", default_native) == "torch-tfn"
-    assert plan.engine_of(tfn.replace(protocol="paper"), "train", default_native) == "native-tfn"
+    fnn, tfn = RunConfig(method="sgd", width=16), RunConfig(exp="tfn", method="sgd", width=16, protocol="reference")
+    for protocol in ("paper", "reference"):
+        assert plan.engine_of(fnn.replace(protocol=protocol), "train", default_native) == "native-fnn"
+        assert plan.engine_of(tfn.replace(protocol=protocol), "train", default_native) == "native-tfn"
+    assert plan.engine_of(tfn.replace(better_optim=1), "train", default_native) == "torch-tfn"
+    assert plan.engine_of(fnn.replace(width=4), "train", default_native) == "torch-fnn"
     assert plan.engine_of(tfn, "construct", default_native) == "construct-tfn"
     assert plan.engine_of(fnn, "models", default_native) == "models-fnn"
 
@@ -154,7 +155,7 @@ def test_second_plan_reads_the_cache(smoke, tmp_path):
     path = tmp_path / "c.json"
     first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     engines = sorted(calls)
-    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "torch-tfn" in engines
+    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "native-tfn" in engines and "torch-tfn" not in engines
     assert {c["source"] for c in first["calibration"].values()} == {"measured"}
     second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     assert sorted(calls) == engines  # nothing measured again
@@ -228,7 +229,7 @@ def test_pieces_keep_both_protocols_together_when_they_fit_and_pack_first_fit():
 
 def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):
     wf, jobs = smoke
-    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json",
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json",
                             pieces_s=60.0)
     pieces = result["pieces"]
     assert pieces["cores"] == 2 and pieces["budget_s"] == 60.0
@@ -242,15 +243,6 @@ def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):
     text = plan.format_plan(result)
     assert "piece(s) of at most 60 s on 2 core(s)" in text and pieces["combine"] in text
     json.dumps(result)
-
-
-def test_native_rates_project_the_reference_cells_at_the_native_engines(smoke, tmp_path):
-    wf, jobs = smoke
-    both = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=paper_native, path=tmp_path / "c.json",
-                          native_rates=True)
-    engines = set(both["total"]["engines"])
-    assert {"native-fnn", "native-tfn"} <= engines and not any(e.startswith("torch") for e in engines)
-    assert both["native_rates"] and "native engine's rates" in plan.format_plan(both)
 
 
 def test_bad_pieces_budget_is_a_one_line_error(capsys):

@@ -83,3 +83,30 @@ def test_authors_loss_is_unbounded_below_and_the_label_loss_is_not():
 def test_unknown_classification_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="classification_loss must be one of"):
         data.task_loss(torch.zeros(1, 2, 4), torch.zeros(2, 4), "classification", "hinge")
+
+
+@pytest.mark.parametrize("n_train", [None, 64])
+def test_reference_tfn_stream_shares_positions_and_equals_per_config_streams(n_train, monkeypatch):
+    """Configs at the same position of their streams share one draw; the batches are those
+    of one generator per config (the authors' order), through rewinds and the eviction of
+    kept positions."""
+    from lorabench.core import streams
+
+    monkeypatch.setattr(streams.ReferenceTFNStream, "KEPT_POSITIONS", 4)
+    cfg = RunConfig(exp="tfn", width=16, n_head=2, seq_length=10, target_depth=1, frozen_depth=1, rank=2,
+                    method="sgd", batch_size=16, n_test=32, n_train=n_train, protocol="reference").validated()
+    models = protocol_of(cfg).generate_models(cfg)
+    x_train = protocol_of(cfg).training_set([models] * 5)
+    C, gen = 5, torch.Generator().manual_seed(3)
+    shared = streams.ReferenceTFNStream(cfg, models.target, x_train, C, "cpu")
+    apart = streams.ReferenceTFNDropoutStream(cfg, models.target, x_train, C, "cpu")
+    for step in range(1, 40):
+        for ours, theirs in ((shared.train_batch(step), apart.train_batch(step)), (shared.val_batch(), apart.val_batch())):
+            if isinstance(ours, streams.SharedRows):
+                assert ours.x.shape[0] <= C
+            (x, y), (x_ref, y_ref) = streams.stacked(ours), theirs
+            assert torch.equal(x, x_ref)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+        improved = torch.rand(C, generator=gen) < (0.8 if step < 20 else 0.1)
+        shared.observe(improved)
+        apart.observe(improved)

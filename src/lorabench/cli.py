@@ -231,8 +231,6 @@ def _add_plan(sub) -> None:
     _option(p, "recalibrate", action="store_true", help="measure every engine again (ignore the cache)")
     _option(p, "pieces", help="group the run into pieces of at most this long on the first --cores value "
             "(e.g. 2h, 90min) and print each piece's snakemake command")
-    _option(p, "native-rates", action="store_true",
-            help="project every training cell at the native engine's rates (reference protocol included)")
 
 
 def _add_report(sub) -> None:
@@ -443,7 +441,7 @@ def plan_command(args: argparse.Namespace) -> int:
     chosen = [e.strip() for e in args.experiments.split(",") if e.strip()] if args.experiments else None
     pieces_s = plan.parse_duration(args.pieces) if args.pieces else None
     wf, jobs = plan.load_workflow(args.configfile, args.preset, chosen)
-    projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate, native_rates=args.native_rates,
+    projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate,
                                pieces_s=pieces_s, configfile=args.configfile)
     print(json.dumps(projected, indent=1) if args.json else plan.format_plan(projected))
     return 0

@@ -36,11 +36,6 @@ class Protocol:
     # error) and whether it propagates the biases as the authors' code does.
     construction_dtype: torch.dtype
     authors_bias_propagation: bool
-    # The model families (``cfg.exp``) that LORABENCH_ENGINE=auto trains with the native
-    # engine where it applies (native.applies); the others train with torch.
-    native_families: tuple[str, ...]
-    # Whether the native TFN step (one validation set per cell) can take its TFN stream.
-    native_tfn: bool
     # Whether the first validation always counts as an improvement.
     first_validation_improves: bool
     # The classification tasks' loss (data.CLASSIFICATION_LOSSES), in training, selection
@@ -82,8 +77,6 @@ class PaperProtocol(Protocol):
     name = "paper"
     construction_dtype = torch.float64
     authors_bias_propagation = False
-    native_families = ("fnn", "tfn")
-    native_tfn = True
     first_validation_improves = False
     # Appendix G: cross entropy against the target's class (its argmax, the label that
     # the accuracy scores); the authors' soft weights, the target's raw outputs, make the
@@ -126,12 +119,6 @@ class ReferenceProtocol(Protocol):
     name = "reference"
     construction_dtype = torch.float32
     authors_bias_propagation = True
-    # FNN: the native step repeats the authors' runs to float32 round-off, except where
-    # round-off flips an accuracy-driven choice of training batch; those runs agree with
-    # torch's in distribution over seeds (tests/test_reference.py). TFN: see native_tfn.
-    native_families = ("fnn",)
-    # Each config draws its validation batch from its own stream.
-    native_tfn = False
     first_validation_improves = True
     classification_loss = "soft_outputs"
 
@@ -166,6 +153,8 @@ class ReferenceProtocol(Protocol):
     def stream(self, cfg, target, sets, x_train, C, device):
         if cfg.exp == "fnn":
             return streams.ReferenceFNNStream(cfg, target, sets, x_train, C, device)
+        if cfg.better_optim:
+            return streams.ReferenceTFNDropoutStream(cfg, target, x_train, C, device)
         return streams.ReferenceTFNStream(cfg, target, x_train, C, device)
 
 

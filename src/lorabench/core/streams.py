@@ -2,13 +2,14 @@
 
 A stream answers, every step and in this order, ``train_batch(step)``, ``dropout()`` and
 ``val_batch()``, and is told which configurations improved (``observe``): the authors'
-streams depend on it. Stacked inputs carry a leading configuration dimension C; shared
-inputs have none.
+streams depend on it. A batch is an (inputs, targets) pair, stacked (a leading
+configuration dimension C) or shared by the cell (none), or SharedRows.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +18,27 @@ from . import data, rng
 from .config import RunConfig
 from .generation import dropout_with
 from .models import forward
+
+
+@dataclass(frozen=True)
+class SharedRows:
+    """A batch per configuration, as rows of a few distinct batches: configuration c reads
+    ``x[row[c]]`` and ``y[row[c]]`` (the native step reads them in place, no (C, ...) copy)."""
+
+    x: Tensor  # (K, ...)
+    y: Tensor  # (K, ...)
+    row: Tensor  # (C,) long, on the CPU
+
+
+Batch = Union[tuple[Tensor, Tensor], SharedRows]
+
+
+def stacked(batch: Batch) -> tuple[Tensor, Tensor]:
+    """A batch as (inputs, targets): shared by the cell, or (C, ...) one per configuration."""
+    if isinstance(batch, SharedRows):
+        row = batch.row.to(batch.x.device)
+        return batch.x[row], batch.y[row]
+    return batch
 
 
 def _target_outputs(target, x: Tensor) -> Tensor:
@@ -123,9 +145,89 @@ class ReferenceFNNStream:
 
 
 class ReferenceTFNStream:
-    """The authors' TFN data: each config's own global stream; training batch, dropout
-    masks and validation batch drawn in turn every step, and the stream rewound to the
-    position after the test sets whenever the config's validation improves."""
+    """The authors' TFN data: each config's own global stream; training batch and
+    validation batch drawn in turn every step (the validation batch alone with a finite
+    training set), and the stream rewound to the position after the test sets whenever
+    the config's validation improves.
+
+    A config's batches are therefore fixed by its origin (the seed, until its first
+    improvement, or the position after the test sets) and the steps since it: configs
+    at the same position share the batch and its target outputs, drawn once. The most
+    recently used positions are kept; others are drawn again from their saved generator
+    state.
+    """
+
+    SEED, AFTER_TEST = 0, 1
+    KEPT_POSITIONS = 64  # ~0.7 MB each at the paper's sizes
+
+    def __init__(self, cfg: RunConfig, target, x_train: Optional[Tensor], C: int, device):
+        self.cfg, self.target, self.device = cfg, target, device
+        self.fixed = None
+        if x_train is not None:
+            x = x_train.to(device)
+            self.fixed = (x, _target_outputs(target, x))
+        origins = (rng.global_stream(cfg.seed).get_state(), reference_tfn_state_after_test(cfg))
+        self.states = [[state] for state in origins]  # generator state at each position
+        self.kept: dict[tuple[int, int], tuple] = {}
+        self.origin = torch.full((C,), self.SEED, dtype=torch.long)
+        self.since = torch.zeros(C, dtype=torch.long)
+
+    def _draws(self, position: tuple[int, int]):
+        """(training batch or None, validation batch), inputs with their targets, at a position."""
+        if position in self.kept:
+            self.kept[position] = self.kept.pop(position)  # now the most recently used
+            return self.kept[position]
+        origin, k = position
+        states = self.states[origin]
+        gen = torch.Generator()
+        gen.set_state(states[min(k, len(states) - 1)])
+        for _ in range(len(states) - 1, k):  # never runs: positions advance one step at a time
+            self._draw_inputs(gen)
+            states.append(gen.get_state())
+        inputs = self._draw_inputs(gen)
+        if len(states) == k + 1:
+            states.append(gen.get_state())
+        draws = tuple(None if x is None else (x, _target_outputs(self.target, x)) for x in inputs)
+        if len(self.kept) >= self.KEPT_POSITIONS:
+            self.kept.pop(next(iter(self.kept)))  # the least recently used
+        self.kept[position] = draws
+        return draws
+
+    def _draw_inputs(self, gen: torch.Generator):
+        train = None if self.fixed is not None else data.draw(self.cfg, self.cfg.batch_size, gen)
+        val = data.draw(self.cfg, self.cfg.batch_size, gen)
+        return tuple(None if x is None else x.to(self.device) for x in (train, val))
+
+    def _rows(self, which: int) -> SharedRows:
+        positions = list(zip(self.origin.tolist(), self.since.tolist()))
+        index = {position: i for i, position in enumerate(dict.fromkeys(positions))}
+        pairs = [self._draws(position)[which] for position in index]
+        row = torch.tensor([index[position] for position in positions], dtype=torch.long)
+        return SharedRows(torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs]), row)
+
+    def train_batch(self, step: int):
+        if self.fixed is not None:
+            return self.fixed
+        return self._rows(0)
+
+    def dropout(self):
+        return None  # the residual variant with dropout: ReferenceTFNDropoutStream
+
+    def val_batch(self):
+        batch = self._rows(1)
+        self.since += 1  # every config has drawn this step's batches
+        return batch
+
+    def observe(self, improved: Tensor) -> None:
+        improved = improved.cpu()
+        self.origin = torch.where(improved, self.AFTER_TEST, self.origin)
+        self.since = torch.where(improved, 0, self.since)
+
+
+class ReferenceTFNDropoutStream:
+    """ReferenceTFNStream for the residual variant, whose dropout masks are drawn from the
+    same streams between the training and the validation batch, as many as its forward
+    pass asks for: each config's generator is kept and drawn from in turn."""
 
     def __init__(self, cfg: RunConfig, target, x_train: Optional[Tensor], C: int, device):
         self.cfg, self.target, self.device = cfg, target, device
@@ -143,8 +245,6 @@ class ReferenceTFNStream:
         return x, _target_outputs(self.target, x)
 
     def dropout(self):
-        if not self.cfg.better_optim:
-            return None
         drops = [dropout_with(g, self.cfg.dropout) for g in self.gens]
 
         def drop(x: Tensor, token_major: bool) -> Tensor:

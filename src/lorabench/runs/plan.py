@@ -20,9 +20,6 @@ experiment runs with both protocols in one piece when they fit together, else on
 per protocol), each with its command; their outputs combine (``results/runs/<experiment>/
 <protocol>.parquet``), and a last run of ``all_figures`` only aggregates and draws.
 
-``--native-rates`` projects every training cell at the native engine's rates, as when the
-native engine trains the reference protocol's cells too.
-
 What the projection leaves out or bounds: pretraining is counted at its full budget
 (``pretrained_epochs``; it may stop early), the per-config cost is scaled by the number
 of evaluation points, and the per-job fixed cost is the measured start-up of a Python
@@ -332,9 +329,7 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
             seconds[(depth, 1)] = seconds[(depth, 0)]  # no steps
         rate = rate_from_timings(depths, (0, 1), len(cfgs), seconds, f"{len(cfgs)} constructions per depth, {stamp}")
         return asdict(rate)
-    # Each trainer on the protocol whose cells it trains by default: native the FNN and
-    # TFN cells of the paper protocol (and the reference FNN cells, whose step is the
-    # same), torch the reference protocol's TFN cells.
+    # torch is timed on the reference protocol, whose stream costs the most with it.
     protocol = "paper" if kind == "native" else "reference"
     steps = CAL_STEPS[family]
     seconds = {}
@@ -495,11 +490,11 @@ def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Op
 
 def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
               recalibrate: bool = False, native: Optional[Callable[[RunConfig], bool]] = None,
-              path: Optional[Path] = None, native_rates: bool = False, pieces_s: Optional[float] = None,
+              path: Optional[Path] = None, pieces_s: Optional[float] = None,
               configfile: str = "config.yaml") -> dict:
     """The plan as a JSON-able dict: rows, total, wall times, calibration; with
     ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
-    commands. ``native_rates``: every cell's engine as if it were the paper protocol's."""
+    commands."""
     from .runner import resolve_device
 
     device = resolve_device(wf.device)
@@ -507,9 +502,6 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         from ..training.native import use_native
 
         native = lambda cfg: use_native(cfg, device)  # noqa: E731
-    if native_rates:
-        decide = native
-        native = lambda cfg: decide(cfg.replace(protocol="paper"))  # noqa: E731
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs})
@@ -529,7 +521,6 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "preset": wf.preset,
         "protocols": list(wf.protocols),
         "device": device.type,
-        "native_rates": native_rates,
         "rows": [asdict(r) for r in rows],
         "total": asdict(total),
         "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
@@ -576,8 +567,7 @@ def format_plan(plan: dict) -> str:
                       str(r["constructions"]), str(r["models"]), _hours(r["core_s"])))
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    rates = ", training at the native engine's rates" if plan.get("native_rates") else ""
-    out = [f"plan: preset {plan['preset']}, protocols {', '.join(plan['protocols'])}, device {plan['device']}{rates}",
+    out = [f"plan: preset {plan['preset']}, protocols {', '.join(plan['protocols'])}, device {plan['device']}",
            fmt(head), "  ".join("-" * w for w in widths)]
     out += [fmt(cells) for cells in lines[:-1]]
     out += ["  ".join("-" * w for w in widths), fmt(lines[-1]), ""]

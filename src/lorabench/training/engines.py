@@ -22,12 +22,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..core import data
+from ..core import data, streams
 from ..core.models import forward
 from .optimiser import BatchedAdam
 from .trainables import Trainable, autograd_value_and_grad
 
-Batch = tuple[Tensor, Tensor]
+Batch = streams.Batch
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def step(self, param, batch, dropout, val_batch, active, predictions) -> StepResult:
-        trainable, (x, y) = self.trainable, batch
+        trainable, (x, y) = self.trainable, streams.stacked(batch)
         if trainable.value_and_grad is not None and dropout is None:
             loss, grad = trainable.value_and_grad(trainable.layout, param, x, y)
         else:
@@ -68,7 +68,7 @@ class TorchEngine(Engine):
                                                  dropout)
         with torch.no_grad():
             param = self.optimiser.step(param, grad, active & torch.isfinite(loss))
-            vx, vy = val_batch()
+            vx, vy = streams.stacked(val_batch())
             vpred = forward(trainable.model(param), vx)
             val = data.task_loss(vpred, vy, self.task, self.classification_loss).to(torch.float64)
         return StepResult(loss, param, val, vy, vpred)
@@ -94,9 +94,10 @@ class NativeEngine(Engine):
 
     def step(self, param, batch, dropout, val_batch, active, predictions) -> StepResult:
         # (native.applies keeps cells with dropout, the TFN residual variant, on torch.)
-        vx, vy = val_batch()
-        loss, val = self.optimiser.native_step(self.trainable.native_step, param, batch, (vx, vy), active,
+        validation = val_batch()
+        loss, val = self.optimiser.native_step(self.trainable.native_step, param, batch, validation, active,
                                                self.threads)
+        vx, vy = streams.stacked(validation) if predictions else (None, None)
         with torch.no_grad():
             vpred = forward(self.trainable.model(param), vx) if predictions else None
         return StepResult(loss, param, val.to(torch.float64), vy, vpred)

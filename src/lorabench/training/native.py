@@ -8,10 +8,8 @@ home folder each get their own. The library is written under a temporary name an
 
 ``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
-* ``auto`` (default): native where it applies and builds, for the model families that
-  the cell's protocol trains natively by default (``Protocol.native_families``: FNN and
-  TFN in the paper protocol, FNN in the reference protocol), else torch (with a warning
-  when the build fails);
+* ``auto`` (default): native where it applies and builds, in both protocols, else torch
+  (with a warning when the build fails);
 * ``native``: native where it applies; a failed build is an error;
 * ``torch``: the stacked-tensor torch trainer everywhere.
 
@@ -37,7 +35,6 @@ import torch
 from torch import Tensor
 
 from ..core.adapters import TFN_ADAPTED
-from ..core.protocols import protocol_of
 
 ENGINES = ("auto", "native", "torch")
 WIDTHS = (16, 32, 48, 64)  # the widths training_steps.c is specialised for
@@ -69,7 +66,8 @@ class _TfnShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch")] + [
         ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b", ctypes.c_long * len(TFN_ADAPTED)),
-        ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long), ("x_stride", ctypes.c_long), ("y_stride", ctypes.c_long)]
+        ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long)] + [
+        (name, ctypes.c_long) for name in ("x_stride", "y_stride", "vx_stride", "vy_stride")]
 
 
 class _AdamConsts(ctypes.Structure):
@@ -161,22 +159,18 @@ def available() -> bool:
 def applies(cfg, device: torch.device) -> bool:
     """Whether the native step can train ``cfg``'s cells: on the CPU, at the widths it is
     specialised for; FNN cells of every method and task; TFN regression cells without the
-    residual/dropout variant whose protocol's stream the native step takes (the others
-    train with torch)."""
+    residual/dropout variant (the others train with torch)."""
     if device.type != "cpu" or cfg.width not in WIDTHS:
         return False
     if cfg.exp == "fnn":
         return cfg.task in TASK_CODES
-    return (cfg.task == "regression" and not cfg.better_optim and protocol_of(cfg).native_tfn
-            and cfg.seq_length <= MAX_TOKENS)
+    return cfg.task == "regression" and not cfg.better_optim and cfg.seq_length <= MAX_TOKENS
 
 
 def use_native(cfg, device: torch.device) -> bool:
     """The engine decision for one cell, by ``LORABENCH_ENGINE``."""
     setting = engine_setting()
     if setting == "torch" or not applies(cfg, device):
-        return False
-    if setting == "auto" and cfg.exp not in protocol_of(cfg).native_families:
         return False
     try:
         _build()
@@ -197,6 +191,10 @@ class NativeStep:
     place (active configs with a finite training loss) and returns the training loss
     (before the update) and the validation loss (after it), both (C,) float32."""
 
+    # Whether the step also takes one validation batch per configuration ((C, ...) inputs)
+    # and row indices into a few distinct batches.
+    per_config_validation = False
+
     def __init__(self):
         self.lib = _build()
 
@@ -204,25 +202,30 @@ class NativeStep:
         """Inputs and targets as the kernel reads them."""
         return t.contiguous()
 
-    def _shape(self, x: Tensor, y: Tensor, vx: Tensor):
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor, vy: Tensor):
         raise NotImplementedError
 
-    def _run(self, shape, consts, begin: int, end: int, tensors: list) -> int:
+    def _run(self, shape, consts, begin: int, end: int, tensors: list, rows: tuple) -> int:
         raise NotImplementedError
 
     def __call__(self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Tensor, step_size: Tensor,
                  weight_decay: Tensor, betas: tuple[float, float], eps: float, bias_correction2_sqrt: float,
-                 x: Tensor, y: Tensor, vx: Tensor, vy: Tensor, active: Tensor, threads: int
-                 ) -> tuple[Tensor, Tensor]:
+                 x: Tensor, y: Tensor, vx: Tensor, vy: Tensor, active: Tensor, threads: int,
+                 x_row: Optional[Tensor] = None, v_row: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``x_row``/``v_row`` (C,): configuration c trains on ``x[x_row[c]]`` (validates on
+        ``vx[v_row[c]]``) of a few distinct batches; None: on its own row, or on the one
+        shared batch."""
         C = param.shape[0]
         x, y, vx, vy = (self.rows(t) for t in (x, y, vx, vy))
         tensors = [param, exp_avg, exp_avg_sq, mask, step_size, weight_decay, x, y, vx, vy]
         for t in tensors:
             if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
                 raise NativeError("native step: every tensor must be contiguous float32 on the CPU")
-        if vx.dim() != len(self.sample_shape) + 1 or vy.dim() != vx.dim():
+        shared, stacked = (vx.dim() == len(self.sample_shape) + n for n in (1, 2))
+        if vy.dim() != vx.dim() or not (shared or (stacked and self.per_config_validation)):
             raise NativeError("native step: the validation set must be shared by the cell")
-        shape = self._shape(x, y, vx)
+        rows = tuple(self._row_index(row, t, C) for row, t in ((x_row, x), (v_row, vx)))
+        shape = self._shape(x, y, vx, vy)
         consts = _AdamConsts(beta1=betas[0], beta2=betas[1], eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
         train_loss = torch.empty(C, dtype=torch.float32)
         val_loss = torch.empty(C, dtype=torch.float32)
@@ -230,7 +233,7 @@ class NativeStep:
 
         def run(begin: int, end: int) -> int:
             # ctypes releases the GIL for the call: threads run configurations in parallel.
-            return self._run(shape, consts, begin, end, tensors)
+            return self._run(shape, consts, begin, end, tensors, rows)
 
         threads = max(1, min(threads, C))
         bounds = [C * i // threads for i in range(threads + 1)]
@@ -238,6 +241,16 @@ class NativeStep:
         if any(code != 0 for code in codes):
             raise NativeError("native step: out of memory or shape out of range")
         return train_loss, val_loss
+
+    def _row_index(self, row: Optional[Tensor], batches: Tensor, C: int) -> Optional[Tensor]:
+        if row is None:
+            return None
+        if not self.per_config_validation:
+            raise NativeError("native step: this step takes no row index")
+        if batches.dim() != len(self.sample_shape) + 2 or row.shape != (C,) or not (
+                0 <= int(row.min()) and int(row.max()) < batches.shape[0]):
+            raise NativeError("native step: a row index needs (K, ...) batches and C indices below K")
+        return row.to(torch.int32).contiguous()
 
 
 class FNNStep(NativeStep):
@@ -256,7 +269,7 @@ class FNNStep(NativeStep):
         labels = task != "regression" and classification_loss == "labels"
         self.task, self.full = TASK_CODES[task] | (LABELS_CODE if labels else 0), full
 
-    def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _Shape:
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor, vy: Tensor) -> _Shape:
         first = "weights" if self.full else "a"
         return _Shape(
             depth=self.depth, width=self.width, batch=x.shape[-2], val_batch=vx.shape[-2], full=int(self.full),
@@ -267,7 +280,7 @@ class FNNStep(NativeStep):
             y_stride=0 if y.dim() == 2 else y.shape[-2] * y.shape[-1],
         )
 
-    def _run(self, shape, consts, begin, end, tensors) -> int:
+    def _run(self, shape, consts, begin, end, tensors, rows) -> int:
         frozen = self.frozen if self.frozen is not None else tensors[0]  # unused for final-layer tuning
         return self.lib.fnn_step(ctypes.byref(shape), ctypes.byref(consts), begin, end, _ptr(frozen),
                                  *map(_ptr, tensors))
@@ -279,6 +292,7 @@ class TFNStep(NativeStep):
     (B, D, N) are handed to the kernel as token rows (B, N, D)."""
 
     sample_shape = ("D", "N")
+    per_config_validation = True  # the reference protocol's streams
 
     def __init__(self, *, frozen: dict[str, Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
                  depth: int, heads: int, width: int):
@@ -294,7 +308,7 @@ class TFNStep(NativeStep):
     def rows(self, t: Tensor) -> Tensor:
         return t.transpose(-1, -2).contiguous()
 
-    def _shape(self, x: Tensor, y: Tensor, vx: Tensor) -> _TfnShape:
+    def _shape(self, x: Tensor, y: Tensor, vx: Tensor, vy: Tensor) -> _TfnShape:
         n, names = len(TFN_ADAPTED), TFN_ADAPTED
         return _TfnShape(
             depth=self.depth, heads=self.heads, width=self.width, tokens=x.shape[-2], batch=x.shape[-3],
@@ -302,12 +316,15 @@ class TFNStep(NativeStep):
             off_a=(ctypes.c_long * n)(*[self.offsets[f"a_{name}"][0] for name in names]),
             off_b=(ctypes.c_long * n)(*[self.offsets[f"b_{name}"][0] for name in names]),
             off_b1=self.offsets["b1"][0], off_b2=self.offsets["b2"][0],
-            x_stride=0 if x.dim() == 3 else x[0].numel(), y_stride=0 if y.dim() == 3 else y[0].numel(),
+            **{f"{name}_stride": 0 if t.dim() == 3 else t[0].numel() for name, t in
+               (("x", x), ("y", y), ("vx", vx), ("vy", vy))},
         )
 
-    def _run(self, shape, consts, begin, end, tensors) -> int:
+    def _run(self, shape, consts, begin, end, tensors, rows) -> int:
+        data, outputs = tensors[:10], tensors[10:]  # the row indices go between them
         return self.lib.tfn_step(ctypes.byref(shape), ctypes.byref(consts), begin, end, self.frozen_ptrs,
-                                 self.frozen_strides, *map(_ptr, tensors))
+                                 self.frozen_strides, *map(_ptr, data), *(None if r is None else _ptr(r) for r in rows),
+                                 *map(_ptr, outputs))
 
 
 @lru_cache(maxsize=None)

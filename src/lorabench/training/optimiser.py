@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core import streams
 from . import native
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, used by the authors
@@ -82,12 +83,13 @@ class BatchedAdam:
         new = param - step_size * self.exp_avg / denom
         return torch.where(active.view(-1, 1), new, param)
 
-    def native_step(self, kernel: native.NativeStep, param: Tensor, batch: tuple[Tensor, Tensor],
-                    val_batch: tuple[Tensor, Tensor], active: Tensor, threads: int) -> tuple[Tensor, Tensor]:
+    def native_step(self, kernel: native.NativeStep, param: Tensor, batch: streams.Batch,
+                    val_batch: streams.Batch, active: Tensor, threads: int) -> tuple[Tensor, Tensor]:
         """Loss, gradient, this Adam update (in place on ``param``) and validation loss in
         one native call; returns (training loss before, validation loss after), (C,)."""
         step_size, bias_correction2_sqrt = self._prepare(param)
-        (x, y), (vx, vy) = batch, val_batch
+        (x, y, x_row), (vx, vy, v_row) = (
+            (b.x, b.y, b.row) if isinstance(b, streams.SharedRows) else (*b, None) for b in (batch, val_batch))
         return kernel(param, self.exp_avg, self.exp_avg_sq, self._mask, step_size.flatten().contiguous(),
                       self._wd.flatten().contiguous(), (BETA1, BETA2), EPS, bias_correction2_sqrt,
-                      x, y, vx, vy, active, threads)
+                      x, y, vx, vy, active, threads, x_row=x_row, v_row=v_row)

@@ -403,7 +403,8 @@ typedef struct {
     int depth, heads, width, tokens, batch, val_batch;
     long n_param;
     long off_a[T_ADAPTED], off_b[T_ADAPTED], off_b1, off_b2;
-    long x_stride, y_stride;
+    long x_stride, y_stride;   /* 0: one training batch shared by every configuration */
+    long vx_stride, vy_stride; /* 0: one validation set shared by every configuration */
 } TfnShape;
 
 typedef struct {
@@ -795,7 +796,8 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
 int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, const float *const *frozen,
              const long *frozen_stride, float *param, float *exp_avg, float *exp_avg_sq, const float *mask,
              const float *step_size, const float *weight_decay, const float *x, const float *y, const float *vx,
-             const float *vy, const unsigned char *active, float *train_loss, float *val_loss) {
+             const float *vy, const int *x_row, const int *v_row, const unsigned char *active, float *train_loss,
+             float *val_loss) {
     if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
         s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 1)
         return -1;
@@ -814,10 +816,12 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
         const float *at[7];
         for (int t = 0; t < 7; t++) at[t] = frozen[t] + c * frozen_stride[t];
         const TfnFrozen f = {at[0], at[1], at[2], at[3], at[4], at[5], at[6]};
+        /* configurations that share a batch read the same row (NULL: row c) */
+        const long xr = x_row ? x_row[c] : c, vr = v_row ? v_row[c] : c;
 #define TFN_STEP(D)                                                                                                \
     tfn_config_step(s, ac, &f, param + c * P, exp_avg + c * P, exp_avg_sq + c * P, mask + c * P, step_size[c],    \
-                    weight_decay[c], x + c * s->x_stride, y + c * s->y_stride, vx, vy, active[c], train_loss + c,  \
-                    val_loss + c, &k, D, (D) / LANES)
+                    weight_decay[c], x + xr * s->x_stride, y + xr * s->y_stride, vx + vr * s->vx_stride,          \
+                    vy + vr * s->vy_stride, active[c], train_loss + c, val_loss + c, &k, D, (D) / LANES)
         switch (s->width) {
         case 16: TFN_STEP(16); break;
         case 32: TFN_STEP(32); break;
