@@ -145,6 +145,13 @@ def test_an_experiments_only_drops_runs_and_its_subset_replaces_the_presets():
         lbx.load(config)
 
 
+def test_quick_preset_trains_the_transformer_1000_steps_under_both_protocols():
+    tfn = [c for c in load("quick").experiments["tfn"] if c.method != "ours"]
+    assert tfn and {c.n_epochs for c in tfn} == {1000}
+    assert {c.pretrained for c in tfn} == {0, 1} and {c.target_depth for c in tfn} == {1, 2}
+    assert load("quick").protocols == ("paper", "reference")
+
+
 def test_quick_preset_lies_between(smoke, paper):
     quick = load("quick")
     sizes = [sum(len(c) for c in wf.experiments.values()) for wf in (smoke, quick, paper)]

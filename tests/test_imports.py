@@ -115,3 +115,15 @@ def test_each_layer_imports_only_the_layers_below_it():
         allowed = set(LAYERS[: LAYERS.index(own) + 1])
         wrong += [f"{module} -> {dep}" for dep in sorted(deps) if layer(dep) not in allowed | {None} or dep == "lorabench.cli"]
     assert not wrong, "imports against the layering cli -> report -> runs -> training -> core:\n" + "\n".join(wrong)
+
+
+def test_job_steps_import_neither_pandas_nor_matplotlib():
+    """A training, construction or models job is a fresh process: each import it does not
+    need is paid once per job (pandas ~0.5 s of CPU, matplotlib ~1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lorabench.cli, lorabench.runs.pipeline, lorabench.runs.runner; "
+            "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

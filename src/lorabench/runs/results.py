@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Union
+from typing import TYPE_CHECKING, Iterable, Union
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write
 from ..core.config import FIELD_TYPES
+
+if TYPE_CHECKING:  # pandas only where rows are read: training jobs never import it (~0.5 s each)
+    import pandas as pd
 
 SCHEMA_VERSION = "3"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale)
 SCHEMA_KEY = b"lorabench.schema_version"
@@ -163,5 +165,5 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
     return table
 
 
-def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> pd.DataFrame:
+def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> "pd.DataFrame":
     return read_table(path, schema).to_pandas()
