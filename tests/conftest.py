@@ -9,9 +9,9 @@ import torch
 torch.set_num_threads(1)
 
 
-# The smoke workflow takes minutes: one run per pytest invocation, shared by every test
-# file that needs its outputs (test_workflow.py, test_report_browser.py).
-@pytest.fixture(scope="session")
+# The smoke workflow takes minutes: one run for the whole tests folder (package scope),
+# shared by every test file that needs its outputs (test_workflow.py, test_report_browser.py).
+@pytest.fixture(scope="package")
 def smoke_run(tmp_path_factory):
     from test_workflow import SNAKEMAKE, make_workdir, snakemake
 
@@ -24,7 +24,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smoke_report(smoke_run):
     """The smoke run's Snakemake report, report.html in its working directory."""
     from test_workflow import snakemake
