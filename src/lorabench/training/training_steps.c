@@ -487,22 +487,80 @@ INLINE vec vexp(vec x) {
 
 #define MAX_QV (MAX_TOKENS / LANES) /* vectors of a score row (one lane per query) */
 
-/* Token rows (n, N, D) as columns: (n, D, NQ * LANES), one lane per token, zero-padded. */
+/* The 16 x 16 block r transposed in registers: four rounds, each swapping the off-diagonal
+ * S x S blocks of every 2S x 2S block with two-source shuffles. */
+#define SWAP_BLOCKS(S, LO, HI)                                                                                     \
+    for (int i = 0; i < LANES; i++)                                                                                \
+        if (!(i & S)) {                                                                                            \
+            const vec a = r[i], b = r[i + S];                                                                      \
+            r[i] = __builtin_shufflevector(a, b, LO);                                                              \
+            r[i + S] = __builtin_shufflevector(a, b, HI);                                                          \
+        }
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+INLINE void transpose_block(vec r[LANES]) {
+    SWAP_BLOCKS(8, LO8, HI8)
+    SWAP_BLOCKS(4, LO4, HI4)
+    SWAP_BLOCKS(2, LO2, HI2)
+    SWAP_BLOCKS(1, LO1, HI1)
+}
+#undef SWAP_BLOCKS
+
+/* Token rows (n, N, D) as columns: (n, D, NQ * LANES), one lane per token, zero-padded;
+ * 16 x 16 blocks transposed in registers. */
 INLINE void tokens_as_lanes(const float *restrict rows, int n, int N, float *restrict cols, const int D,
                             const int NQ) {
     const int NP = NQ * LANES;
     for (int b = 0; b < n; b++) {
-        const float *r = rows + (long)b * N * D;
-        float *t = cols + (long)b * D * NP;
-        for (int i = 0; i < D; i++) {
-            for (int q = 0; q < N; q++) t[i * NP + q] = r[q * D + i];
-            for (int q = N; q < NP; q++) t[i * NP + q] = 0.0f;
-        }
+        const float *in = rows + (long)b * N * D;
+        float *out = cols + (long)b * D * NP;
+        for (int u = 0; u < NQ; u++)
+            for (int c = 0; c < D; c += LANES) {
+                vec r[LANES];
+                for (int j = 0; j < LANES; j++)
+                    r[j] = u * LANES + j < N ? load(in + (u * LANES + j) * D + c) : splat(0.0f);
+                transpose_block(r);
+                for (int i = 0; i < LANES; i++) store(out + (c + i) * NP + u * LANES, r[i]);
+            }
     }
 }
 
+/* out[r] (+)= sum_j a[r * a_row + j * a_col] m[j] for R rows at once (R independent FMA
+ * chains per output vector, each row of m loaded once), j < J; the rows of m and out are
+ * NV vectors wide, `ld` floats apart. a_row = 1 reads a transposed. */
+INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col, const int R, int J,
+                                const float *restrict m, long ld, int accumulate, float *restrict out, const int NV) {
+    vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NV; q++) acc[r][q] = accumulate ? load(out + r * ld + q * LANES) : splat(0.0f);
+    for (int j = 0; j < J; j++)
+        for (int q = 0; q < NV; q++) {
+            const vec mv = load(m + j * ld + q * LANES);
+            for (int r = 0; r < R; r++) acc[r][q] += splat(a[r * a_row + j * a_col]) * mv;
+        }
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < NV; q++) store(out + r * ld + q * LANES, acc[r][q]);
+}
+
+/* weighted_rows_block over n output rows: blocks of 8, then 4, 2, 1. */
+INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, int n, int J, const float *restrict m,
+                          long ld, int accumulate, float *restrict out, const int NV) {
+    int r = 0;
+    for (; r + ROW_BLOCK <= n; r += ROW_BLOCK)
+        weighted_rows_block(a + r * a_row, a_row, a_col, ROW_BLOCK, J, m, ld, accumulate, out + r * ld, NV);
+    if (n - r >= 4) weighted_rows_block(a + r * a_row, a_row, a_col, 4, J, m, ld, accumulate, out + r * ld, NV), r += 4;
+    if (n - r >= 2) weighted_rows_block(a + r * a_row, a_row, a_col, 2, J, m, ld, accumulate, out + r * ld, NV), r += 2;
+    if (n - r >= 1) weighted_rows_block(a + r * a_row, a_row, a_col, 1, J, m, ld, accumulate, out + r * ld, NV);
+}
+
 /* One head's attention for n samples of N tokens. Scores S[k][q] = t_k . x_q with
- * t = X Mq (token rows), computed a key row at a time with the queries on the lanes
+ * t = X Mq (token rows), laid out a key row at a time with the queries on the lanes
  * (xT: tokens_as_lanes of the inputs), so that the softmax over the keys is lane-wise.
  * probs (n, N keys, NQ * LANES); out += the head's output; vr: Mv x (token rows). */
 INLINE void attention_impl(const float *restrict xT, const float *restrict t, const float *restrict vr, int n,
@@ -511,41 +569,28 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
     const int NP = NQ * LANES;
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
-        const float *xs = xT + (long)b * D * NP;
         float *P = probs + (long)b * N * NP;
+        weighted_rows(t + base, D, 1, N, D, xT + (long)b * D * NP, NP, 0, P, NQ); /* S[k] = sum_i t[k][i] xT[i] */
         vec peak[MAX_QV], total[MAX_QV];
-        for (int k = 0; k < N; k++) {
-            vec acc[2][MAX_QV];
-            for (int u = 0; u < NQ; u++) acc[0][u] = acc[1][u] = splat(0.0f);
-            for (int i = 0; i < D; i += 2)
-                for (int e = 0; e < 2; e++) {
-                    const vec ti = splat(t[base + k * D + i + e]);
-                    for (int u = 0; u < NQ; u++) acc[e][u] += ti * load(xs + (i + e) * NP + u * LANES);
-                }
-            for (int u = 0; u < NQ; u++) {
-                const vec sc = acc[0][u] + acc[1][u];
-                store(P + k * NP + u * LANES, sc);
-                peak[u] = k == 0 ? sc : lanes_where(sc > peak[u], sc, peak[u]);
-            }
+        for (int u = 0; u < NQ; u++) {
+            peak[u] = load(P + u * LANES);
+            total[u] = splat(0.0f);
         }
-        for (int u = 0; u < NQ; u++) total[u] = splat(0.0f);
+        for (int k = 1; k < N; k++)
+            for (int u = 0; u < NQ; u++) {
+                const vec sc = load(P + k * NP + u * LANES);
+                peak[u] = lanes_where(sc > peak[u], sc, peak[u]);
+            }
         for (int k = 0; k < N; k++) /* softmax over the keys, as torch: exp(s - max) / sum */
             for (int u = 0; u < NQ; u++) {
                 const vec e = vexp(load(P + k * NP + u * LANES) - peak[u]);
                 store(P + k * NP + u * LANES, e);
                 total[u] += e;
             }
+        for (int u = 0; u < NQ; u++) total[u] = splat(1.0f) / total[u];
         for (int k = 0; k < N; k++)
-            for (int u = 0; u < NQ; u++) store(P + k * NP + u * LANES, load(P + k * NP + u * LANES) / total[u]);
-        for (int q = 0; q < N; q++) {
-            vec acc[MAX_WIDTH / LANES];
-            for (int v = 0; v < NV; v++) acc[v] = load(out + base + q * D + v * LANES);
-            for (int k = 0; k < N; k++) {
-                const vec pk = splat(P[k * NP + q]);
-                for (int v = 0; v < NV; v++) acc[v] += pk * load(vr + base + k * D + v * LANES);
-            }
-            for (int v = 0; v < NV; v++) store(out + base + q * D + v * LANES, acc[v]);
-        }
+            for (int u = 0; u < NQ; u++) store(P + k * NP + u * LANES, load(P + k * NP + u * LANES) * total[u]);
+        weighted_rows(P, 1, NP, N, N, vr + base, D, 1, out + base, NV); /* out[q] += sum_k P[k][q] vr[k] */
     }
 }
 
@@ -598,55 +643,23 @@ INLINE void attention_backward_impl(const float *restrict x, const float *restri
     float dS[MAX_TOKENS * MAX_TOKENS];
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
-        const float *P = probs + (long)b * N * NP, *gs = d_attT + (long)b * D * NP;
-        for (int k = 0; k < N; k++) {
-            vec acc[MAX_WIDTH / LANES];
-            for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
-            for (int q = 0; q < N; q++) {
-                const vec pk = splat(P[k * NP + q]);
-                for (int v = 0; v < NV; v++) acc[v] += pk * load(d_att + base + q * D + v * LANES);
-            }
-            for (int v = 0; v < NV; v++) store(dv + base + k * D + v * LANES, acc[v]);
-        }
+        const float *P = probs + (long)b * N * NP;
+        weighted_rows(P, NP, 1, N, N, d_att + base, D, 0, dv + base, NV); /* dv[k] = sum_q P[k][q] d_att[q] */
+        /* dP[k][q] = vr_k . d_att_q, queries on the lanes */
+        weighted_rows(vr + base, D, 1, N, D, d_attT + (long)b * D * NP, NP, 0, dS, NQ);
         vec inner[MAX_QV];
         for (int u = 0; u < NQ; u++) inner[u] = splat(0.0f);
-        for (int k = 0; k < N; k++) { /* dP[k][q] = vr_k . d_att_q, queries on the lanes */
-            vec acc[2][MAX_QV];
-            for (int u = 0; u < NQ; u++) acc[0][u] = acc[1][u] = splat(0.0f);
-            for (int i = 0; i < D; i += 2)
-                for (int e = 0; e < 2; e++) {
-                    const vec vi = splat(vr[base + k * D + i + e]);
-                    for (int u = 0; u < NQ; u++) acc[e][u] += vi * load(gs + (i + e) * NP + u * LANES);
-                }
-            for (int u = 0; u < NQ; u++) {
-                const vec dp = acc[0][u] + acc[1][u];
-                store(dS + k * NP + u * LANES, dp);
-                inner[u] += load(P + k * NP + u * LANES) * dp;
-            }
-        }
+        for (int k = 0; k < N; k++)
+            for (int u = 0; u < NQ; u++) inner[u] += load(P + k * NP + u * LANES) * load(dS + k * NP + u * LANES);
         for (int k = 0; k < N; k++) /* softmax backward over the keys */
             for (int u = 0; u < NQ; u++) {
                 const int at = k * NP + u * LANES;
                 store(dS + at, load(P + at) * (load(dS + at) - inner[u]));
             }
-        for (int k = 0; k < N; k++) { /* S[k][q] = t_k . x_q: the key side */
-            vec acc[MAX_WIDTH / LANES];
-            for (int v = 0; v < NV; v++) acc[v] = splat(0.0f);
-            for (int q = 0; q < N; q++) {
-                const vec d = splat(dS[k * NP + q]);
-                for (int v = 0; v < NV; v++) acc[v] += d * load(x + base + q * D + v * LANES);
-            }
-            for (int v = 0; v < NV; v++) store(dt + base + k * D + v * LANES, acc[v]);
-        }
-        for (int q = 0; dx && q < N; q++) { /* the query side */
-            vec acc[MAX_WIDTH / LANES];
-            for (int v = 0; v < NV; v++) acc[v] = load(dx + base + q * D + v * LANES);
-            for (int k = 0; k < N; k++) {
-                const vec d = splat(dS[k * NP + q]);
-                for (int v = 0; v < NV; v++) acc[v] += d * load(t + base + k * D + v * LANES);
-            }
-            for (int v = 0; v < NV; v++) store(dx + base + q * D + v * LANES, acc[v]);
-        }
+        /* S[k][q] = t_k . x_q: the key side dt[k] = sum_q dS[k][q] x[q], the query side
+         * dx[q] += sum_k dS[k][q] t[k] */
+        weighted_rows(dS, NP, 1, N, N, x + base, D, 0, dt + base, NV);
+        if (dx) weighted_rows(dS, 1, NP, N, N, t + base, D, 1, dx + base, NV);
     }
 }
 
