@@ -130,6 +130,9 @@ def test_write_claims_and_protocol_comparison(built, tmp_path):
     assert set(_status(table, "paper").values()) == {claims.PASS}
     text = md.read_text()
     assert "## Protocol `paper`" in text and "## Protocol `reference`" in text
+    note = "\n## Experiments not run\n\nNot run: tfn.\n"
+    md, _ = claims.write_claims(runs, selected, tmp_path, note=note)
+    assert md.read_text() == text + note
 
     both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR)
     paths = comparison.write_protocol_comparison(selected, tmp_path, both, tolerances=claims.tolerances_text())

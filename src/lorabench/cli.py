@@ -241,6 +241,9 @@ def _add_report(sub) -> None:
         _option(p, "selected", help="selected.parquet (default: selected from --runs)")
         _option(p, "out", required=True, help="output folder")
         _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
+        if name == "claims":
+            _option(p, "note", default="", help="Markdown appended to claims.md (the workflow names the experiments "
+                    "a run left out)")
     p = sub.add_parser("paper-tables", help="write per figure of the paper a table: what the paper shows, what was measured",
                        formatter_class=HelpFormatter)
     _option(p, "runs", help="runs.parquet")
@@ -466,7 +469,8 @@ def claims_command(args: argparse.Namespace) -> int:
     from .report.commands import write_claims_and_comparison
 
     runs, selected = _report_inputs(args)
-    return _print_paths(write_claims_and_comparison(runs, selected, args.out, checkpoint=args.checkpoint))
+    return _print_paths(write_claims_and_comparison(runs, selected, args.out, checkpoint=args.checkpoint,
+                                                    note=args.note))
 
 
 def paper_tables_command(args: argparse.Namespace) -> int:

@@ -54,8 +54,8 @@ rule claims:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} claims --runs {input.runs} --selected {input.selected} --out results > {log} 2>&1"
-        " && printf %s {params.note} >> {output.md}"
+        "{params.lb} claims --runs {input.runs} --selected {input.selected} --out results --note {params.note}"
+        " > {log} 2>&1"
 
 
 rule paper_tables:

@@ -397,9 +397,9 @@ def tolerances_text() -> str:
 
 
 def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,
-                 *, checkpoint: str = analysis.DEFAULT_CHECKPOINT) -> list[Path]:
+                 *, checkpoint: str = analysis.DEFAULT_CHECKPOINT, note: str = "") -> list[Path]:
     """``out_dir/claims.md`` and ``out_dir/claims.csv``: every claim under every protocol
-    present in the results."""
+    present in the results; ``note`` (Markdown) ends claims.md."""
     selected = analysis.ensure_selected(runs, selected)
     table = claims_frame(selected, checkpoint=checkpoint)
     out = Path(out_dir)
@@ -421,5 +421,5 @@ def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame],
         counts = part["status"].value_counts()
         summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in (PASS, FAIL, NOT_RUN, ERROR) if counts.get(s, 0) or s != ERROR)
         lines += [f"## Protocol `{protocol}` ({summary})", "", markdown_table(part, ["id", "claim", "status", "measured", "source"]), ""]
-    md_path = style.atomic_write_text(out / "claims.md", "\n".join(lines))
+    md_path = style.atomic_write_text(out / "claims.md", "\n".join(lines) + note)
     return [md_path, csv_path]

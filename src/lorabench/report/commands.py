@@ -14,9 +14,10 @@ from .analysis import DEFAULT_CHECKPOINT
 
 
 def write_claims_and_comparison(runs: Optional[pd.DataFrame], selected: pd.DataFrame, out_dir,
-                                *, checkpoint: str = DEFAULT_CHECKPOINT) -> list[Path]:
-    """claims.md/.csv and the protocol comparison (protocol_comparison.*) into ``out_dir``."""
-    paths = claims.write_claims(runs, selected, out_dir, checkpoint=checkpoint)
+                                *, checkpoint: str = DEFAULT_CHECKPOINT, note: str = "") -> list[Path]:
+    """claims.md/.csv and the protocol comparison (protocol_comparison.*) into ``out_dir``;
+    ``note`` (Markdown) ends claims.md."""
+    paths = claims.write_claims(runs, selected, out_dir, checkpoint=checkpoint, note=note)
     both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR, checkpoint)
     paths += comparison.write_protocol_comparison(selected, out_dir, both, tolerances=claims.tolerances_text(),
                                                   checkpoint=checkpoint)
