@@ -28,21 +28,17 @@ import torch
 from lorabench.core.adapters import apply_lora
 from lorabench.core.config import RunConfig
 from lorabench.core.construction import fnn_construction, linear_construction
-from lorabench.core.generation import partition
+from lorabench.core.generation import group_product, partition
 from lorabench.core.protocols import generate_models, protocol_of
 
 EPS64 = torch.finfo(torch.float64).eps
 
 
-def product(weights: torch.Tensor) -> torch.Tensor:
-    """W_L ... W_1 (layer 0 applied first)."""
-    return torch.linalg.multi_dot([weights[i] for i in reversed(range(len(weights)))]) if len(weights) > 1 else weights[0]
-
-
 def linear_error(target: torch.Tensor, frozen: torch.Tensor, rank: int) -> float:
     a, b = linear_construction(target, frozen, [rank] * len(frozen))
-    adapted = frozen + a @ b.mT
-    return float(torch.linalg.norm(product(adapted.double()) - target.double()) / torch.linalg.norm(target.double()))
+    adapted = (frozen + a @ b.mT).double()
+    product = group_product(adapted, range(len(adapted)))
+    return float(torch.linalg.norm(product - target.double()) / torch.linalg.norm(target.double()))
 
 
 def measure(width: int, target_depth: int, frozen_depth: int, seed: int, rank: int, n_test: int) -> dict:
