@@ -195,8 +195,8 @@ def test_build_is_cached_and_written_whole(fresh_build):
     assert native.available() and built[0].stat().st_mtime_ns == before  # reused, not rebuilt
 
 
-def test_missing_compiler(fresh_build, monkeypatch, engine):
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+def test_missing_compiler(fresh_build, monkeypatch, engine, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     engine("native")
     with pytest.raises(native.NativeError, match="no C compiler"):
         list(run_configs([RunConfig(**CELL)], device="cpu"))
