@@ -76,50 +76,78 @@ typedef struct {
     float beta1, beta2, eps, bias_correction2_sqrt;
 } AdamConsts;
 
-/* Rows times a matrix, a block of R rows at a time: R independent accumulators per output
- * vector keep the FMA units busy (one row alone is a chain of D dependent FMAs). */
-#define ROW_BLOCK 8
+/* What happens to an output row besides the sum: started from a bias vector (else from 0,
+ * or from out itself with accumulate), then zeroed where negative (relu; a NaN stays a
+ * NaN, as with torch.relu) or where the gate row is not positive (the backward pass
+ * through a ReLU; gate rows are `ld` floats apart, as the output's). */
+typedef struct {
+    int accumulate;
+    const float *bias;
+    int relu;
+    const float *gate;
+} RowsEnd;
 
-/* out[r] = in[r] M (+ bias, or + out[r] with accumulate), then zeroed where negative (relu; a NaN stays a NaN, as with
- * torch.relu) or where gate[r] is not positive (the backward pass through a ReLU). */
-INLINE void rows_times(const float *restrict in, const int R, const float *restrict M, const float *restrict bias,
-                       int relu, const float *restrict gate, int accumulate, float *restrict out, const int D,
-                       const int NV) {
+#define PLAIN ((RowsEnd){0, NULL, 0, NULL})
+#define ACCUMULATE ((RowsEnd){1, NULL, 0, NULL})
+
+/* out[r] = sum_j a[r * a_row + j * a_col] m[j] for R rows at once, j < J: R independent
+ * FMA chains per output vector keep the FMA units busy (one row alone is a chain of J
+ * dependent FMAs), and each row of m is loaded once for all of them. The rows of m and
+ * out are NV vectors wide, `ld` floats apart; a_row = 1 reads a transposed. */
+#define ROW_BLOCK 8
+INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col, const int R, int J,
+                                const float *restrict m, long ld, RowsEnd end, float *restrict out, const int NV) {
     vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
     for (int r = 0; r < R; r++)
         for (int q = 0; q < NV; q++)
-            acc[r][q] = accumulate ? load(out + r * D + q * LANES) : bias ? load(bias + q * LANES) : splat(0.0f);
-    for (int j = 0; j < D; j++)
+            acc[r][q] = end.accumulate ? load(out + r * ld + q * LANES)
+                        : end.bias     ? load(end.bias + q * LANES)
+                                       : splat(0.0f);
+    for (int j = 0; j < J; j++)
         for (int q = 0; q < NV; q++) {
-            const vec m = load(M + j * D + q * LANES);
-            for (int r = 0; r < R; r++) acc[r][q] += splat(in[r * D + j]) * m;
+            const vec mv = load(m + j * ld + q * LANES);
+            for (int r = 0; r < R; r++) acc[r][q] += splat(a[r * a_row + j * a_col]) * mv;
         }
     for (int r = 0; r < R; r++)
         for (int q = 0; q < NV; q++) {
             vec o = acc[r][q];
-            if (relu) o = keep_where(~(o < 0.0f), o);
-            if (gate) o = keep_where(load(gate + r * D + q * LANES) > 0.0f, o);
-            store(out + r * D + q * LANES, o);
+            if (end.relu) o = keep_where(~(o < 0.0f), o);
+            if (end.gate) o = keep_where(load(end.gate + r * ld + q * LANES) > 0.0f, o);
+            store(out + r * ld + q * LANES, o);
         }
 }
 
-INLINE void matmul(const float *restrict in, long n, const float *restrict M, const float *restrict bias, int relu,
-                   const float *restrict gate, float *restrict out, const int D, const int NV) {
-    long b = 0;
-    for (; b + ROW_BLOCK <= n; b += ROW_BLOCK)
-        rows_times(in + (long)b * D, ROW_BLOCK, M, bias, relu, gate ? gate + (long)b * D : NULL, 0,
-                   out + (long)b * D, D, NV);
-    for (; b < n; b++)
-        rows_times(in + (long)b * D, 1, M, bias, relu, gate ? gate + (long)b * D : NULL, 0, out + (long)b * D, D, NV);
+/* weighted_rows_block over n output rows: blocks of 8, then 4, 2, 1. */
+INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, long n, int J, const float *restrict m,
+                          long ld, RowsEnd end, float *restrict out, const int NV) {
+    long r = 0;
+    RowsEnd at = end;
+    for (; r + ROW_BLOCK <= n; r += ROW_BLOCK) {
+        at.gate = end.gate ? end.gate + r * ld : NULL;
+        weighted_rows_block(a + r * a_row, a_row, a_col, ROW_BLOCK, J, m, ld, at, out + r * ld, NV);
+    }
+#define TAIL_BLOCK(R)                                                                                              \
+    if (n - r >= R) {                                                                                              \
+        at.gate = end.gate ? end.gate + r * ld : NULL;                                                             \
+        weighted_rows_block(a + r * a_row, a_row, a_col, R, J, m, ld, at, out + r * ld, NV);                       \
+        r += R;                                                                                                    \
+    }
+    TAIL_BLOCK(4)
+    TAIL_BLOCK(2)
+    TAIL_BLOCK(1)
+#undef TAIL_BLOCK
 }
 
-/* out[r] += in[r] M. */
+/* out = in M (n rows of D), with bias, ReLU and gate as in RowsEnd. */
+INLINE void matmul(const float *restrict in, long n, const float *restrict M, const float *restrict bias, int relu,
+                   const float *restrict gate, float *restrict out, const int D, const int NV) {
+    weighted_rows(in, D, 1, n, D, M, D, (RowsEnd){0, bias, relu, gate}, out, NV);
+}
+
+/* out += in M. */
 INLINE void matmul_add(const float *restrict in, long n, const float *restrict M, float *restrict out, const int D,
                        const int NV) {
-    long b = 0;
-    for (; b + ROW_BLOCK <= n; b += ROW_BLOCK)
-        rows_times(in + b * D, ROW_BLOCK, M, NULL, 0, NULL, 1, out + b * D, D, NV);
-    for (; b < n; b++) rows_times(in + b * D, 1, M, NULL, 0, NULL, 1, out + b * D, D, NV);
+    weighted_rows(in, D, 1, n, D, M, D, ACCUMULATE, out, NV);
 }
 
 /* out[b] = act(W in[b] + bias), with wt = W^T. */
@@ -132,18 +160,7 @@ INLINE void affine(const float *restrict in, int n, const float *restrict wt, co
  * be NULL). */
 INLINE void weight_gradient(const float *restrict g, const float *restrict h, long n, float *restrict dW,
                             float *restrict db, const int D, const int NV) {
-    for (int i0 = 0; dW && i0 < D; i0 += ROW_BLOCK) {
-        vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int q = 0; q < NV; q++) acc[r][q] = splat(0.0f);
-        for (int b = 0; b < n; b++)
-            for (int q = 0; q < NV; q++) {
-                const vec hv = load(h + (long)b * D + q * LANES);
-                for (int r = 0; r < ROW_BLOCK; r++) acc[r][q] += splat(g[(long)b * D + i0 + r]) * hv;
-            }
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int q = 0; q < NV; q++) store(dW + (i0 + r) * D + q * LANES, acc[r][q]);
-    }
+    if (dW) weighted_rows(g, 1, D, D, (int)n, h, D, PLAIN, dW, NV); /* dW[i] = sum_b g[b][i] h[b] */
     if (!db) return;
     for (int q = 0; q < NV; q++) {
         vec part[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
@@ -230,15 +247,8 @@ INLINE void transpose(const float *restrict m, float *restrict t, const int D) {
 INLINE void lora_weight(const float *restrict w0, const float *restrict A, const float *restrict Bf,
                         float *restrict W, float *restrict scratch, const int D, const int NV) {
     transpose(Bf, scratch, D);
-    for (int i = 0; i < D; i++) {
-        vec acc[MAX_WIDTH / LANES];
-        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
-        for (int r = 0; r < D; r++) {
-            const vec a = splat(A[i * D + r]);
-            for (int q = 0; q < NV; q++) acc[q] += a * load(scratch + r * D + q * LANES);
-        }
-        for (int q = 0; q < NV; q++) store(W + i * D + q * LANES, load(w0 + i * D + q * LANES) + acc[q]);
-    }
+    weighted_rows(A, D, 1, D, D, scratch, D, PLAIN, W, NV); /* W[i] = sum_r A[i][r] B^T[r] */
+    for (long at = 0; at < (long)D * D; at += LANES) store(W + at, load(w0 + at) + load(W + at));
 }
 
 /* The FNN's effective weights: W0 + A B^T (LoRA) or the parameters themselves, and W^T. */
@@ -283,24 +293,8 @@ INLINE void adam(long n_param, const AdamConsts *k, float step_size, float weigh
 /* Gradients of W = W0 + A B^T: dA = dW B, dB = dW^T A (each row a vector over the rank). */
 INLINE void lora_gradients(const float *restrict dW, const float *restrict A, const float *restrict B,
                            float *restrict dA, float *restrict dB, const int D, const int NV) {
-    for (int i = 0; i < D; i++) {
-        vec acc[MAX_WIDTH / LANES];
-        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
-        for (int j = 0; j < D; j++) {
-            const vec d = splat(dW[i * D + j]);
-            for (int q = 0; q < NV; q++) acc[q] += d * load(B + j * D + q * LANES);
-        }
-        for (int q = 0; q < NV; q++) store(dA + i * D + q * LANES, acc[q]);
-    }
-    for (int j = 0; j < D; j++) {
-        vec acc[MAX_WIDTH / LANES];
-        for (int q = 0; q < NV; q++) acc[q] = splat(0.0f);
-        for (int i = 0; i < D; i++) {
-            const vec d = splat(dW[i * D + j]);
-            for (int q = 0; q < NV; q++) acc[q] += d * load(A + i * D + q * LANES);
-        }
-        for (int q = 0; q < NV; q++) store(dB + j * D + q * LANES, acc[q]);
-    }
+    weighted_rows(dW, D, 1, D, D, B, D, PLAIN, dA, NV); /* dA[i] = sum_j dW[i][j] B[j] */
+    weighted_rows(dW, 1, D, D, D, A, D, PLAIN, dB, NV); /* dB[j] = sum_i dW[i][j] A[i] */
 }
 
 INLINE void config_step(const Shape *s, const AdamConsts *k, const float *restrict w0, float *restrict p,
@@ -411,17 +405,6 @@ typedef struct {
     const float *wq, *wk, *wv, *wo, *w1, *w2, *w_out; /* this configuration's frozen weights */
 } TfnFrozen;
 
-/* Small D x D products, C = op(A) op(B) (row-major; t*: transposed). */
-INLINE void small_mm(const float *restrict A, int ta, const float *restrict Bm, int tb, float *restrict Cm,
-                     const int D) {
-    for (int i = 0; i < D; i++)
-        for (int j = 0; j < D; j++) {
-            float acc = 0.0f;
-            for (int k = 0; k < D; k++) acc += (ta ? A[k * D + i] : A[i * D + k]) * (tb ? Bm[j * D + k] : Bm[k * D + j]);
-            Cm[i * D + j] = acc;
-        }
-}
-
 /* The effective matrices of one configuration: per block and head Wq Wk Wv Wo (kept for
  * the gradients) and Mq^T, Mv^T (as row-times matrices), W1^T, W2, W2^T, W_out, W_out^T. */
 typedef struct {
@@ -433,12 +416,13 @@ INLINE void tfn_weights(const TfnShape *s, const TfnFrozen *f, const float *rest
     const long DD = (long)D * D;
     const int L = s->depth, H = s->heads;
     for (int m = 0; m < L * H; m++) {
-        lora_weight(f->wq + m * DD, p + s->off_a[TQ] + m * DD, p + s->off_b[TQ] + m * DD, w->wq + m * DD, scratch, D, NV);
-        lora_weight(f->wk + m * DD, p + s->off_a[TK] + m * DD, p + s->off_b[TK] + m * DD, w->wk + m * DD, scratch, D, NV);
-        lora_weight(f->wv + m * DD, p + s->off_a[TV] + m * DD, p + s->off_b[TV] + m * DD, w->wv + m * DD, scratch, D, NV);
-        lora_weight(f->wo + m * DD, p + s->off_a[TO] + m * DD, p + s->off_b[TO] + m * DD, w->wo + m * DD, scratch, D, NV);
-        small_mm(w->wk + m * DD, 1, w->wq + m * DD, 0, w->mq + m * DD, D); /* Mq = Wk^T Wq */
-        small_mm(w->wo + m * DD, 0, w->wv + m * DD, 0, w->mv + m * DD, D); /* Mv = Wo Wv */
+        const float *frozen[4] = {f->wq, f->wk, f->wv, f->wo};
+        float *effective[4] = {w->wq, w->wk, w->wv, w->wo};
+        for (int e = TQ; e <= TO; e++) /* one inlined copy for the four */
+            lora_weight(frozen[e] + m * DD, p + s->off_a[e] + m * DD, p + s->off_b[e] + m * DD, effective[e] + m * DD,
+                        scratch, D, NV);
+        weighted_rows(w->wk + m * DD, 1, D, D, D, w->wq + m * DD, D, PLAIN, w->mq + m * DD, NV); /* Mq = Wk^T Wq */
+        weighted_rows(w->wo + m * DD, D, 1, D, D, w->wv + m * DD, D, PLAIN, w->mv + m * DD, NV); /* Mv = Wo Wv */
         transpose(w->mq + m * DD, w->mq_t + m * DD, D);
         transpose(w->mv + m * DD, w->mv_t + m * DD, D);
     }
@@ -531,34 +515,6 @@ INLINE void tokens_as_lanes(const float *restrict rows, int n, int N, float *res
     }
 }
 
-/* out[r] (+)= sum_j a[r * a_row + j * a_col] m[j] for R rows at once (R independent FMA
- * chains per output vector, each row of m loaded once), j < J; the rows of m and out are
- * NV vectors wide, `ld` floats apart. a_row = 1 reads a transposed. */
-INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col, const int R, int J,
-                                const float *restrict m, long ld, int accumulate, float *restrict out, const int NV) {
-    vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NV; q++) acc[r][q] = accumulate ? load(out + r * ld + q * LANES) : splat(0.0f);
-    for (int j = 0; j < J; j++)
-        for (int q = 0; q < NV; q++) {
-            const vec mv = load(m + j * ld + q * LANES);
-            for (int r = 0; r < R; r++) acc[r][q] += splat(a[r * a_row + j * a_col]) * mv;
-        }
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NV; q++) store(out + r * ld + q * LANES, acc[r][q]);
-}
-
-/* weighted_rows_block over n output rows: blocks of 8, then 4, 2, 1. */
-INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, int n, int J, const float *restrict m,
-                          long ld, int accumulate, float *restrict out, const int NV) {
-    int r = 0;
-    for (; r + ROW_BLOCK <= n; r += ROW_BLOCK)
-        weighted_rows_block(a + r * a_row, a_row, a_col, ROW_BLOCK, J, m, ld, accumulate, out + r * ld, NV);
-    if (n - r >= 4) weighted_rows_block(a + r * a_row, a_row, a_col, 4, J, m, ld, accumulate, out + r * ld, NV), r += 4;
-    if (n - r >= 2) weighted_rows_block(a + r * a_row, a_row, a_col, 2, J, m, ld, accumulate, out + r * ld, NV), r += 2;
-    if (n - r >= 1) weighted_rows_block(a + r * a_row, a_row, a_col, 1, J, m, ld, accumulate, out + r * ld, NV);
-}
-
 /* One head's attention for n samples of N tokens. Scores S[k][q] = t_k . x_q with
  * t = X Mq (token rows), laid out a key row at a time with the queries on the lanes
  * (xT: tokens_as_lanes of the inputs), so that the softmax over the keys is lane-wise.
@@ -570,7 +526,7 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
         float *P = probs + (long)b * N * NP;
-        weighted_rows(t + base, D, 1, N, D, xT + (long)b * D * NP, NP, 0, P, NQ); /* S[k] = sum_i t[k][i] xT[i] */
+        weighted_rows(t + base, D, 1, N, D, xT + (long)b * D * NP, NP, PLAIN, P, NQ); /* S[k] = sum_i t[k][i] xT[i] */
         vec peak[MAX_QV], total[MAX_QV];
         for (int u = 0; u < NQ; u++) {
             peak[u] = load(P + u * LANES);
@@ -590,7 +546,7 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
         for (int u = 0; u < NQ; u++) total[u] = splat(1.0f) / total[u];
         for (int k = 0; k < N; k++)
             for (int u = 0; u < NQ; u++) store(P + k * NP + u * LANES, load(P + k * NP + u * LANES) * total[u]);
-        weighted_rows(P, 1, NP, N, N, vr + base, D, 1, out + base, NV); /* out[q] += sum_k P[k][q] vr[k] */
+        weighted_rows(P, 1, NP, N, N, vr + base, D, ACCUMULATE, out + base, NV); /* out[q] += sum_k P[k][q] vr[k] */
     }
 }
 
@@ -644,9 +600,9 @@ INLINE void attention_backward_impl(const float *restrict x, const float *restri
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
         const float *P = probs + (long)b * N * NP;
-        weighted_rows(P, NP, 1, N, N, d_att + base, D, 0, dv + base, NV); /* dv[k] = sum_q P[k][q] d_att[q] */
+        weighted_rows(P, NP, 1, N, N, d_att + base, D, PLAIN, dv + base, NV); /* dv[k] = sum_q P[k][q] d_att[q] */
         /* dP[k][q] = vr_k . d_att_q, queries on the lanes */
-        weighted_rows(vr + base, D, 1, N, D, d_attT + (long)b * D * NP, NP, 0, dS, NQ);
+        weighted_rows(vr + base, D, 1, N, D, d_attT + (long)b * D * NP, NP, PLAIN, dS, NQ);
         vec inner[MAX_QV];
         for (int u = 0; u < NQ; u++) inner[u] = splat(0.0f);
         for (int k = 0; k < N; k++)
@@ -658,8 +614,8 @@ INLINE void attention_backward_impl(const float *restrict x, const float *restri
             }
         /* S[k][q] = t_k . x_q: the key side dt[k] = sum_q dS[k][q] x[q], the query side
          * dx[q] += sum_k dS[k][q] t[k] */
-        weighted_rows(dS, NP, 1, N, N, x + base, D, 0, dt + base, NV);
-        if (dx) weighted_rows(dS, 1, NP, N, N, t + base, D, 1, dx + base, NV);
+        weighted_rows(dS, NP, 1, N, N, x + base, D, PLAIN, dt + base, NV);
+        if (dx) weighted_rows(dS, 1, NP, N, N, t + base, D, ACCUMULATE, dx + base, NV);
     }
 }
 
@@ -791,10 +747,12 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
                         *Wo = k->w.wo + mi * DD;
             /* Mq = Wk^T Wq: dWq = Wk dMq, dWk = Wq dMq^T; Mv = Wo Wv: dWo = dMv Wv^T, dWv = Wo^T dMv. */
             for (int e = TQ; e <= TO; e++) {
-                if (e == TQ) small_mm(Wk, 0, dMq, 0, k->dm, D);
-                if (e == TK) small_mm(Wq, 0, dMq, 1, k->dm, D);
-                if (e == TV) small_mm(Wo, 1, dMv, 0, k->dm, D);
-                if (e == TO) small_mm(dMv, 0, Wv, 1, k->dm, D);
+                if (e == TK) transpose(dMq, k->scratch, D);
+                if (e == TO) transpose(Wv, k->scratch, D);
+                const float *left = e == TQ ? Wk : e == TK ? Wq : e == TV ? Wo : dMv;
+                const float *right = e == TQ ? dMq : e == TV ? dMv : k->scratch;
+                const long left_row = e == TV ? 1 : D, left_col = e == TV ? D : 1; /* TV: Wo^T */
+                weighted_rows(left, left_row, left_col, D, D, right, D, PLAIN, k->dm, NV);
                 lora_gradients(k->dm, p + s->off_a[e] + mi * DD, p + s->off_b[e] + mi * DD,
                                grad + s->off_a[e] + mi * DD, grad + s->off_b[e] + mi * DD, D, NV);
             }
