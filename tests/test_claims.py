@@ -211,3 +211,30 @@ def test_paper_tables_command_reads_parquet_and_writes_markdown(tmp_path):
     assert "measured (paper)" in text and "measured (reference)" in text
     row = _table_row(text, "(2, 4) random: gradient update, R=1")
     assert row[1].startswith("~0.009") and row[2] != "not run" and row[3] != "not run"
+
+
+def test_pieces_of_a_run_combine_into_one_report_and_never_overlap(tmp_path):
+    """A run made in pieces (here one per protocol, each with its own selected rows)
+    reports as the whole run does; two pieces holding the same part are refused."""
+    from lorabench.runs.results import SELECTED_SCHEMA, atomic_write_table
+    import pyarrow as pa
+
+    to_frames(synthetic_runs(["fnn"], metrics=built_metrics, lrs=LRS[:1], base=CLAIM_BASE), tmp_path, select=False)
+    whole = pd.read_parquet(tmp_path / "selected.parquet")
+    pieces = []
+    for protocol, part in whole.groupby("protocol"):
+        pieces.append(tmp_path / f"piece_{protocol}.parquet")
+        atomic_write_table(pa.Table.from_pandas(part, schema=SELECTED_SCHEMA, preserve_index=False), pieces[-1])
+    assert len(pieces) == 2
+    for name, selected in (("whole", [tmp_path / "selected.parquet"]), ("pieces", pieces)):
+        assert main(["paper-tables", "--selected", *map(str, selected), "--out", str(tmp_path / name / "tables.md")]) == 0
+        assert main(["claims", "--selected", *map(str, selected), "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "pieces" / "tables.md").read_text() == (tmp_path / "whole" / "tables.md").read_text()
+    statuses = [pd.read_csv(tmp_path / name / "claims.csv").sort_values(["protocol", "id"]).reset_index(drop=True)
+                for name in ("whole", "pieces")]
+    pd.testing.assert_frame_equal(*statuses)
+
+    with pytest.raises(SystemExit) as error:
+        main(["claims", "--selected", str(pieces[0]), str(tmp_path / "selected.parquet"), "--out", str(tmp_path / "bad")])
+    assert error.value.code == 2
+    assert not (tmp_path / "bad" / "claims.md").exists()

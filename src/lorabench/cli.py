@@ -233,12 +233,16 @@ def _add_plan(sub) -> None:
             "(e.g. 2h, 90min) and print each piece's snakemake command")
 
 
+SELECTED_HELP = ("selected.parquet (default: selected from --runs); several files: the pieces of one run, "
+                 "each with its own experiments or protocols")
+
+
 def _add_report(sub) -> None:
     for name, what in (("figures", "every figure, or those named by --name"),
                        ("claims", "claims.md/.csv and the protocol comparison")):
         p = sub.add_parser(name, help=f"write {what} from the Parquet results", formatter_class=HelpFormatter)
         _option(p, "runs", help="runs.parquet")
-        _option(p, "selected", help="selected.parquet (default: selected from --runs)")
+        _option(p, "selected", nargs="+", help=SELECTED_HELP)
         _option(p, "out", required=True, help="output folder")
         _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
         if name == "claims":
@@ -247,7 +251,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("paper-tables", help="write per figure of the paper a table: what the paper shows, what was measured",
                        formatter_class=HelpFormatter)
     _option(p, "runs", help="runs.parquet")
-    _option(p, "selected", help="selected.parquet (default: selected from --runs)")
+    _option(p, "selected", nargs="+", help=SELECTED_HELP)
     _option(p, "out", required=True, help="Markdown file to write")
     _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
     _option(sub.choices["figures"], "protocol", choices=PROTOCOLS, help="default: paper where it has rows")
@@ -421,13 +425,13 @@ def select_command(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ report
 def _report_inputs(args: argparse.Namespace):
     """runs.parquet (optional) and the selected rows (read, or selected from the runs)."""
-    from .runs.results import SELECTED_SCHEMA, read_rows
+    from .runs.results import read_pieces, read_rows
     from .runs.selection import select_by_validation
 
     if not args.runs and not args.selected:
         raise UsageError("give --runs, --selected or both")
     runs = read_rows(args.runs) if args.runs else None
-    selected = read_rows(args.selected, SELECTED_SCHEMA) if args.selected else select_by_validation(runs)
+    selected = read_pieces(args.selected) if args.selected else select_by_validation(runs)
     return runs, selected
 
 

@@ -167,3 +167,22 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
 
 def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> "pd.DataFrame":
     return read_table(path, schema).to_pandas()
+
+
+def read_pieces(paths: "Iterable[Union[str, os.PathLike]]", schema: pa.Schema = SELECTED_SCHEMA) -> "pd.DataFrame":
+    """The rows of a run made in pieces, one results file per piece. Each experiment and
+    protocol must come from one piece only, so that no part of the run is counted twice."""
+    import pandas as pd
+
+    frames, source = [], {}
+    for path in paths:
+        frame = read_rows(path, schema)
+        for key in frame[["experiment", "protocol"]].drop_duplicates().itertuples(index=False):
+            if tuple(key) in source:
+                raise ResultsError(f"{path}: experiment {key[0]!r} under protocol {key[1]!r} is also in {source[tuple(key)]}; "
+                                   "each piece must hold different experiments or protocols")
+            source[tuple(key)] = path
+        frames.append(frame)
+    if not frames:
+        raise ResultsError("no results files given")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
