@@ -11,6 +11,7 @@ tests/faults/kill_and_resume.sh.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import json
 import math
@@ -372,10 +373,16 @@ def test_outputs_honour_the_umask(tmp_path, umask):
 
 
 def test_native_library_honours_the_umask(tmp_path):
-    proc = subprocess.run(["sh", "-c", f"umask 022 && {sys.executable} -c "
-                           "'from lorabench.training import native; native._build()'"],
-                          env={**os.environ, "LORABENCH_CACHE_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "no C compiler" in proc.stderr:
+    """The build's own steps on a one-line source: the real one takes minutes to compile,
+    and the tests that train build it once into the shared cache."""
+    from lorabench.training import native
+
+    if shutil.which(native._compiler()) is None:
         pytest.skip("no C compiler")
-    assert proc.returncode == 0, proc.stderr
-    assert set(_modes(tmp_path.iterdir()).values()) == {0o755}
+    old = os.umask(0o022)
+    try:
+        native._compile(native._compiler(), b"int one(void) { return 1; }\n", tmp_path / "cache" / "one.so")
+    finally:
+        os.umask(old)
+    assert _modes((tmp_path / "cache").iterdir()) == {"one.so": 0o755}
+    assert ctypes.CDLL(str(tmp_path / "cache" / "one.so")).one() == 1

@@ -95,6 +95,22 @@ def _compiler() -> str:
 
 
 @lru_cache(maxsize=None)
+def _compile(compiler: str, source: bytes, library: Path) -> None:
+    """Compile ``source`` into ``library``, which appears whole or not at all."""
+    folder = library.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NativeError(f"cannot create the build cache {folder}: {error}") from None
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
+        src.write_bytes(source)
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
+        os.replace(out, library)
+
+
 def _build() -> ctypes.CDLL:
     source = resources.files("lorabench.training").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
@@ -107,17 +123,7 @@ def _build() -> ctypes.CDLL:
     folder = cache_dir()
     library = folder / f"training_steps-{key}.so"
     if not library.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise NativeError(f"cannot create the build cache {folder}: {error}") from None
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
-            src.write_bytes(source)
-            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
-            os.replace(out, library)
+        _compile(compiler, source, library)
     lib = ctypes.CDLL(str(library))
     lib.fnn_step.restype = lib.tfn_step.restype = ctypes.c_int
     _check_abi(lib)
