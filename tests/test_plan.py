@@ -102,11 +102,33 @@ def test_job_costs_add_startup_and_configs(smoke):
     rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
     costs = plan.job_costs(jobs, rates, 1.5, default_native)
     for job, cost in zip(jobs, costs):
-        expected = 1.5 + sum(plan.config_cost(c, job.kind, rates["native-fnn"]) for c in job.configs)
+        expected = 1.5 + sum(plan.config_cost(c, job.kind, rates["native-fnn"]) + plan.stream_cost(c, job.kind, rates)
+                             for c in job.configs)
         assert cost == pytest.approx(expected)
     rows = plan.count(jobs, costs, 1.5, default_native, rates)
     assert sum(r.core_s for r in rows) == pytest.approx(sum(costs))
     assert sum(sum(r.engines.values()) for r in rows) == pytest.approx(sum(costs))
+
+
+def test_the_reference_transformer_pays_for_its_own_batches(smoke, tmp_path):
+    """Reference TFN training: per config and step, the distinct share of positions times
+    the stream's per-evaluation rate (two evaluations; one with a fixed training set);
+    nothing for the paper protocol, the FNN or constructions."""
+    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    tfn = RunConfig(exp="tfn", method="sgd", width=16, n_epochs=100, frozen_depth=2, target_depth=2, protocol="reference")
+    share = plan.REFERENCE_TFN_DISTINCT_SHARE
+    assert 0 < share <= 1
+    assert plan.stream_cost(tfn, "train", rates) == pytest.approx(100 * share * 2 * 2e-4)
+    assert plan.stream_cost(tfn.replace(n_train=64), "train", rates) == pytest.approx(100 * share * 2e-4)
+    for cfg, kind in ((tfn.replace(protocol="paper"), "train"), (tfn, "construct"), (tfn.replace(exp="fnn"), "train")):
+        assert plan.stream_cost(cfg, kind, rates) == 0.0
+    wf, jobs = smoke
+    costs = plan.job_costs(jobs, rates, 1.5, default_native)
+    rows = {(r.experiment, r.protocol): r for r in plan.count(jobs, costs, 1.5, default_native, rates)}
+    assert rows[("tfn", "reference")].engines[plan.STREAM] > 0
+    assert plan.STREAM not in rows[("tfn", "paper")].engines and plan.STREAM not in rows[("fnn", "reference")].engines
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
+    assert plan.STREAM in result["calibration"]
 
 
 def test_engine_of():
@@ -191,6 +213,15 @@ def test_a_real_calibration_of_the_constructions():
     assert rate.depths == plan.CAL_DEPTHS["fnn"]
     assert all(0 < rate.config(d) < 10 for d in rate.depths) and rate.step(2) == 0
     assert "16 constructions" in measured["measured"]
+
+
+def test_a_real_calibration_of_the_reference_transformer_stream(monkeypatch):
+    monkeypatch.setattr(plan, "CAL_STREAM_POSITIONS", 2)
+    measured = plan.calibrate_engine(plan.STREAM)
+    rate = plan.Rate.from_dict(measured)
+    assert rate.depths == plan.CAL_DEPTHS["tfn"]
+    assert all(0 < rate.step(d) < 1 for d in rate.depths) and rate.config(1) == 0
+    assert "2 positions per depth" in measured["measured"]
 
 
 class FakeJob:

@@ -45,8 +45,9 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from ..core.config import ConfigError, RunConfig
 
+STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
 ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn",
-           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn")
+           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM)
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
 # The calibration's cells: the grid's shape (width 16, batch 256, H=2, N=10) at two
@@ -57,6 +58,17 @@ CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}  # 64 a
 CAL_N_TEST = 1000
 CAL_N_VAL = 256
 CAL_PRETRAIN_STEPS = 30
+CAL_STREAM_POSITIONS = 24
+# Under the reference protocol each transformer config draws its own batches, and the
+# target's outputs for them, from a stream that rewinds whenever its validation improves:
+# configs share a draw only while they stand at the same position. Early in a run they
+# improve together and share; over 5,000 steps they drift apart, and the calibration's
+# short cells never see that. So the plan adds, per config and step, this share of a
+# fresh position (at most 1: every config at a position of its own). Measured on the
+# full_length reference transformer cells (64 configs each, depths 1 and 2, steps
+# 1,100-3,000): py-spy put 35% of their time in the stream's draws, i.e. 0.72 and 0.64
+# distinct positions per config and step at the stream's per-position cost.
+REFERENCE_TFN_DISTINCT_SHARE = 0.7
 
 
 # ------------------------------------------------------------------ rates
@@ -138,10 +150,27 @@ class Row:
     engines: dict = field(default_factory=dict)  # engine -> core-seconds
 
 
+def has_stream_cost(cfg: RunConfig, kind: str) -> bool:
+    return kind == "train" and cfg.exp == "tfn" and cfg.protocol == "reference"
+
+
+def stream_cost(cfg: RunConfig, kind: str, rates: Mapping[str, Rate]) -> float:
+    """Core-seconds of the reference transformer's batches beyond what the calibrated
+    step holds (REFERENCE_TFN_DISTINCT_SHARE): per step, a share of the configs draws a
+    batch of its own and evaluates the target on it (the validation batch, and the
+    training batch unless the training set is fixed). ``STREAM``'s rate is per position
+    and target evaluation."""
+    if not has_stream_cost(cfg, kind):
+        return 0.0
+    evaluations = 1 if cfg.n_train else 2
+    return cfg.n_epochs * REFERENCE_TFN_DISTINCT_SHARE * evaluations * rates[STREAM].step(cfg.frozen_depth)
+
+
 def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
               native: Callable[[RunConfig], bool]) -> list[float]:
     """Core-seconds of each job: start-up plus its configs."""
-    return [startup_s + sum(config_cost(c, j.kind, rates[engine_of(c, j.kind, native)]) for c in j.configs)
+    return [startup_s + sum(config_cost(c, j.kind, rates[engine_of(c, j.kind, native)]) + stream_cost(c, j.kind, rates)
+                            for c in j.configs)
             for j in jobs]
 
 
@@ -157,6 +186,8 @@ def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
         for c in job.configs:
             engine = engine_of(c, job.kind, native)
             row.engines[engine] = row.engines.get(engine, 0.0) + config_cost(c, job.kind, rates[engine])
+            if has_stream_cost(c, job.kind):
+                row.engines[STREAM] = row.engines.get(STREAM, 0.0) + stream_cost(c, job.kind, rates)
         if job.kind == "train":
             row.configs += len(job.configs)
             row.config_steps += sum(c.n_epochs for c in job.configs)
@@ -319,6 +350,8 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
         return {"seconds": _startup_seconds(), "measured": f"python importing lorabench's job modules (CPU s), {stamp}"}
     kind, family = engine.split("-")
     depths = CAL_DEPTHS[family]
+    if engine == STREAM:
+        return asdict(_calibrate_stream(depths, stamp))
     if kind == "models":
         return asdict(_calibrate_models(family, depths, stamp))
     if kind == "construct":
@@ -363,6 +396,28 @@ def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
         step_s.append(max(spent, 0.0) / max(taken, 1))
     return Rate(tuple(depths), tuple(step_s), tuple(config_s),
                 f"{len(seeds)} seeds per depth, pretraining up to {CAL_PRETRAIN_STEPS} steps, {stamp}")
+
+
+def _calibrate_stream(depths: tuple[int, int], stamp: str) -> Rate:
+    """CPU seconds per target evaluation of the reference transformer's stream: fresh
+    positions drawn one after another, each a training and a validation batch with the
+    target's outputs (two evaluations)."""
+    from ..core.protocols import generate_models
+    from ..core.streams import ReferenceTFNStream
+
+    step_s = []
+    for depth in depths:
+        cfg = _cal_configs("tfn", depth, "sgd", "reference")[0]
+        stream = ReferenceTFNStream(cfg, generate_models(cfg).target, None, 1, "cpu")
+        stream.train_batch(0)  # warm-up, untimed
+        stream.since += 1
+        def draw_positions():
+            for _ in range(CAL_STREAM_POSITIONS):
+                stream.train_batch(0)
+                stream.since += 1  # the next position: a fresh draw
+        step_s.append(_cpu_seconds(draw_positions) / (2 * CAL_STREAM_POSITIONS))
+    return Rate(tuple(depths), tuple(step_s), (0.0, 0.0),
+                f"{CAL_STREAM_POSITIONS} positions per depth, {stamp}")
 
 
 def _startup_seconds(repeats: int = 3) -> float:
@@ -504,7 +559,8 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         native = lambda cfg: use_native(cfg, device)  # noqa: E731
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
-    needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs})
+    needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs}
+                    | ({STREAM} if any(has_stream_cost(c, j.kind) for j in jobs for c in j.configs) else set()))
     key = lambda engine: cache_key(engine, device.type)  # noqa: E731
     measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
     startup_s = measured[STARTUP]["seconds"]
