@@ -94,7 +94,6 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-@lru_cache(maxsize=None)
 def _compile(compiler: str, source: bytes, library: Path) -> None:
     """Compile ``source`` into ``library``, which appears whole or not at all."""
     folder = library.parent
@@ -111,6 +110,7 @@ def _compile(compiler: str, source: bytes, library: Path) -> None:
         os.replace(out, library)
 
 
+@lru_cache(maxsize=None)
 def _build() -> ctypes.CDLL:
     source = resources.files("lorabench.training").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
