@@ -64,8 +64,8 @@ CAL_STREAM_POSITIONS = 24
 # configs share a draw only while they stand at the same position. Early in a run they
 # improve together and share; over 5,000 steps they drift apart, and the calibration's
 # short cells never see that. So the plan adds, per config and step, this share of a
-# fresh position (at most 1: every config at a position of its own). Measured on the
-# full_length reference transformer cells (64 configs each, depths 1 and 2, steps
+# fresh position (at most 1: every config at a position of its own). Measured on two
+# full_length reference transformer cells (64 configs each, depth 1 and depth 2, steps
 # 1,100-3,000): py-spy put 35% of their time in the stream's draws, i.e. 0.72 and 0.64
 # distinct positions per config and step at the stream's per-position cost.
 REFERENCE_TFN_DISTINCT_SHARE = 0.7
@@ -186,8 +186,9 @@ def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
         for c in job.configs:
             engine = engine_of(c, job.kind, native)
             row.engines[engine] = row.engines.get(engine, 0.0) + config_cost(c, job.kind, rates[engine])
-            if has_stream_cost(c, job.kind):
-                row.engines[STREAM] = row.engines.get(STREAM, 0.0) + stream_cost(c, job.kind, rates)
+            stream = stream_cost(c, job.kind, rates)
+            if stream:
+                row.engines[STREAM] = row.engines.get(STREAM, 0.0) + stream
         if job.kind == "train":
             row.configs += len(job.configs)
             row.config_steps += sum(c.n_epochs for c in job.configs)
@@ -409,13 +410,14 @@ def _calibrate_stream(depths: tuple[int, int], stamp: str) -> Rate:
     for depth in depths:
         cfg = _cal_configs("tfn", depth, "sgd", "reference")[0]
         stream = ReferenceTFNStream(cfg, generate_models(cfg).target, None, 1, "cpu")
-        stream.train_batch(0)  # warm-up, untimed
-        stream.since += 1
-        def draw_positions():
-            for _ in range(CAL_STREAM_POSITIONS):
+
+        def step(count: int) -> None:
+            for _ in range(count):  # no improvement observed: every step is a fresh position
                 stream.train_batch(0)
-                stream.since += 1  # the next position: a fresh draw
-        step_s.append(_cpu_seconds(draw_positions) / (2 * CAL_STREAM_POSITIONS))
+                stream.val_batch()  # drawn with the training batch; moves the stream on
+
+        step(1)  # warm-up, untimed
+        step_s.append(_cpu_seconds(lambda: step(CAL_STREAM_POSITIONS)) / (2 * CAL_STREAM_POSITIONS))
     return Rate(tuple(depths), tuple(step_s), (0.0, 0.0),
                 f"{CAL_STREAM_POSITIONS} positions per depth, {stamp}")
 
