@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
+from torch import Tensor
 
 from .. import __version__
 from ..core import data, theory
@@ -27,8 +28,8 @@ from ..core.generation import Models
 from ..core.protocols import generate_models
 from ..core.models import FNN, map_tensors
 from ..core.protocols import protocol_of
-from ..training.loop import evaluate, train_cell
-from ..training.trainables import fnn_trainable, stack_lora, stack_models, tfn_trainable
+from ..training.loop import evaluate, outputs_in_chunks, train_cell
+from ..training.trainables import fnn_trainable, stack_lora, stack_models, target_outputs_for, tfn_trainable
 
 # Configurations of one cell may differ only in these settings.
 CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
@@ -136,11 +137,21 @@ def _base_row(cfg: RunConfig, models: Models, device: torch.device, target_scale
     return row
 
 
-def _metrics(model, target, sets: data.EvalSets, cfg: RunConfig, device) -> list[dict]:
-    """Test, shifted test and validation metrics of stacked models, one dict per config."""
+EVAL_SETS = ("test", "test_shift", "val")
+
+
+def _eval_inputs(sets: data.EvalSets, device) -> dict[str, Tensor]:
+    return {name: getattr(sets, name).to(device) for name in EVAL_SETS}
+
+
+def _metrics(model, target, inputs: Mapping[str, Tensor], cfg: RunConfig,
+             target_outputs: Optional[Mapping[str, Tensor]] = None) -> list[dict]:
+    """Test, shifted test and validation metrics of stacked models, one dict per config
+    (``inputs``: _eval_inputs; ``target_outputs``: the target's outputs on them)."""
     out = {}
-    for name, x in (("test", sets.test), ("test_shift", sets.test_shift), ("val", sets.val)):
-        result = evaluate(model, target, x.to(device), cfg.task, protocol_of(cfg).classification_loss)
+    for name, x in inputs.items():
+        truth = None if target_outputs is None else target_outputs[name]
+        result = evaluate(model, target, x, cfg.task, protocol_of(cfg).classification_loss, target_outputs=truth)
         out[f"{name}_loss"] = result["loss"]
         if "accuracy" in result:
             out[f"{name}_accuracy"] = result["accuracy"]
@@ -178,7 +189,7 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
     else:
         adapted, target = adapted.to(device), cast(target).to(device)
         sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
-        row.update(_metrics(adapted, target, sets, cfg, device)[0])
+        row.update(_metrics(adapted, target, _eval_inputs(sets, device), cfg)[0])
     row.update(
         checkpoint="construction",
         engine="torch",
@@ -212,19 +223,24 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     trainable = make(cell, frozen, lora)
     protocol = protocol_of(cfg)
     sets = protocol.eval_sets(cfg)
-    stream = protocol.stream(cfg, target, sets, protocol.training_set(all_models), len(cell), device)
+    stream = protocol.stream(cfg, target, sets, protocol.training_set(all_models), len(cell), device,
+                             target_outputs_for(trainable, target))
     result = train_cell(cell, trainable, stream, progress)
     train_seconds = time.perf_counter() - start
 
     rows = []
     target_scale = theory.mean_squared_output(all_models[0].target, sets.test)
+    inputs = _eval_inputs(sets, device)
+    truths = {name: outputs_in_chunks(target, x) for name, x in inputs.items()}
     for checkpoint, params, val in (("last", result.last, result.last_val), ("best", result.best, result.best_val)):
         metrics = []
-        chunk = 16 if cfg.exp == "tfn" else 128
+        # The transformer's stacked einsums round differently for different numbers of
+        # configurations: one at a time, a config's metrics do not depend on its cell.
+        chunk = 1 if cfg.exp == "tfn" else 128
         model = trainable.model(params)
         for begin in range(0, len(cell), chunk):
             part = _slice_model(model, begin, begin + chunk)
-            metrics.extend(_metrics(part, target, sets, cfg, device))
+            metrics.extend(_metrics(part, target, inputs, cfg, truths))
         for c, member in enumerate(cell):
             row = _base_row(member, all_models[c], device, target_scale)
             row.update(metrics[c])

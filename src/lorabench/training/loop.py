@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..core import data
 from ..core.config import RunConfig
-from ..core.models import forward
+from ..core.models import TFN, forward
 from ..core.protocols import protocol_of
 from .engines import engine_for
 from .optimiser import BatchedAdam
@@ -106,11 +106,22 @@ def train_cell(
     )
 
 
+SAMPLE_CHUNK = 1000  # samples per forward pass in evaluation
+
+
+@torch.no_grad()
+def outputs_in_chunks(model: Model, x: Tensor, sample_chunk: int = SAMPLE_CHUNK) -> Tensor:
+    """The model's outputs on x, computed chunk by chunk as ``evaluate`` computes them."""
+    return torch.cat([forward(model, x[start : start + sample_chunk]) for start in range(0, x.shape[0], sample_chunk)],
+                     dim=-3 if isinstance(model, TFN) else -2)
+
+
 @torch.no_grad()
 def evaluate(model: Model, target: Model, x: Tensor, task: str, classification_loss: str,
-             sample_chunk: int = 1000) -> dict[str, Tensor]:
+             sample_chunk: int = SAMPLE_CHUNK, target_outputs: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Loss (and accuracy for the classification tasks) of stacked models on one input
-    set, in sample chunks; returns (C,) float64 tensors.
+    set, in sample chunks; returns (C,) float64 tensors. ``target_outputs``: the target's
+    outputs on x (``outputs_in_chunks``), when the caller has them already.
 
     The loss is averaged the way torch's criterion averages the whole set at once (sum of
     chunk means weighted by chunk size).
@@ -118,7 +129,8 @@ def evaluate(model: Model, target: Model, x: Tensor, task: str, classification_l
     total_loss, total_correct, n = 0.0, 0.0, x.shape[0]
     for start in range(0, n, sample_chunk):
         chunk = x[start : start + sample_chunk]
-        pred, truth = forward(model, chunk), forward(target, chunk)
+        pred = forward(model, chunk)
+        truth = forward(target, chunk) if target_outputs is None else target_outputs[start : start + sample_chunk]
         if pred.ndim == truth.ndim:  # an unstacked model: add the configuration dimension
             pred = pred.unsqueeze(0)
         weight = chunk.shape[0] / n
