@@ -16,7 +16,8 @@ from lorabench.core.models import map_tensors
 from lorabench.core.models import forward
 from lorabench.core.protocols import protocol_of
 from lorabench.training.optimiser import BatchedAdam
-from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models, tfn_trainable
+from lorabench.training.trainables import (autograd_value_and_grad, fnn_trainable, stack_lora, stack_models,
+                                          target_outputs_for, tfn_trainable)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native step cannot be built")
 
@@ -283,6 +284,38 @@ def test_native_tfn_gradient_is_as_accurate_as_torch(depth, width, tokens, monke
         native_error = (native_grad[:, begin:end] - reference).abs().max()
         torch_error = ((torch_grad.double() * mask)[:, begin:end] - reference).abs().max()
         assert native_error <= 3 * torch_error + 1e-6 * reference.abs().max(), name
+
+
+@pytest.mark.parametrize("depth, width, tokens", [(1, 16, 10), (2, 16, 5), (1, 32, 20)])
+def test_native_target_forward_is_as_accurate_as_torch(depth, width, tokens):
+    """The native forward pass of a target (the reference transformer stream evaluates
+    it on every new batch) against float64: no worse than 3x torch's float32 error, on
+    inputs with a leading dimension of several batches."""
+    cfg = RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens}, target_depth=depth, frozen_depth=depth)
+    target = generate_models(cfg).target
+    x = torch.randn(2, 7, width, tokens, generator=torch.Generator().manual_seed(0))
+    exact = forward(map_tensors(target, lambda t: t.double()), x.double())
+    ours = native.tfn_outputs(target, x)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    native_error = (ours.double() - exact).abs().max()
+    torch_error = (forward(target, x).double() - exact).abs().max()
+    assert native_error <= 3 * torch_error + 1e-6 * exact.abs().max()
+
+
+def test_native_target_forward_refuses_what_it_does_not_compute():
+    target = generate_models(RunConfig(**TFN_CELL, target_depth=1, frozen_depth=1)).target
+    with pytest.raises(native.NativeError, match="width 8"):
+        native.tfn_outputs(target, torch.randn(3, 8, 5))
+    with pytest.raises(native.NativeError, match="one TFN"):
+        native.tfn_outputs(stack_models([target, target]), torch.randn(3, 16, 5))
+
+
+def test_native_transformer_cells_evaluate_their_targets_natively(monkeypatch):
+    cfgs, native_cell, torch_cell, target, *_ = _tfn_setup(1, monkeypatch)
+    outputs = target_outputs_for(native_cell, target)
+    x = torch.randn(4, 16, 5)
+    assert torch.equal(outputs(x), native.tfn_outputs(target, x))
+    assert target_outputs_for(torch_cell, target) is None
 
 
 def test_native_tfn_cell_trains_and_matches_alone(engine):

@@ -68,8 +68,12 @@ class Protocol:
         """The cell's finite training set (shared, or stacked per config); None: streamed."""
         raise NotImplementedError
 
-    def stream(self, cfg: RunConfig, target, sets: data.EvalSets, x_train: Optional[Tensor], C: int, device):
-        """The cell's training data (core/streams.py)."""
+    def stream(self, cfg: RunConfig, target, sets: data.EvalSets, x_train: Optional[Tensor], C: int, device,
+               target_outputs: Optional[streams.TargetOutputs] = None):
+        """The cell's training data (core/streams.py). ``target_outputs``: how the reference
+        transformer stream, which draws new batches for many configurations every step,
+        evaluates the target on them (None: torch's forward); the other streams evaluate
+        one batch a step or a few fixed ones with torch's forward."""
         raise NotImplementedError
 
 
@@ -111,7 +115,7 @@ class PaperProtocol(Protocol):
     def training_set(self, models: list[Models]) -> Optional[Tensor]:
         return models[0].x_train  # the same for every rank of the cell
 
-    def stream(self, cfg, target, sets, x_train, C, device):
+    def stream(self, cfg, target, sets, x_train, C, device, target_outputs=None):
         return streams.PaperStream(cfg, target, sets, x_train, device)
 
 
@@ -150,12 +154,12 @@ class ReferenceProtocol(Protocol):
             return None
         return torch.stack([m.x_train for m in models])  # drawn after rank-dependent numbers
 
-    def stream(self, cfg, target, sets, x_train, C, device):
+    def stream(self, cfg, target, sets, x_train, C, device, target_outputs=None):
         if cfg.exp == "fnn":
             return streams.ReferenceFNNStream(cfg, target, sets, x_train, C, device)
         if cfg.better_optim:
             return streams.ReferenceTFNDropoutStream(cfg, target, x_train, C, device)
-        return streams.ReferenceTFNStream(cfg, target, x_train, C, device)
+        return streams.ReferenceTFNStream(cfg, target, x_train, C, device, target_outputs)
 
 
 REGISTRY: dict[str, Protocol] = {p.name: p for p in (PaperProtocol(), ReferenceProtocol())}

@@ -9,7 +9,8 @@ configuration dimension C) or shared by the cell (none), or SharedRows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from functools import partial
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ class SharedRows:
 
 
 Batch = Union[tuple[Tensor, Tensor], SharedRows]
+TargetOutputs = Callable[[Tensor], Tensor]  # the target's outputs on a batch of inputs
 
 
 def stacked(batch: Batch) -> tuple[Tensor, Tensor]:
@@ -160,12 +162,15 @@ class ReferenceTFNStream:
     SEED, AFTER_TEST = 0, 1
     KEPT_POSITIONS = 64  # ~0.7 MB each at the paper's sizes
 
-    def __init__(self, cfg: RunConfig, target, x_train: Optional[Tensor], C: int, device):
-        self.cfg, self.target, self.device = cfg, target, device
+    def __init__(self, cfg: RunConfig, target, x_train: Optional[Tensor], C: int, device,
+                 target_outputs: Optional[TargetOutputs] = None):
+        self.cfg, self.device = cfg, device
+        # Most of the stream's cost: each position's batches are new inputs to the target.
+        self.target_outputs = target_outputs or partial(_target_outputs, target)
         self.fixed = None
         if x_train is not None:
             x = x_train.to(device)
-            self.fixed = (x, _target_outputs(target, x))
+            self.fixed = (x, self.target_outputs(x))
         origins = (rng.global_stream(cfg.seed).get_state(), reference_tfn_state_after_test(cfg))
         self.states = [[state] for state in origins]  # generator state at each position
         self.kept: dict[tuple[int, int], tuple] = {}
@@ -187,7 +192,7 @@ class ReferenceTFNStream:
         inputs = self._draw_inputs(gen)
         if len(states) == k + 1:
             states.append(gen.get_state())
-        draws = tuple(None if x is None else (x, _target_outputs(self.target, x)) for x in inputs)
+        draws = tuple(None if x is None else (x, self.target_outputs(x)) for x in inputs)
         if len(self.kept) >= self.KEPT_POSITIONS:
             self.kept.pop(next(iter(self.kept)))  # the least recently used
         self.kept[position] = draws

@@ -40,6 +40,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -403,13 +404,19 @@ def _calibrate_stream(depths: tuple[int, int], stamp: str) -> Rate:
     """CPU seconds per target evaluation of the reference transformer's stream: fresh
     positions drawn one after another, each a training and a validation batch with the
     target's outputs (two evaluations)."""
+    import torch
+
     from ..core.protocols import generate_models
     from ..core.streams import ReferenceTFNStream
+    from ..training.native import tfn_outputs, use_native
 
     step_s = []
     for depth in depths:
         cfg = _cal_configs("tfn", depth, "sgd", "reference")[0]
-        stream = ReferenceTFNStream(cfg, generate_models(cfg).target, None, 1, "cpu")
+        target = generate_models(cfg).target
+        # As a run evaluates them: natively where the native step trains the cell.
+        outputs = partial(tfn_outputs, target) if use_native(cfg, torch.device("cpu")) else None
+        stream = ReferenceTFNStream(cfg, target, None, 1, "cpu", outputs)
 
         def step(count: int) -> None:
             for _ in range(count):  # no improvement observed: every step is a fresh position

@@ -125,7 +125,7 @@ def _build() -> ctypes.CDLL:
     if not library.exists():
         _compile(compiler, source, library)
     lib = ctypes.CDLL(str(library))
-    lib.fnn_step.restype = lib.tfn_step.restype = ctypes.c_int
+    lib.fnn_step.restype = lib.tfn_step.restype = lib.tfn_forward.restype = ctypes.c_int
     _check_abi(lib)
     return lib
 
@@ -331,6 +331,29 @@ class TFNStep(NativeStep):
         return self.lib.tfn_step(ctypes.byref(shape), ctypes.byref(consts), begin, end, self.frozen_ptrs,
                                  self.frozen_strides, *map(_ptr, data), *(None if r is None else _ptr(r) for r in rows),
                                  *map(_ptr, outputs))
+
+
+def tfn_outputs(model, x: Tensor) -> Tensor:
+    """The outputs of one TFN without adapters (a cell's target: not stacked, not the
+    residual variant) on inputs (..., B, D, N), by the native forward pass: the function
+    of ``models.tfn_forward`` to float32 round-off, several times faster at the paper's
+    sizes. Raises NativeError where the native step does not apply to the model's sizes."""
+    if model.wq.dim() != 4 or model.residual:
+        raise NativeError("native forward: one TFN without the residual variant")
+    D, N = x.shape[-2:]
+    if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS:
+        raise NativeError(f"native forward: width {D} (one of {WIDTHS}) and {N} tokens (at most {MAX_TOKENS})")
+    lib = _build()
+    rows = x.reshape(-1, D, N).transpose(-1, -2).to(torch.float32).contiguous()
+    weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
+    biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()
+    shape = _TfnShape(depth=model.depth, heads=model.n_head, width=D, tokens=N, batch=rows.shape[0],
+                      val_batch=rows.shape[0], n_param=biases.numel(), off_b1=0, off_b2=model.depth * D)
+    out = torch.empty_like(rows)
+    pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
+    if lib.tfn_forward(ctypes.byref(shape), pointers, _ptr(biases), _ptr(rows), _ptr(out)) != 0:
+        raise NativeError("native forward: out of memory or shape out of range")
+    return out.transpose(-1, -2).reshape(x.shape)
 
 
 @lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ configuration its own gradient (the summed loss separates, as no parameter is sh
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
@@ -213,6 +214,15 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
                               depth=frozen.depth, heads=frozen.n_head, width=frozen.width)
 
     return _with_native(_trainable(init, masks, build), cfgs[0], make_step)
+
+
+def target_outputs_for(trainable: Trainable, target: Model) -> Optional[Callable[[Tensor], Tensor]]:
+    """How a cell's stream evaluates its target: a native transformer cell with the native
+    forward pass (the reference stream evaluates new batches for many configurations every
+    step); None: torch's forward."""
+    if not isinstance(target, TFN) or not isinstance(trainable.native_step, native.TFNStep):
+        return None
+    return partial(native.tfn_outputs, target)
 
 
 def autograd_value_and_grad(trainable: Trainable, flat: Tensor, x: Tensor, y: Tensor, task: str,

@@ -25,35 +25,61 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LANES 16 /* floats per vector; the width must be a multiple (native.py checks) */
+/* Floats per vector: one register of the widest vector unit. Wider generic vectors than
+ * the hardware's are split by the compiler into pieces that live on the stack (on an AVX2
+ * core the 16-lane build ran the transformer step ~3x slower). Results do not depend on
+ * the width: every output is summed in the same order, and the one reduction across lanes
+ * (sum16) is written for 16 lanes whatever the width. Widths must be multiples of 16
+ * (native.py checks), so of LANES too. */
+#ifndef LANES
+#ifdef __AVX512F__
+#define LANES 16
+#else
+#define LANES 8
+#endif
+#endif
 #define MAX_WIDTH 64
 #define MAX_TOKENS 64
 
-/* GCC/Clang vector extensions: one 16-float row chunk; AVX-512 does it in one instruction,
- * AVX2 in two. `vec_u` may be unaligned. */
+/* GCC/Clang vector extensions; `vec_u` may be unaligned. */
 typedef float vec __attribute__((vector_size(4 * LANES)));
 typedef float vec_u __attribute__((vector_size(4 * LANES), aligned(4)));
 typedef int ivec __attribute__((vector_size(4 * LANES)));
 
 INLINE vec load(const float *p) { return *(const vec_u *)p; }
 INLINE void store(float *p, vec v) { *(vec_u *)p = v; }
+#if LANES == 16
+#define EVERY_LANE(i) i, i, i, i, i, i, i, i, i, i, i, i, i, i, i, i
+#elif LANES == 8
+#define EVERY_LANE(i) i, i, i, i, i, i, i, i
+#else
+#error "LANES must be 8 or 16"
+#endif
 /* Every lane x. (Not (vec){0} + x: that is a scalar 0 + x first, which the compiler must
  * keep (it turns -0 into +0), and it keeps the broadcast out of the FMA's memory operand.) */
-INLINE vec splat(float x) { return __builtin_shufflevector((vec){x}, (vec){x}, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0); }
+INLINE vec splat(float x) { return __builtin_shufflevector((vec){x}, (vec){x}, EVERY_LANE(0)); }
 /* v where keep is true, else 0 (a NaN in v is kept when keep is true). */
 INLINE vec keep_where(ivec keep, vec v) { return (vec)((ivec)v & keep); }
-typedef float half_vec __attribute__((vector_size(2 * LANES)));
-typedef float quarter_vec __attribute__((vector_size(LANES)));
-/* A tree of halvings (the compiler's lane extracts) instead of 16 dependent scalar adds. */
-INLINE float sum_lanes(vec v) {
-    half_vec lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
-    const half_vec half = lo + hi;
-    quarter_vec a, b;
+
+#define SUM16_PARTS (16 / LANES) /* vectors in 16 lanes */
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+/* The sum of 16 lanes (parts[0] holds the first LANES of them) as a tree of halvings: the
+ * same order whatever LANES is, and no chain of 16 dependent scalar adds. */
+INLINE float sum16(const vec parts[SUM16_PARTS]) {
+    vec8 half;
+#if LANES == 16
+    vec8 lo, hi;
+    memcpy(&lo, &parts[0], sizeof lo);
+    memcpy(&hi, (const char *)&parts[0] + sizeof lo, sizeof hi);
+    half = lo + hi;
+#else
+    half = parts[0] + parts[1];
+#endif
+    vec4 a, b;
     memcpy(&a, &half, sizeof a);
-    memcpy(&b, (char *)&half + sizeof a, sizeof b);
-    const quarter_vec quarter = a + b;
+    memcpy(&b, (const char *)&half + sizeof a, sizeof b);
+    const vec4 quarter = a + b;
     return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
@@ -96,8 +122,8 @@ typedef struct {
  * out are NV vectors wide, `ld` floats apart; a_row = 1 reads a transposed. */
 #ifdef __AVX512F__
 #define ROW_BLOCK 8 /* 8 accumulators of 16 lanes: a quarter of the 32 vector registers */
-#else /* AVX2: 16 registers of 8 lanes, two per 16-lane vector; 4 or 8 rows spill (on a
-      * znver3 core 2 rows ran both native steps 1.4-1.6x faster than 8, and 4 no faster) */
+#else /* AVX2: 16 registers of 8 lanes; at D = 16 (two vectors a row) 2, 4 and 6 rows ran
+      * the transformer step equally fast on a znver3 core, within the machine's noise */
 #define ROW_BLOCK 2
 #endif
 INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col, const int R, int J,
@@ -189,14 +215,15 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
     if (task == REGRESSION) {
         const vec scale = splat(2.0f / (float)((long)n * D));
         for (long b = 0; b < n; b++) {
-            vec squares = splat(0.0f);
+            vec squares[SUM16_PARTS]; /* lane i holds the squares of the coordinates i mod 16 */
+            for (int part = 0; part < SUM16_PARTS; part++) squares[part] = splat(0.0f);
             for (int q = 0; q < NV; q++) {
                 const long at = b * D + q * LANES;
                 const vec r = load(out + at) - load(y + at);
-                squares += r * r;
+                squares[q % SUM16_PARTS] += r * r;
                 if (grad) store(grad + at, scale * r);
             }
-            total += sum_lanes(squares);
+            total += sum16(squares);
         }
         return (float)(total / ((double)n * D));
     }
@@ -420,6 +447,26 @@ typedef struct {
     float *wq, *wk, *wv, *wo, *mq_t, *mv_t, *mq, *mv, *w1_t, *w1, *w2, *w2_t, *w_out, *w_out_t;
 } TfnWeights;
 
+/* The products and transposes the passes use, from Wq Wk Wv Wo, W2 and W_out in w (W1 is
+ * frozen: taken from f). */
+INLINE void tfn_derived_weights(const TfnShape *s, const TfnFrozen *f, TfnWeights *w, const int D, const int NV) {
+    const long DD = (long)D * D;
+    const int L = s->depth, H = s->heads;
+    for (int m = 0; m < L * H; m++) {
+        weighted_rows(w->wk + m * DD, 1, D, D, D, w->wq + m * DD, D, PLAIN, w->mq + m * DD, NV); /* Mq = Wk^T Wq */
+        weighted_rows(w->wo + m * DD, D, 1, D, D, w->wv + m * DD, D, PLAIN, w->mv + m * DD, NV); /* Mv = Wo Wv */
+        transpose(w->mq + m * DD, w->mq_t + m * DD, D);
+        transpose(w->mv + m * DD, w->mv_t + m * DD, D);
+    }
+    for (int l = 0; l < L; l++) {
+        memcpy(w->w1 + l * DD, f->w1 + l * DD, DD * sizeof(float));
+        transpose(f->w1 + l * DD, w->w1_t + l * DD, D);
+        transpose(w->w2 + l * DD, w->w2_t + l * DD, D);
+    }
+    transpose(w->w_out, w->w_out_t, D);
+}
+
+/* The effective weights W0 + A B^T of the adapted matrices, then the derived ones. */
 INLINE void tfn_weights(const TfnShape *s, const TfnFrozen *f, const float *restrict p, TfnWeights *w,
                         float *restrict scratch, const int D, const int NV) {
     const long DD = (long)D * D;
@@ -430,28 +477,15 @@ INLINE void tfn_weights(const TfnShape *s, const TfnFrozen *f, const float *rest
         for (int e = TQ; e <= TO; e++) /* one inlined copy for the four */
             lora_weight(frozen[e] + m * DD, p + s->off_a[e] + m * DD, p + s->off_b[e] + m * DD, effective[e] + m * DD,
                         scratch, D, NV);
-        weighted_rows(w->wk + m * DD, 1, D, D, D, w->wq + m * DD, D, PLAIN, w->mq + m * DD, NV); /* Mq = Wk^T Wq */
-        weighted_rows(w->wo + m * DD, D, 1, D, D, w->wv + m * DD, D, PLAIN, w->mv + m * DD, NV); /* Mv = Wo Wv */
-        transpose(w->mq + m * DD, w->mq_t + m * DD, D);
-        transpose(w->mv + m * DD, w->mv_t + m * DD, D);
     }
     for (int l = 0; l < L; l++) {
-        memcpy(w->w1 + l * DD, f->w1 + l * DD, DD * sizeof(float));
-        transpose(f->w1 + l * DD, w->w1_t + l * DD, D);
         if (l == L - 1)
             lora_weight(f->w2 + l * DD, p + s->off_a[T2], p + s->off_b[T2], w->w2 + l * DD, scratch, D, NV);
         else
             memcpy(w->w2 + l * DD, f->w2 + l * DD, DD * sizeof(float));
-        transpose(w->w2 + l * DD, w->w2_t + l * DD, D);
     }
     lora_weight(f->w_out, p + s->off_a[TOUT], p + s->off_b[TOUT], w->w_out, scratch, D, NV);
-    transpose(w->w_out, w->w_out_t, D);
-}
-
-INLINE float dot(const float *a, const float *b, const int NV) {
-    vec acc = splat(0.0f);
-    for (int q = 0; q < NV; q++) acc += load(a + q * LANES) * load(b + q * LANES);
-    return sum_lanes(acc);
+    tfn_derived_weights(s, f, w, D, NV);
 }
 
 /* Lanes that are true take a, the others b. */
@@ -480,30 +514,34 @@ INLINE vec vexp(vec x) {
 
 #define MAX_QV (MAX_TOKENS / LANES) /* vectors of a score row (one lane per query) */
 
-/* The 16 x 16 block r transposed in registers: four rounds, each swapping the off-diagonal
- * S x S blocks of every 2S x 2S block with two-source shuffles. */
+/* The LANES x LANES block r transposed in registers: log2(LANES) rounds, each swapping
+ * the off-diagonal S x S blocks of every 2S x 2S block with two-source shuffles. */
+#define UNPAREN(...) __VA_ARGS__
 #define SWAP_BLOCKS(S, LO, HI)                                                                                     \
     for (int i = 0; i < LANES; i++)                                                                                \
         if (!(i & S)) {                                                                                            \
             const vec a = r[i], b = r[i + S];                                                                      \
-            r[i] = __builtin_shufflevector(a, b, LO);                                                              \
-            r[i + S] = __builtin_shufflevector(a, b, HI);                                                          \
+            r[i] = __builtin_shufflevector(a, b, UNPAREN LO);                                                      \
+            r[i + S] = __builtin_shufflevector(a, b, UNPAREN HI);                                                  \
         }
-#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
-#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
-#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
-#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
 INLINE void transpose_block(vec r[LANES]) {
-    SWAP_BLOCKS(8, LO8, HI8)
-    SWAP_BLOCKS(4, LO4, HI4)
-    SWAP_BLOCKS(2, LO2, HI2)
-    SWAP_BLOCKS(1, LO1, HI1)
+#if LANES == 16
+    SWAP_BLOCKS(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+    SWAP_BLOCKS(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+    SWAP_BLOCKS(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+    SWAP_BLOCKS(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#else
+    SWAP_BLOCKS(4, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
+    SWAP_BLOCKS(2, (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
+    SWAP_BLOCKS(1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
+#endif
 }
 #undef SWAP_BLOCKS
+#undef UNPAREN
 
 /* Token rows (n, N, D) as columns: (n, D, NQ * LANES), one lane per token, zero-padded;
  * 16 x 16 blocks transposed in registers. */
@@ -565,8 +603,18 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
     case 1: CALL(1); break;                                                                                        \
     case 2: CALL(2); break;                                                                                        \
     case 3: CALL(3); break;                                                                                        \
-    default: CALL(4); break;                                                                                       \
+    case 4: CALL(4); break;                                                                                        \
+    MORE_QUERY_VECTORS(CALL)                                                                                       \
     }
+#if MAX_QV > 4
+#define MORE_QUERY_VECTORS(CALL)                                                                                   \
+    case 5: CALL(5); break;                                                                                        \
+    case 6: CALL(6); break;                                                                                        \
+    case 7: CALL(7); break;                                                                                        \
+    case 8: CALL(8); break;
+#else
+#define MORE_QUERY_VECTORS(CALL)
+#endif
 
 INLINE void attention(const float *restrict xT, const float *restrict t, const float *restrict vr, int n, int N,
                       float *restrict probs, float *restrict out, const int D, const int NV) {
@@ -686,6 +734,17 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     k->grad = take(&c, s->n_param);
 }
 
+/* The work space of one configuration, laid out in k: one allocation to free, or NULL
+ * when the shape is out of range or memory is short. */
+static void *tfn_work_new(const TfnShape *s, TfnWork *k) {
+    if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
+        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 1)
+        return NULL;
+    TfnBlock *blocks = malloc(s->depth * sizeof(TfnBlock) + tfn_work_floats(s) * sizeof(float));
+    if (blocks) tfn_work_layout(s, (float *)(blocks + s->depth), k, blocks);
+    return blocks;
+}
+
 /* Forward pass of n samples (token rows x); returns the output rows (k->y_out). */
 INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x, int n,
                                      const int D, const int NV) {
@@ -778,18 +837,9 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
              const float *step_size, const float *weight_decay, const float *x, const float *y, const float *vx,
              const float *vy, const int *x_row, const int *v_row, const unsigned char *active, float *train_loss,
              float *val_loss) {
-    if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
-        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 1)
-        return -1;
-    float *base = malloc(tfn_work_floats(s) * sizeof(float));
-    TfnBlock *blocks = malloc(s->depth * sizeof(TfnBlock));
-    if (!base || !blocks) {
-        free(base);
-        free(blocks);
-        return -1;
-    }
     TfnWork k;
-    tfn_work_layout(s, base, &k, blocks);
+    void *memory = tfn_work_new(s, &k);
+    if (!memory) return -1;
     const long P = s->n_param;
     for (int c = c_begin; c < c_end; c++) {
         /* frozen: wq wk wv wo w1 w2 w_out, each with its per-configuration stride */
@@ -810,8 +860,36 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
         }
 #undef TFN_STEP
     }
-    free(base);
-    free(blocks);
+    free(memory);
+    return 0;
+}
+
+/* The outputs of one model without adapters (the target of a cell) on s->batch samples:
+ * token rows x (batch, N, D) to y (the same shape). frozen: its weights in the TfnFrozen
+ * order; biases: b1 then b2 (L, D) each, at s->off_b1 and s->off_b2. Returns 0, or -1
+ * when the shape is out of range or memory is short (nothing written). */
+int tfn_forward(const TfnShape *s, const float *const *frozen, const float *biases, const float *x, float *y) {
+    TfnWork k;
+    void *memory = tfn_work_new(s, &k);
+    if (!memory) return -1;
+    const TfnFrozen f = {frozen[0], frozen[1], frozen[2], frozen[3], frozen[4], frozen[5], frozen[6]};
+    const long DD = (long)s->width * s->width, LHDD = (long)s->depth * s->heads * DD;
+    const float *from[6] = {f.wq, f.wk, f.wv, f.wo, f.w2, f.w_out};
+    float *to[6] = {k.w.wq, k.w.wk, k.w.wv, k.w.wo, k.w.w2, k.w.w_out};
+    const long count[6] = {LHDD, LHDD, LHDD, LHDD, s->depth * DD, DD};
+    for (int t = 0; t < 6; t++) memcpy(to[t], from[t], count[t] * sizeof(float));
+    const long out_floats = (long)s->batch * s->tokens * s->width;
+#define TFN_FORWARD(D)                                                                                             \
+    tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
+    memcpy(y, tfn_forward_rows(s, &k, biases, x, s->batch, D, (D) / LANES), out_floats * sizeof(float))
+    switch (s->width) {
+    case 16: TFN_FORWARD(16); break;
+    case 32: TFN_FORWARD(32); break;
+    case 48: TFN_FORWARD(48); break;
+    case 64: TFN_FORWARD(64); break;
+    }
+#undef TFN_FORWARD
+    free(memory);
     return 0;
 }
 
