@@ -27,9 +27,10 @@
 #define INLINE static inline __attribute__((always_inline))
 /* Floats per vector: one register of the widest vector unit. Wider generic vectors than
  * the hardware's are split by the compiler into pieces that live on the stack (on an AVX2
- * core the 16-lane build ran the transformer step ~3x slower). Results do not depend on
- * the width: every output is summed in the same order, and the one reduction across lanes
- * (sum16) is written for 16 lanes whatever the width. Widths must be multiples of 16
+ * core the 16-lane build ran the transformer step 3.5-5x slower). The arithmetic does not
+ * depend on the width: every output is summed in the same order, and the one reduction
+ * across lanes (sum16) is written for 16 lanes whatever the width; only the compiler's
+ * choice of which multiply-adds to fuse may differ (docs/speed.md). Widths must be multiples of 16
  * (native.py checks), so of LANES too. */
 #ifndef LANES
 #ifdef __AVX512F__
@@ -387,6 +388,15 @@ static long work_floats(const Shape *s) {
     return 3 * s->depth * DD + DD + s->n_param + 2 * BD + s->depth * BD + 2L * s->val_batch * s->width;
 }
 
+/* One copy of a step per width (CALL(D)), so that every loop has a fixed length. */
+#define BY_WIDTH(CALL)                                                                                             \
+    switch (s->width) {                                                                                            \
+    case 16: CALL(16); break;                                                                                      \
+    case 32: CALL(32); break;                                                                                      \
+    case 48: CALL(48); break;                                                                                      \
+    case 64: CALL(64); break;                                                                                      \
+    }
+
 /* Returns 0, or -1 when the shape is out of range or memory is short (nothing done). */
 int fnn_step(const Shape *s, const AdamConsts *k, int c_begin, int c_end, const float *w0, float *param,
              float *exp_avg, float *exp_avg_sq, const float *mask, const float *step_size,
@@ -404,13 +414,7 @@ int fnn_step(const Shape *s, const AdamConsts *k, int c_begin, int c_end, const 
     config_step(s, k, cw0, param + c * P, exp_avg + c * P, exp_avg_sq + c * P, mask + c * P, step_size[c],       \
                 weight_decay[c], x + c * s->x_stride, y + c * s->y_stride, vx, vy, active[c], train_loss + c,      \
                 val_loss + c, work, D, (D) / LANES)
-        /* One copy of the step per width, so that every loop has a fixed length. */
-        switch (s->width) {
-        case 16: STEP(16); break;
-        case 32: STEP(32); break;
-        case 48: STEP(48); break;
-        case 64: STEP(64); break;
-        }
+        BY_WIDTH(STEP)
 #undef STEP
     }
     free(work);
@@ -544,7 +548,7 @@ INLINE void transpose_block(vec r[LANES]) {
 #undef UNPAREN
 
 /* Token rows (n, N, D) as columns: (n, D, NQ * LANES), one lane per token, zero-padded;
- * 16 x 16 blocks transposed in registers. */
+ * LANES x LANES blocks transposed in registers. */
 INLINE void tokens_as_lanes(const float *restrict rows, int n, int N, float *restrict cols, const int D,
                             const int NQ) {
     const int NP = NQ * LANES;
@@ -852,12 +856,7 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
     tfn_config_step(s, ac, &f, param + c * P, exp_avg + c * P, exp_avg_sq + c * P, mask + c * P, step_size[c],    \
                     weight_decay[c], x + xr * s->x_stride, y + xr * s->y_stride, vx + vr * s->vx_stride,          \
                     vy + vr * s->vy_stride, active[c], train_loss + c, val_loss + c, &k, D, (D) / LANES)
-        switch (s->width) {
-        case 16: TFN_STEP(16); break;
-        case 32: TFN_STEP(32); break;
-        case 48: TFN_STEP(48); break;
-        case 64: TFN_STEP(64); break;
-        }
+        BY_WIDTH(TFN_STEP)
 #undef TFN_STEP
     }
     free(memory);
@@ -882,12 +881,7 @@ int tfn_forward(const TfnShape *s, const float *const *frozen, const float *bias
 #define TFN_FORWARD(D)                                                                                             \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
     memcpy(y, tfn_forward_rows(s, &k, biases, x, s->batch, D, (D) / LANES), out_floats * sizeof(float))
-    switch (s->width) {
-    case 16: TFN_FORWARD(16); break;
-    case 32: TFN_FORWARD(32); break;
-    case 48: TFN_FORWARD(48); break;
-    case 64: TFN_FORWARD(64); break;
-    }
+    BY_WIDTH(TFN_FORWARD)
 #undef TFN_FORWARD
     free(memory);
     return 0;
