@@ -133,6 +133,9 @@ def test_write_claims_and_protocol_comparison(built, tmp_path):
     note = "\n## Experiments not run\n\nNot run: tfn.\n"
     md, _ = claims.write_claims(runs, selected, tmp_path, note=note)
     assert md.read_text() == text + note
+    assert f"from {len(runs)} result rows (0 diverged) and {len(selected)} selected rows;" in text
+    md, _ = claims.write_claims(None, selected, tmp_path)  # a run in pieces: selected rows only
+    assert f"from {len(selected)} selected rows;" in md.read_text() and "n/a" not in md.read_text()
 
     both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR)
     paths = comparison.write_protocol_comparison(selected, tmp_path, both, tolerances=claims.tolerances_text())
