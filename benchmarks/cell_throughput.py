@@ -159,10 +159,15 @@ def authors_rate(family: str, repo: Path) -> dict:
     for key, value in base.items():
         args += [f"--{key}", str(value)]
     start = time.perf_counter()
-    # Their TFN path raises after training when wandb is off (an unset attribute): the
-    # training and final test being timed have finished by then, so the exit status is ignored.
-    subprocess.run(args, cwd=repo, env=env, capture_output=True)
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    # Their TFN path raises after training when wandb is off (the unset attribute
+    # test_shift_loss): the training and final test being timed have finished by then.
+    # Any other failure (a missing module, a wrong flag) would time nothing.
+    trained = result.returncode == 0 or (family == "tfn" and "test_shift_loss" in result.stderr)
+    if not trained:
+        raise SystemExit(f"the authors' run_exp.py failed (exit status {result.returncode}), so it cannot be timed:\n"
+                         + "\n".join(result.stderr.strip().splitlines()[-5:]))
     return {"wall_5000_s": wall, "config_steps_per_s": PAPER_STEPS / wall}
 
 
@@ -291,7 +296,7 @@ def main():
         if args.authors:
             measured = authors_rate(family, args.authors)
             authors = measured["config_steps_per_s"]
-            entry["authors_source"] = f"measured now from {args.authors}"
+            entry["authors_source"] = "measured now, in the same run (--authors)"
             entry["authors_5000_step_wall_s"] = measured["wall_5000_s"]
         if authors:
             entry["authors_config_steps_per_s"] = authors
