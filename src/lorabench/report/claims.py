@@ -408,7 +408,7 @@ def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame],
     if runs is None:  # drawn from selected rows alone (a run made in pieces): no count of all rows to give
         source = f"{len(selected)} selected rows"
     else:
-        n_diverged = int(runs["diverged"].astype(bool).sum()) if "diverged" in runs else "n/a"
+        n_diverged = int(runs["diverged"].astype(bool).sum())  # a non-nullable column of the runs schema
         source = f"{len(runs)} result rows ({n_diverged} diverged) and {len(selected)} selected rows"
     lines = [
         "# Claims of Zeng & Lee (ICLR 2024), measured",
