@@ -221,6 +221,21 @@ def test_bad_configs_are_refused_by_name(change, needle):
         lbx.load(config)
 
 
+def test_val_every_is_refused_under_the_reference_protocol_before_any_job():
+    """Experiments expand under the paper protocol; a val_every that the reference protocol
+    refuses is caught when the workflow loads, with the experiment and protocol named."""
+    config = copy.deepcopy(CONFIG)
+    config["defaults"]["val_every"] = 10
+    with pytest.raises(ConfigError, match="experiment 'linear' under protocol 'reference'.*protocols=\\[paper\\]"):
+        lbx.load(config)
+    paper_only = lbx.load({**config, "protocols": ["paper"]})
+    trained = [c for c in paper_only.experiments["linear"] if c.method == "sgd"]
+    assert trained and {c.val_every for c in trained} == {10}
+    assert {c.val_every for c in paper_only.experiments["linear"] if c.method == "ours"} == {1}
+    jobs = {(j.experiment, j.kind, j.seed): j.id for j in paper_only.jobs() if j.kind != "train"}
+    assert jobs == {(j.experiment, j.kind, j.seed): j.id for j in load(protocols=["paper"]).jobs() if j.kind != "train"}
+
+
 def test_sweep_and_preset_mechanics():
     spec = {"settings": {"pretrained": [0, 1]}, "variants": [{"target_depth": 1, "frozen_depth": 2}],
             "methods": {"ours": {"rank": [1, 2, 3]}, "sgd": {"rank": [1, 2, 3]}}}

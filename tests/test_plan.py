@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -91,6 +92,38 @@ def test_config_cost_arithmetic():
     pre = cfg.replace(pretrained=1, pretrained_epochs=1000)
     assert plan.config_cost(pre, "models", rate) == pytest.approx(0.02 + 1000 * 2e-4)
     assert plan.config_cost(cfg, "models", rate) == pytest.approx(0.02)
+
+
+def test_skipped_validations_come_off_the_native_step_only():
+    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    rates["validation-fnn"] = plan.Rate((1, 2), (1e-5, 5e-5), (0.0, 0.0))
+    cfg = RunConfig(frozen_depth=2, n_epochs=103, n_test=plan.CAL_N_TEST, n_val=plan.CAL_N_VAL, method="sgd",
+                    val_every=10)
+    assert plan.validations(cfg) == 11  # steps 10, ..., 100 and 103
+    full = plan.config_cost(cfg, "train", rates["native-fnn"])
+    assert plan.engine_cost(cfg, "train", rates, lambda c: True) == pytest.approx(full - (103 - 11) * 5e-5)
+    assert plan.engine_cost(cfg, "train", rates, lambda c: False) == pytest.approx(full)  # torch: the full step
+    assert plan.engine_cost(cfg.replace(val_every=1), "train", rates, lambda c: True) == pytest.approx(full)
+
+
+def test_a_plan_with_val_every_calibrates_the_validation(tmp_path):
+    wf, jobs = plan.load_workflow(CONFIG, "smoke", ["linear"])
+    asked = []
+    calibrate = lambda engine: asked.append(engine) or fake_calibrate(engine)  # noqa: E731
+    dense = plan.make_plan(wf, jobs, [2], calibrate=calibrate, native=default_native, path=tmp_path / "a.json")
+    assert "validation-fnn" not in asked
+    sparse_jobs = [dataclasses.replace(j, configs=tuple(
+        c.replace(val_every=5) if j.kind == "train" and j.protocol == "paper" else c for c in j.configs)) for j in jobs]
+    sparse = plan.make_plan(wf, sparse_jobs, [2], calibrate=calibrate, native=default_native, path=tmp_path / "b.json")
+    assert "validation-fnn" in asked and sparse["total"]["core_s"] < dense["total"]["core_s"]
+    assert sparse["total"]["config_steps"] == dense["total"]["config_steps"]
+
+
+def test_a_real_calibration_of_the_fnn_validation():
+    measured = plan.calibrate_engine("validation-fnn")
+    rate = plan.Rate.from_dict(measured)
+    assert rate.depths == plan.CAL_DEPTHS["fnn"] and all(s > 0 for s in rate.step_s)
+    assert rate.step(8) < 1e-3  # one validation of 256 samples: microseconds, not milliseconds
 
 
 def eval_of(cfg):

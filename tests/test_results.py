@@ -61,8 +61,21 @@ def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
     write_rows(rows, path)
     table = pq.read_table(path).drop(["svd_optimum_mse", "target_mse_scale"])
     pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"2"}), path)
-    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 3 .*rerun"):
+    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 4 .*rerun"):
         read_table(path)
+
+
+def test_files_before_val_every_read_as_validated_every_step(tmp_path, rows):
+    """A version-3 file (no val_every column: every run validated each step) reads as
+    version 4 with val_every 1, its rows otherwise unchanged."""
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    current = pq.read_table(path)
+    pq.write_table(current.drop(["val_every"]).replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
+    upgraded = read_table(path)
+    assert upgraded.schema.names == current.schema.names
+    assert upgraded.column("val_every").to_pylist() == [1] * len(rows)
+    assert upgraded.equals(current)
 
 
 def test_rows_carry_the_theory_of_their_models(rows):
@@ -137,7 +150,7 @@ GROUP_KEYS = [
     "exp", "width", "target_depth", "frozen_depth", "rank", "use_bias", "activation", "std", "method", "batch_size",
     "n_epochs", "n_test", "init_mode", "pretrained", "pretrained_epochs", "pretrained_lr", "pretrained_level",
     "tune_bias", "last_layers", "seed", "rank_step", "task", "n_train", "best_epoch", "n_head", "seq_length",
-    "better_optim", "dropout", "protocol", "n_val", "curve_every", "experiment", "checkpoint",
+    "better_optim", "dropout", "protocol", "n_val", "curve_every", "val_every", "experiment", "checkpoint",
 ]
 
 

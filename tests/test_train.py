@@ -127,3 +127,68 @@ def test_cuda_gives_the_cpu_numbers(exp):
     for key, row in cpu.items():
         for column in ("test_loss", "test_shift_loss", "val_loss"):
             assert math.isclose(row[column], cuda[key][column], rel_tol=1e-3, abs_tol=1e-9), (key, column)
+
+
+SPARSE_CELLS = {
+    "fnn": dict(FNN_CELL, n_epochs=23, curve_every=5),
+    "tfn": dict(exp="tfn", target_depth=1, frozen_depth=1, n_head=2, seq_length=4, batch_size=32, n_test=200,
+                n_epochs=23, curve_every=5, method="sgd", seed=1),
+}
+
+
+@pytest.mark.parametrize("exp, width, engine", [("fnn", 8, "torch"), ("fnn", 16, "native"), ("tfn", 8, "torch"),
+                                                ("tfn", 16, "native")])
+def test_validating_every_k_steps_changes_only_the_best_state(monkeypatch, exp, width, engine):
+    """val_every 5: the final state, its losses and the curves are bit for bit those of
+    val_every 1; the best state is the best of the validated steps (5, 10, 15, 20 and the
+    last, 23), i.e. the lowest point of the every-step run's validation curve, where the
+    every-step run finds some best states between them."""
+    monkeypatch.setenv("LORABENCH_ENGINE", engine)
+    base = RunConfig(**{**SPARSE_CELLS[exp], "width": width})
+    # learning rates high enough that the validation loss does not fall every step
+    cell = [base.replace(rank=r, lr=lr) for r in (1, 2, 3) for lr in (3e-1, 1e-1)]
+    every = {(r["rank"], r["lr"], r["checkpoint"]): r for r in run_configs(cell, device="cpu")}
+    sparse = {(r["rank"], r["lr"], r["checkpoint"]): r
+              for r in run_configs([c.replace(val_every=5) for c in cell], device="cpu")}
+    assert {r["engine"] for r in sparse.values()} == {engine}
+    for (rank, lr, checkpoint), row in sparse.items():
+        reference = every[(rank, lr, checkpoint)]
+        assert row["val_every"] == 5 and row["config_hash"] != reference["config_hash"]
+        if checkpoint == "last":
+            for column in ("test_loss", "test_shift_loss", "val_loss", "train_loss", "train_curve", "val_curve",
+                           "curve_steps"):
+                assert row[column] == reference[column], column
+            continue
+        curve = reference["val_curve"]
+        lowest = min(range(len(curve)), key=curve.__getitem__)
+        assert row["curve_steps"] == [5, 10, 15, 20, 23]
+        assert row["best_step"] == row["curve_steps"][lowest] and row["val_loss"] == curve[lowest]
+    validated = {5, 10, 15, 20, 23}
+    assert any(row["best_step"] not in validated for key, row in every.items() if key[2] == "best")
+
+
+def test_val_every_is_refused_where_a_result_would_change():
+    from lorabench.core.config import ConfigError
+
+    base = RunConfig(**FNN_CELL, val_every=5)
+    assert base.validated().val_every == 5
+    with pytest.raises(ConfigError, match="val_every 5 needs protocol 'paper'"):
+        base.replace(protocol="reference").validated()
+    with pytest.raises(ConfigError, match="best_epoch 1"):
+        base.replace(best_epoch=1).validated()
+    with pytest.raises(ConfigError, match=r"curve_every \(50\) must be a multiple of val_every \(7\)"):
+        base.replace(val_every=7).validated()
+    with pytest.raises(ConfigError, match="val_every must be >= 1"):
+        base.replace(val_every=0).validated()
+
+
+def test_val_every_at_its_default_leaves_the_config_hash_unchanged():
+    """Runs made before val_every existed keep their hashes (and the workflow its job ids)."""
+    import hashlib
+    import json
+
+    cfg = RunConfig(**FNN_CELL)
+    without = {k: v for k, v in cfg.to_dict().items() if k != "val_every"}
+    before = hashlib.sha256(json.dumps(without, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+    assert cfg.config_hash() == before
+    assert cfg.replace(val_every=2).config_hash() != before

@@ -26,7 +26,8 @@ from .config import PROTOCOLS, ConfigError, RunConfig
 from .generation import Models
 
 # Settings that model generation never reads: cells of one model family differ in them.
-_NEUTRAL = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1)
+_NEUTRAL = dict(lr=1e-3, weight_decay=0.0, tune_bias=1, last_layers=1, method="sgd", best_epoch=0, n_epochs=1,
+                val_every=1)
 
 
 class Protocol:

@@ -50,7 +50,8 @@ JOB_KINDS = ("models", "construct", "train")
 SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
 # Fields a method does not read: left at RunConfig's defaults unless its block sets them.
 IGNORED = {
-    "ours": ("lr", "weight_decay", "n_epochs", "tune_bias", "last_layers", "best_epoch", "curve_every"),
+    "ours": ("lr", "weight_decay", "n_epochs", "tune_bias", "last_layers", "best_epoch", "curve_every",
+             "val_every"),
     "sgd": ("last_layers",),
     "flt": ("rank", "rank_step", "tune_bias"),
 }
@@ -294,6 +295,7 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
                    for name, spec in blocks.items()}
     if not experiments:
         raise ConfigError("experiments: none defined")
+    _check_protocols(experiments, protocols)
     slurm = SlurmSettings(**(config.get("slurm") or {}))
     return WorkflowConfig(
         preset=preset_name,
@@ -307,6 +309,19 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
         split_by=tuple(preset.get("split_by") or ()),
         definitions=definitions,
     )
+
+
+def _check_protocols(experiments: Mapping[str, tuple[RunConfig, ...]], protocols: tuple[str, ...]) -> None:
+    """Experiments are expanded under the paper protocol; a setting that another protocol
+    refuses (val_every > 1) is refused here, before any job runs."""
+    for name, cfgs in experiments.items():
+        sparse = next((c for c in cfgs if c.val_every > 1), None)
+        for protocol in protocols if sparse else ():
+            try:
+                sparse.replace(protocol=protocol).validated()
+            except ConfigError as error:
+                raise ConfigError(f"experiment {name!r} under protocol {protocol!r}: {error}; "
+                                  "run it with protocols=[paper]") from None
 
 
 def _preset_for(preset: Mapping[str, Any], name: str) -> dict:

@@ -22,8 +22,10 @@ per protocol), each with its command; their outputs combine (``results/runs/<exp
 
 What the projection leaves out or bounds: pretraining is counted at its full budget
 (``pretrained_epochs``; it may stop early), the per-config cost is scaled by the number
-of evaluation points, and the per-job fixed cost is the measured start-up of a Python
-process importing lorabench (Snakemake's own per-job overhead is not included).
+of evaluation points, the per-job fixed cost is the measured start-up of a Python
+process importing lorabench (Snakemake's own per-job overhead is not included), and a run
+that validates every k steps (``val_every``) costs the native step less one calibrated
+validation per skipped step (``validation-*``, measured only when a config asks for it).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from ..core.config import ConfigError, RunConfig
 
 STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
+VALIDATION = {"fnn": "validation-fnn", "tfn": "validation-tfn"}  # one native validation: see validation_saving
 ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn",
-           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM)
+           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM, *VALIDATION.values())
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
 # The calibration's cells: the grid's shape (width 16, batch 256, H=2, N=10) at two
@@ -56,6 +59,7 @@ CACHE_NAME = "plan-calibration.json"
 CAL_DEPTHS = {"fnn": (2, 8), "tfn": (1, 2)}
 CAL_STEPS = {"fnn": (20, 200), "tfn": (10, 40)}
 CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}  # 64 and 32 configs
+CAL_SPARSE_VAL_EVERY = 50  # the validation's calibration: every step against every 50th (and the last)
 CAL_N_TEST = 1000
 CAL_N_VAL = 256
 CAL_PRETRAIN_STEPS = 30
@@ -167,11 +171,34 @@ def stream_cost(cfg: RunConfig, kind: str, rates: Mapping[str, Rate]) -> float:
     return cfg.n_epochs * REFERENCE_TFN_DISTINCT_SHARE * evaluations * rates[STREAM].step(cfg.frozen_depth)
 
 
+def validations(cfg: RunConfig) -> int:
+    """The validated steps of a run: every val_every-th and the last."""
+    return cfg.n_epochs // cfg.val_every + (cfg.n_epochs % cfg.val_every != 0)
+
+
+def skips_validations(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> bool:
+    return kind == "train" and cfg.val_every > 1 and native(cfg)
+
+
+def validation_saving(cfg: RunConfig, kind: str, rates: Mapping[str, Rate], native: Callable[[RunConfig], bool]) -> float:
+    """Core-seconds that the validations a run skips (val_every > 1) take off the
+    calibrated native step, which validates every step. Torch cells are projected at the
+    full step: there the validation's share is within the noise of the measurement."""
+    if not skips_validations(cfg, kind, native):
+        return 0.0
+    return (cfg.n_epochs - validations(cfg)) * rates[VALIDATION[cfg.exp]].step(cfg.frozen_depth)
+
+
+def engine_cost(cfg: RunConfig, kind: str, rates: Mapping[str, Rate], native: Callable[[RunConfig], bool]) -> float:
+    """Core-seconds of one config on its engine (without the reference stream's batches)."""
+    full = config_cost(cfg, kind, rates[engine_of(cfg, kind, native)])
+    return max(full - validation_saving(cfg, kind, rates, native), 0.0)
+
+
 def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
               native: Callable[[RunConfig], bool]) -> list[float]:
     """Core-seconds of each job: start-up plus its configs."""
-    return [startup_s + sum(config_cost(c, j.kind, rates[engine_of(c, j.kind, native)]) + stream_cost(c, j.kind, rates)
-                            for c in j.configs)
+    return [startup_s + sum(engine_cost(c, j.kind, rates, native) + stream_cost(c, j.kind, rates) for c in j.configs)
             for j in jobs]
 
 
@@ -186,7 +213,7 @@ def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
         row.engines[STARTUP] = row.engines.get(STARTUP, 0.0) + startup_s
         for c in job.configs:
             engine = engine_of(c, job.kind, native)
-            row.engines[engine] = row.engines.get(engine, 0.0) + config_cost(c, job.kind, rates[engine])
+            row.engines[engine] = row.engines.get(engine, 0.0) + engine_cost(c, job.kind, rates, native)
             stream = stream_cost(c, job.kind, rates)
             if stream:
                 row.engines[STREAM] = row.engines.get(STREAM, 0.0) + stream
@@ -314,10 +341,12 @@ def _engine(setting: str):
             os.environ["LORABENCH_ENGINE"] = old
 
 
-def _cal_configs(family: str, depth: int, method: str, protocol: str, steps: int = 1) -> list[RunConfig]:
+def _cal_configs(family: str, depth: int, method: str, protocol: str, steps: int = 1,
+                 val_every: int = 1) -> list[RunConfig]:
     base = dict(exp=family, width=16, target_depth=1 if family == "fnn" else depth, frozen_depth=depth,
                 batch_size=256, n_test=CAL_N_TEST, n_val=CAL_N_VAL, std=0.25, seed=0, protocol=protocol,
-                method=method, n_epochs=steps, lr=1e-4, curve_every=50, n_head=2, seq_length=10)
+                method=method, n_epochs=steps, lr=1e-4, curve_every=CAL_SPARSE_VAL_EVERY, val_every=val_every,
+                n_head=2, seq_length=10)
     if method == "ours":
         return [RunConfig(**base, rank=r).validated() for r in range(1, 17)]
     return [RunConfig(**base, rank=r, weight_decay=wd).validated()
@@ -356,6 +385,8 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
         return asdict(_calibrate_stream(depths, stamp))
     if kind == "models":
         return asdict(_calibrate_models(family, depths, stamp))
+    if kind == "validation":
+        return asdict(_calibrate_validation(family, depths, device, stamp))
     if kind == "construct":
         seconds = {}
         for depth in depths:
@@ -375,6 +406,20 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
                 seconds[(depth, n)] = _timed_run(cfgs, device)
     measured = f"{len(cfgs)} configs x {steps} steps, {protocol} protocol, depths {depths}, {stamp}"
     return asdict(rate_from_timings(depths, steps, len(cfgs), seconds, measured))
+
+
+def _calibrate_validation(family: str, depths: tuple[int, int], device: str, stamp: str) -> Rate:
+    """CPU seconds of one native validation of one config: the same cells validating every
+    step and every CAL_SPARSE_VAL_EVERY steps, the difference per skipped validation."""
+    steps = CAL_STEPS[family][1]
+    per_validation = []
+    with _engine("native"):
+        for depth in depths:
+            every, sparse = (_cal_configs(family, depth, "sgd", "paper", steps, k) for k in (1, CAL_SPARSE_VAL_EVERY))
+            saved = _timed_run(every, device) - _timed_run(sparse, device)
+            per_validation.append(max(saved, 0.0) / (len(every) * (validations(every[0]) - validations(sparse[0]))))
+    measured = f"{len(every)} configs x {steps} steps validated every step and every {CAL_SPARSE_VAL_EVERY}, {stamp}"
+    return Rate(tuple(depths), tuple(per_validation), (0.0, 0.0), measured)
 
 
 def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
@@ -569,7 +614,8 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs}
-                    | ({STREAM} if any(has_stream_cost(c, j.kind) for j in jobs for c in j.configs) else set()))
+                    | ({STREAM} if any(has_stream_cost(c, j.kind) for j in jobs for c in j.configs) else set())
+                    | {VALIDATION[c.exp] for j in jobs for c in j.configs if skips_validations(c, j.kind, native)})
     key = lambda engine: cache_key(engine, device.type)  # noqa: E731
     measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
     startup_s = measured[STARTUP]["seconds"]

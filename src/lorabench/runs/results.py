@@ -21,7 +21,7 @@ from ..core.config import FIELD_TYPES
 if TYPE_CHECKING:  # pandas only where rows are read: training jobs never import it (~0.5 s each)
     import pandas as pd
 
-SCHEMA_VERSION = "3"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale)
+SCHEMA_VERSION = "4"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -157,12 +157,22 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
         raise ResultsError(f"{path}: not a readable Parquet file ({error})") from None
     version = (table.schema.metadata or {}).get(SCHEMA_KEY)
     expected = (schema.metadata or {}).get(SCHEMA_KEY)
+    if version == b"3" and expected == b"4":
+        table, version = _validated_every_step(table), expected
     if version != expected:
         found = version.decode() if version else "none"
         raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()} "
                            "(written by another lorabench version: rerun the runs that made it)")
     validate_table(table, str(path), schema)
     return table
+
+
+def _validated_every_step(table: pa.Table) -> pa.Table:
+    """A version-3 table as version 4: its runs predate val_every and validated every step."""
+    at = table.schema.get_field_index("curve_every") + 1 if "curve_every" in table.column_names else table.num_columns
+    field = RUNS_SCHEMA.field("val_every")
+    table = table.add_column(at, field, pa.array([1] * table.num_rows, field.type))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"4"})
 
 
 def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> "pd.DataFrame":

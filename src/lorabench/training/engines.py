@@ -4,7 +4,8 @@
 active configurations; it returns the training loss (before the update), the updated
 parameters and the validation loss (after it), and, where asked or computed anyway, the
 validation predictions. Either engine calls ``val_batch`` once per step, after the
-training batch and the dropout, so a stream sees the same order whichever trains.
+training batch and the dropout, so a stream sees the same order whichever trains; with
+``validate`` False it computes no validation (the loss is NaN, no predictions).
 
 * ``TorchEngine``: the trainable's hand-written gradient where it has one and there is
   no dropout, else autograd; then ``BatchedAdam.step``; then the validation forward pass.
@@ -52,14 +53,14 @@ class Engine:
         yield
 
     def step(self, param: Tensor, batch: Batch, dropout, val_batch: Callable[[], Batch], active: Tensor,
-             predictions: bool) -> StepResult:
+             predictions: bool, validate: bool = True) -> StepResult:
         raise NotImplementedError
 
 
 class TorchEngine(Engine):
     name = "torch"
 
-    def step(self, param, batch, dropout, val_batch, active, predictions) -> StepResult:
+    def step(self, param, batch, dropout, val_batch, active, predictions, validate=True) -> StepResult:
         trainable, (x, y) = self.trainable, streams.stacked(batch)
         if trainable.value_and_grad is not None and dropout is None:
             loss, grad = trainable.value_and_grad(trainable.layout, param, x, y)
@@ -69,6 +70,8 @@ class TorchEngine(Engine):
         with torch.no_grad():
             param = self.optimiser.step(param, grad, active & torch.isfinite(loss))
             vx, vy = streams.stacked(val_batch())
+            if not validate:
+                return StepResult(loss, param, _not_validated(param), vy, None)
             vpred = forward(trainable.model(param), vx)
             val = data.task_loss(vpred, vy, self.task, self.classification_loss).to(torch.float64)
         return StepResult(loss, param, val, vy, vpred)
@@ -92,15 +95,22 @@ class NativeEngine(Engine):
         finally:
             torch.set_num_threads(self.threads)
 
-    def step(self, param, batch, dropout, val_batch, active, predictions) -> StepResult:
+    def step(self, param, batch, dropout, val_batch, active, predictions, validate=True) -> StepResult:
         # (native.applies keeps cells with dropout, the TFN residual variant, on torch.)
         validation = val_batch()
+        if not validate:  # the kernel validates on zero samples: no work, a NaN loss
+            predictions = False
+            validation = tuple(t[:0] for t in validation)
         loss, val = self.optimiser.native_step(self.trainable.native_step, param, batch, validation, active,
                                                self.threads)
         vx, vy = streams.stacked(validation) if predictions else (None, None)
         with torch.no_grad():
             vpred = forward(self.trainable.model(param), vx) if predictions else None
         return StepResult(loss, param, val.to(torch.float64), vy, vpred)
+
+
+def _not_validated(param: Tensor) -> Tensor:
+    return torch.full((param.shape[0],), float("nan"), dtype=torch.float64, device=param.device)
 
 
 ENGINES = {engine.name: engine for engine in (TorchEngine, NativeEngine)}

@@ -2,6 +2,9 @@
 
 The loop, in one place: draw the step's batch -> one engine step (loss per config, Adam
 step, loss on the validation set) -> keep the best-validation state -> record the curves.
+With ``val_every`` k > 1 (paper protocol only) the validation runs every k-th step and at
+the last: the parameters are those of k = 1, and the best state is the best of the
+validated steps.
 A configuration whose training loss becomes non-finite stops updating and is reported as
 diverged; the others go on.
 """
@@ -65,26 +68,32 @@ def train_cell(
     with engine.running():
         for step in range(1, cfg.n_epochs + 1):
             batch = stream.train_batch(step)
-            out = engine.step(flat, batch, stream.dropout(), stream.val_batch, active, predictions=by_accuracy)
+            validate = step % cfg.val_every == 0 or step == cfg.n_epochs
+            out = engine.step(flat, batch, stream.dropout(), stream.val_batch, active, predictions=by_accuracy,
+                              validate=validate)
             flat, loss, val = out.param, out.loss, out.val
             finite = torch.isfinite(loss)
             diverged_step = torch.where(active & ~finite, step, diverged_step)
             active = active & finite
             with torch.no_grad():
-                metric = -data.accuracy(out.val_pred, out.val_target, task) if by_accuracy else val
-                improved = active & (metric < best_metric)
-                if step == 1 and protocol.first_validation_improves:
-                    improved = active.clone()
-                best_metric = torch.where(improved, metric, best_metric)
-                best_val = torch.where(improved, val, best_val)
-                best_step = torch.where(improved, step, best_step)
-                if best.is_cuda:  # in place, and no host sync (nonzero would wait for the GPU)
-                    torch.where(improved.view(-1, 1), flat, best, out=best)
-                else:  # only the improved rows: a full (C, P) pass costs ~1/4 of a native step
-                    rows = improved.nonzero().flatten()
-                    best.index_copy_(0, rows, flat.index_select(0, rows))
+                improved = torch.zeros_like(active)
+                if validate:
+                    metric = -data.accuracy(out.val_pred, out.val_target, task) if by_accuracy else val
+                    improved = active & (metric < best_metric)
+                    if step == 1 and protocol.first_validation_improves:
+                        improved = active.clone()
+                    best_metric = torch.where(improved, metric, best_metric)
+                    best_val = torch.where(improved, val, best_val)
+                    best_step = torch.where(improved, step, best_step)
+                    if best.is_cuda:  # in place, and no host sync (nonzero would wait for the GPU)
+                        torch.where(improved.view(-1, 1), flat, best, out=best)
+                    else:  # only the improved rows: a full (C, P) pass costs ~1/4 of a native step
+                        rows = improved.nonzero().flatten()
+                        best.index_copy_(0, rows, flat.index_select(0, rows))
+                    last_val = val
                 stream.observe(improved)
-                last_val, last_train = val, loss.to(torch.float64)
+                last_train = loss.to(torch.float64)
+                # (curve steps are validated: curve_every is a multiple of val_every)
                 if step % cfg.curve_every == 0 or step == cfg.n_epochs:
                     curve_steps.append(step)
                     train_curve.append(last_train.cpu())

@@ -380,7 +380,8 @@ INLINE void config_step(const Shape *s, const AdamConsts *k, const float *restri
         adam(s->n_param, k, step_size, weight_decay, grad, mask, p, m, v);
         effective_weights(s, w0, p, w, wt, scratch, D, NV);
     }
-    *val_loss = network_loss(s, wt, p, vx, vy, nval, va, vb, D, NV);
+    /* no validation samples: this step is not validated (val_every) */
+    *val_loss = nval > 0 ? network_loss(s, wt, p, vx, vy, nval, va, vb, D, NV) : NAN;
 }
 
 static long work_floats(const Shape *s) {
@@ -403,7 +404,7 @@ int fnn_step(const Shape *s, const AdamConsts *k, int c_begin, int c_end, const 
              const float *weight_decay, const float *x, const float *y, const float *vx, const float *vy,
              const unsigned char *active, float *train_loss, float *val_loss) {
     if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->batch < 1 ||
-        s->val_batch < 1)
+        s->val_batch < 0)
         return -1;
     float *work = malloc(work_floats(s) * sizeof(float));
     if (!work) return -1;
@@ -742,7 +743,7 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
  * when the shape is out of range or memory is short. */
 static void *tfn_work_new(const TfnShape *s, TfnWork *k) {
     if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
-        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 1)
+        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 0)
         return NULL;
     TfnBlock *blocks = malloc(s->depth * sizeof(TfnBlock) + tfn_work_floats(s) * sizeof(float));
     if (blocks) tfn_work_layout(s, (float *)(blocks + s->depth), k, blocks);
@@ -831,6 +832,10 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
         }
         adam(s->n_param, ac, step_size, weight_decay, grad, mask, p, m, v);
         tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
+    }
+    if (s->val_batch == 0) { /* this step is not validated (val_every) */
+        *val_loss = NAN;
+        return;
     }
     const float *val_out = tfn_forward_rows(s, k, p, vx, s->val_batch, D, NV);
     *val_loss = task_loss(val_out, vy, s->val_batch * N, REGRESSION, NULL, D, NV);
