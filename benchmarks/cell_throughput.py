@@ -20,6 +20,7 @@ configs) and a TFN cell (D=16, H=2, N=10, depth 2, same grid):
     python benchmarks/cell_throughput.py --authors ../Expressive_Power_of_LoRA   # + ~6 min
     python benchmarks/cell_throughput.py --device cuda --quick
     python benchmarks/cell_throughput.py --family tfn --val-every 10   # + the cell validating every 10 steps
+    python benchmarks/cell_throughput.py --family tfn --sweep          # + `lorabench run` over 48 configs
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ def single_config_rate(family, n_configs):
     return {"wall_5000_s": sum(walls) / len(walls)}
 
 
+SWEEP_STEPS = 1_000
+
+
+def sweep_rate(family: str, val_every: int = 1) -> dict:
+    """A plain ``lorabench run`` over 48 configs (ranks 1-16 x 3 learning rates) for
+    SWEEP_STEPS steps, every core (its default), start-up and evaluation included."""
+    base = FNN if family == "fnn" else TFN
+    args = [sys.executable, "-m", "lorabench", "run", "--no_progress", "--device", "cpu", "--rank", "1-16",
+            "--lr", ",".join(map(str, LRS)), "--n_epochs", str(SWEEP_STEPS), "--seed", "0"]
+    if val_every > 1:
+        args += ["--val_every", str(val_every)]
+    for key, value in base.items():
+        args += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "config_steps_per_s": len(RANKS) * len(LRS) * SWEEP_STEPS / wall}
+
+
 def authors_rate(family: str, repo: Path) -> dict:
     """The authors' run_exp.py, one config per process as they run it (wandb off), timed
     over the full 5,000 steps: their cost per step falls as training goes on (they evaluate
@@ -240,6 +260,8 @@ def main():
     parser.add_argument("--authors", type=Path, help="a checkout of the authors' repository, timed side by side")
     parser.add_argument("--family", choices=["fnn", "tfn"], action="append",
                         help="measure only this model family (repeatable; default both)")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"also time a plain `lorabench run` of 48 configs x {SWEEP_STEPS:,} steps on every core")
     parser.add_argument("--val-every", type=int, default=1,
                         help="also time the cell (one process per core) validating every K steps (val_every K)")
     args = parser.parse_args()
@@ -309,11 +331,20 @@ def main():
         if args.val_every > 1 and args.device == "cpu":
             sparse = parallel_rate(family, long, args.device, cores, val_every=args.val_every)
             entry[f"cell_config_steps_per_s_one_process_per_core_val_every_{args.val_every}"] = sparse
+        sweeps = {}
+        if args.sweep and args.device == "cpu":
+            for k in dict.fromkeys((1, args.val_every)):
+                suffix = "" if k == 1 else f"_val_every_{k}"
+                sweeps[suffix] = sweep_rate(family, k)
+                entry[f"sweep_48_configs_{SWEEP_STEPS}_steps_wall_s{suffix}"] = sweeps[suffix]["wall_s"]
+                entry[f"sweep_config_steps_per_s{suffix}"] = sweeps[suffix]["config_steps_per_s"]
         if authors:
             entry["authors_config_steps_per_s"] = authors
             entry["speedup_vs_authors"] = all_cores / authors
             if sparse:  # the authors validate every step: this ratio counts work they do and these runs skip
                 entry[f"speedup_vs_authors_val_every_{args.val_every}"] = sparse / authors
+            for suffix, sweep in sweeps.items():
+                entry[f"sweep_speedup_vs_authors{suffix}"] = sweep["config_steps_per_s"] / authors
         entry["projected_paper_grid_hours"] = GRID[family] * PAPER_STEPS / all_cores / 3600
         report["families"][family] = entry
 

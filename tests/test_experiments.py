@@ -190,6 +190,49 @@ def test_changing_one_experiment_changes_only_its_job_ids():
     assert changed and {key[0] for key in changed} == {"bias"}
 
 
+def test_shared_configs_train_once_in_the_first_experiment_that_holds_them(paper):
+    """bias, depth, rank_step and training_curves hold fnn (and flt) configs: each shared
+    config is taken from the first train job that trains it, of the same protocol."""
+    jobs = paper.jobs()
+    index = lbx.job_index(jobs)
+    shared = lbx.shared_configs(jobs)
+    order = list(paper.experiments)
+    pairs = Counter()
+    for key, by_source in shared.items():
+        job = index[key]
+        for source_key, cfgs in by_source.items():
+            source = index[source_key]
+            assert source.kind == "train" and source.protocol == job.protocol and source.seed == job.seed
+            assert order.index(source.experiment) < order.index(job.experiment)
+            assert set(cfgs) <= set(job.configs) & set(source.configs) and source_key not in shared
+            pairs[(job.experiment, source.experiment)] += len(cfgs)
+    assert pairs == {("bias", "fnn"): 3840, ("rank_step", "fnn"): 240, ("depth", "fnn"): 1920,
+                            ("depth", "flt"): 1920, ("training_curves", "fnn"): 1200}
+    # bias trains only its fixed-bias runs; its tuned-bias ones are fnn's (1, 2) runs
+    bias = {c for j in jobs if j.experiment == "bias" and j.kind == "train" for c in j.configs}
+    copied = {c for key, by in shared.items() if key[0] == "bias" for cfgs in by.values() for c in cfgs}
+    assert copied == {c for c in bias if c.tune_bias == 1}
+
+
+def test_a_selection_pulls_in_the_train_jobs_it_reuses(smoke):
+    """Sharing is decided over every defined experiment: a selected experiment's jobs
+    (and ids) do not change with the selection; its run also holds the reused train jobs
+    and their models jobs, and nothing else of theirs."""
+    selected = smoke.select(["bias"])
+    assert [j.id for j in selected.jobs()] == [j.id for j in smoke.jobs() if j.experiment == "bias"]
+    run = selected.run_jobs()
+    others = [j for j in run if j.experiment != "bias"]
+    assert {j.experiment for j in others} == {"fnn"} and {j.kind for j in others} == {"models", "train"}
+    defined = lbx.shared_configs(smoke.jobs())
+    reused = {source for key, by in defined.items() if key[0] == "bias" for source in by}
+    assert {lbx.job_key(j) for j in others if j.kind == "train"} == reused
+    assert lbx.shared_configs(run) == {key: by for key, by in defined.items() if key[0] == "bias"}
+    without_fnn = load("smoke", experiments={k: v for k, v in CONFIG["experiments"].items() if k != "fnn"})
+    alone = without_fnn.select(["bias"])
+    assert not any(key[0] == "bias" for key in lbx.shared_configs(without_fnn.jobs()))
+    assert alone.run_jobs() == alone.jobs()
+
+
 def test_paper_protocol_models_do_not_depend_on_rank(smoke):
     smoke = dataclasses.replace(smoke, split_seeds=True)
     models = [j for j in smoke.jobs() if j.kind == "models" and j.protocol == "paper" and j.experiment == "fnn"]

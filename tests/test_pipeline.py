@@ -88,3 +88,31 @@ def test_train_command_fails_cleanly_when_the_job_fails(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert "failed" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_a_train_job_copies_the_rows_another_experiments_job_trained(tmp_path, protocol):
+    """Shared configs train once: a job given another job's output trains only the
+    configs not found there, and its file equals that of training them all (a config's
+    rows do not depend on its cell), but for computed_in, which names who trained each."""
+    from lorabench.runs.results import read_table, write_rows
+
+    cfgs = [c for c in configs(protocol) if c.method == "sgd"]
+    keys = list(dict.fromkeys(model_key(c) for c in cfgs))
+    models = str(tmp_path / "models.pt")
+    pipeline.generate(write_spec(tmp_path, "models", keys, "models"), models)
+    donor = tmp_path / "donor.parquet"
+    write_rows([dict(r, experiment="fnn", computed_in="fnn") for r in run_configs(cfgs[::2], device="cpu")], donor)
+    spec = {"experiment": "bias", "protocol": protocol, "seed": 0, "kind": "train", "configs": cfgs}
+    pipeline.train(spec, models, str(tmp_path / "shared.parquet"), device="cpu", reuse=[str(donor)])
+    pipeline.train(spec, models, str(tmp_path / "alone.parquet"), device="cpu")
+    shared, alone = (read_table(tmp_path / f"{name}.parquet").to_pylist() for name in ("shared", "alone"))
+    key = operator.itemgetter("config_hash", "checkpoint")
+    shared, alone = sorted(shared, key=key), sorted(alone, key=key)
+    copied = {c.config_hash() for c in cfgs[::2]}
+    assert len(shared) == len(alone) == 2 * len(cfgs)
+    for a, b in zip(shared, alone):
+        assert a["experiment"] == b["experiment"] == "bias" and b["computed_in"] == "bias"
+        assert a["computed_in"] == ("fnn" if a["config_hash"] in copied else "bias")
+        for column in ("test_loss", "test_shift_loss", "val_loss", "train_loss", "train_curve", "val_curve", "best_step"):
+            assert a[column] == b[column], column

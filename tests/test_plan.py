@@ -42,6 +42,15 @@ SMOKE = {
 }
 
 
+# Configs an experiment copies from fnn's train jobs (shared configs train once; 30 steps each)
+REUSED = {
+    "bias": 2 * 4 * 2,  # its tuned-bias runs are fnn's (1, 2) runs: pretrained x ranks x seeds
+    "rank_step": 2 * 2,  # rank 8 with step 0 is fnn's (2, 4) run: pretrained x seeds
+    "depth": 4 * 2,  # frozen depth 2 is fnn's unpretrained (1, 2): ranks x seeds
+    "training_curves": 2 * 3 * 2,  # all of them: fnn's unpretrained runs at ranks 1, 8, 16
+}
+
+
 @pytest.fixture
 def smoke():
     return plan.load_workflow(CONFIG, "smoke")
@@ -50,10 +59,13 @@ def smoke():
 def test_smoke_counts_match_a_count_by_hand(smoke, tmp_path):
     wf, jobs = smoke
     result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
-    got = {(r["experiment"], r["protocol"]): (r["configs"], r["config_steps"], r["constructions"]) for r in result["rows"]}
-    expected = {(name, protocol): counts for name, counts in SMOKE.items() for protocol in ("paper", "reference")}
-    assert got == expected
-    assert result["total"]["config_steps"] == 2 * sum(c[1] for c in SMOKE.values())
+    got = {(r["experiment"], r["protocol"]): (r["configs"], r["reused"], r["config_steps"], r["constructions"])
+           for r in result["rows"]}
+    own = {name: (configs - REUSED.get(name, 0), REUSED.get(name, 0), steps - 30 * REUSED.get(name, 0), built)
+           for name, (configs, steps, built) in SMOKE.items()}
+    assert got == {(name, protocol): counts for name, counts in own.items() for protocol in ("paper", "reference")}
+    assert result["total"]["config_steps"] == 2 * sum(c[2] for c in own.values())
+    assert result["total"]["reused"] == 2 * sum(REUSED.values())
 
 
 def test_experiments_filter_and_unknown_experiment(tmp_path):
@@ -61,6 +73,31 @@ def test_experiments_filter_and_unknown_experiment(tmp_path):
     assert {j.experiment for j in jobs} == {"tfn"}
     with pytest.raises(ConfigError, match="unknown experiment.*nope"):
         plan.load_workflow(CONFIG, "smoke", ["tfn", "nope"])
+
+
+def test_a_selection_counts_the_train_jobs_it_reuses(tmp_path):
+    """--experiments bias: fnn's train and models jobs that bias copies from run too (and
+    are counted, as fnn's), fnn's constructions do not; bias itself trains only its own."""
+    wf, jobs = plan.load_workflow(CONFIG, "smoke", ["bias"])
+    assert {(j.experiment, j.kind) for j in jobs} == {("bias", "models"), ("bias", "train"), ("fnn", "models"),
+                                                      ("fnn", "train")}
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
+    rows = {(r["experiment"], r["protocol"]): r for r in result["rows"]}
+    assert rows[("bias", "paper")]["configs"] == SMOKE["bias"][0] - REUSED["bias"]
+    assert rows[("bias", "paper")]["reused"] == REUSED["bias"]
+    assert rows[("fnn", "paper")]["configs"] == SMOKE["fnn"][0] and rows[("fnn", "paper")]["constructions"] == 0
+
+
+def test_pieces_keep_experiments_that_share_configs_together():
+    jobs, costs = [], []
+    for name, seconds in (("a", 50), ("b", 50), ("c", 50)):
+        jobs += [FakeJob(name, "paper", "models"), FakeJob(name, "paper", "train")]
+        costs += [1.0, float(seconds)]
+    apart = plan.make_pieces(jobs, costs, 1, 110.0, ["paper"])
+    assert [p.experiments for p in apart] == [["a", "b"], ["c"]]
+    linked = plan.make_pieces(jobs, costs, 1, 110.0, ["paper"], linked=[("c", "a")])
+    assert [p.experiments for p in linked] == [["a", "c"], ["b"]]
+    assert [p.over_budget for p in plan.make_pieces(jobs, costs, 1, 60.0, ["paper"], linked=[("c", "a")])] == [True, False]
 
 
 def test_bad_preset_is_a_one_line_error(capsys):

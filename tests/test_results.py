@@ -1,3 +1,4 @@
+import itertools
 import dataclasses
 import math
 
@@ -65,13 +66,15 @@ def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
         read_table(path)
 
 
-def test_files_before_val_every_read_as_validated_every_step(tmp_path, rows):
-    """A version-3 file (no val_every column: every run validated each step) reads as
-    version 4 with val_every 1, its rows otherwise unchanged."""
+def test_version_3_files_read_as_validated_every_step_and_trained_in_their_experiment(tmp_path, rows):
+    """A version-3 file (no val_every column: every run validated each step; no
+    computed_in: every experiment trained its own rows) reads as version 4 with
+    val_every 1 and computed_in its experiment, its rows otherwise unchanged."""
     path = tmp_path / "runs.parquet"
-    write_rows(rows, path)
+    write_rows([dict(r, experiment=name, computed_in=name) for r, name in zip(rows, itertools.cycle(["a", "b"]))],
+               path)
     current = pq.read_table(path)
-    pq.write_table(current.drop(["val_every"]).replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
+    pq.write_table(current.drop(["val_every", "computed_in"]).replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
     upgraded = read_table(path)
     assert upgraded.schema.names == current.schema.names
     assert upgraded.column("val_every").to_pylist() == [1] * len(rows)

@@ -116,6 +116,20 @@ def test_smoke_writes_the_costs_of_every_rule(smoke_run):
     assert (costs["s"] > 0).all() and (costs["jobs"] >= 1).all()
 
 
+def test_shared_configs_are_trained_once_and_copied(smoke_run):
+    """bias's tuned-bias runs and all of training_curves' are fnn's configs: fnn's train
+    job trains them, the others copy its rows (computed_in says so), values unchanged."""
+    runs = read_table(smoke_run / "results/runs.parquet").to_pandas()
+    bias = runs[runs["experiment"] == "bias"]
+    copied = bias[bias["computed_in"] == "fnn"]
+    assert set(copied["tune_bias"]) == {1} and set(bias.loc[bias["computed_in"] == "bias", "tune_bias"]) == {0}
+    assert set(runs.loc[runs["experiment"] == "training_curves", "computed_in"]) == {"fnn"}
+    fnn = runs[runs["experiment"] == "fnn"].set_index(["config_hash", "checkpoint"])
+    keys = list(zip(copied["config_hash"], copied["checkpoint"]))
+    for column in ("test_loss", "val_loss", "train_loss", "best_step"):
+        assert list(copied[column]) == list(fnn.loc[keys, column]), column
+
+
 def test_second_invocation_has_nothing_to_do(smoke_run):
     proc = snakemake(smoke_run, "-n", "all_figures", "--config", "preset=smoke")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -177,6 +191,14 @@ def test_selected_experiments_run_alone_and_only_their_figures_are_requested(tmp
     figures = {Path(o).stem for o in outputs if o.startswith("results/figures/")}
     assert figures == {"fnn", "fnn_log", "tfn"}
     assert "results/claims.md" in outputs and "results/costs.csv" in outputs
+
+
+def test_a_selected_experiment_brings_the_train_jobs_it_reuses(tmp_path):
+    workdir = make_workdir(tmp_path)
+    outputs = planned_outputs(workdir, "all_figures", "--config", "preset=smoke", "experiments=[bias]")
+    per_job = {tuple(o.split("/")[1:3]) for o in outputs if re.match(r"results/(models|constructions|cells)/", o)}
+    assert per_job == {("models", "bias"), ("cells", "bias"), ("models", "fnn"), ("cells", "fnn")}
+    assert {Path(o).stem for o in outputs if o.startswith("results/figures/")} == {"bias"}
 
 
 def test_a_figure_target_runs_only_what_that_figure_needs(tmp_path):

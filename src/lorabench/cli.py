@@ -196,6 +196,8 @@ def _add_workflow(sub) -> None:
         _option(p, "threads", type=int, default=1, help="torch CPU threads")
         if name == "train":
             defaults = SlurmSettings()
+            p.add_argument(*spellings("reuse"), nargs="*", default=[], metavar="FILE",
+                           help="other experiments' train job outputs: configs found there are copied, not trained")
             _option(p, "dispatch", choices=DISPATCHES, default="local", help="where training runs")
             _option(p, "log-dir", default="logs/submitit", help="submitit's job logs")
             _option(p, "slurm-partition", default=defaults.partition, help="Slurm partition ('' : the cluster's default)")
@@ -406,7 +408,7 @@ def train_command(args: argparse.Namespace) -> int:
         time_min=args.slurm_time_min, account=args.slurm_account, qos=args.slurm_qos,
     )
     pipeline.train(_job_spec(args), args.models, args.out, device=args.device, threads=args.threads,
-                   dispatch=args.dispatch, log_dir=args.log_dir, slurm=slurm)
+                   reuse=args.reuse, dispatch=args.dispatch, log_dir=args.log_dir, slurm=slurm)
     return 0
 
 

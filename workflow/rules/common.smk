@@ -90,8 +90,12 @@ DISPATCH = Untracked(
 )
 
 JOBS = WF.jobs()
-JOB_BY_ID = lbx.job_index(JOBS)
-MODELS_JOB = lbx.models_jobs(JOBS)
+# Every defined experiment's jobs: a selected experiment's train job may reuse the rows of
+# configs it shares with another experiment's (lbx.shared_configs), selected or not.
+DEFINED_JOBS = WF.jobs(defined=True)
+JOB_BY_ID = lbx.job_index(DEFINED_JOBS)
+MODELS_JOB = lbx.models_jobs(DEFINED_JOBS)
+SHARED = lbx.shared_configs(DEFINED_JOBS)
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 
@@ -137,6 +141,13 @@ def models_of(kind):
         return job_path(MODELS_JOB[(job.experiment, job.protocol, job.seed)])
 
     return inputs
+
+
+def reused_outputs(wildcards):
+    """Input function: the outputs of the other experiments' train jobs whose configs a
+    train job shares (it copies their rows instead of training them)."""
+    job = find_job(wildcards, "train")
+    return [job_path(JOB_BY_ID[source]) for source in SHARED.get(lbx.job_key(job), {})]
 
 
 def job_ref(kind):

@@ -30,6 +30,7 @@ rule construct:
 rule train:
     input:
         models=models_of("train"),
+        reuse=reused_outputs,
     output:
         "results/cells/{experiment}/{protocol}/{job}.parquet",
     log:
@@ -48,6 +49,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} train --job {params.job} --models {input.models} --out {output}"
+        "{params.lb} train --job {params.job} --models {input.models} --reuse {input.reuse} --out {output}"
         " {params.device} --threads {threads} {params.dispatch}"
         " --log-dir logs/submitit/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job} > {log} 2>&1"

@@ -26,6 +26,13 @@ train job per value of those fields (so a single-seed experiment can use several
 a job's id is ``s<seed>-<hash of its configs>`` (``all-<hash>``), so changing an experiment
 changes its jobs' ids and nothing else's.
 
+Configs shared between experiments are trained once (``shared_configs``): a train job
+whose configs an earlier experiment's train job also holds (same config, so same
+protocol, seed and models) takes their rows from that job's output instead of training
+them again. Its id and output still cover all of its configs. The sharing is decided over
+every defined experiment, not the selection, so selecting experiments never changes a
+job's inputs: a selected experiment pulls in the train jobs it reuses.
+
 A job travels to its step as a small reference (``WorkflowConfig.job_ref``: the
 experiment's definition, the preset and the job's id); the step expands that one
 experiment again (``resolve_job``) instead of reading a spec file, so parsing the workflow
@@ -92,20 +99,38 @@ class WorkflowConfig:
     experiments: Mapping[str, tuple[RunConfig, ...]]  # protocol-free: protocol set per job
     split_seeds: bool = True
     split_by: tuple[str, ...] = ()  # RunConfig fields cutting a seed's training into jobs
+    # every defined experiment, also under a selection: shared configs are decided over all
+    defined: Mapping[str, tuple[RunConfig, ...]] = field(default_factory=dict, compare=False, repr=False)
     # per experiment, what expand_experiment read: its block, the defaults and the preset
     definitions: Mapping[str, dict] = field(default_factory=dict, compare=False, repr=False)
 
-    def configs(self, experiment: str, protocol: str) -> list[RunConfig]:
-        return [c.replace(protocol=protocol) for c in self.experiments[experiment]]
+    def jobs(self, defined: bool = False) -> list[Job]:
+        """Every job of every selected (or, with ``defined``, every defined) experiment and
+        protocol, in a stable order."""
+        return [job for name in ((self.defined or self.experiments) if defined else self.experiments)
+                for job in self._jobs_of(name)]
 
-    def jobs(self) -> list[Job]:
-        """Every job of every experiment and protocol, in a stable order."""
-        out = []
-        for name in self.experiments:
-            for protocol in self.protocols:
-                out.extend(experiment_jobs(name, protocol, self.configs(name, protocol), self.split_seeds,
-                                           self.split_by))
-        return out
+    @cached_property
+    def _expanded(self) -> dict[str, list[Job]]:
+        return {}  # experiment -> its jobs: a paper-grid experiment takes up to a second to cut
+
+    def _jobs_of(self, name: str) -> list[Job]:
+        if name not in self._expanded:
+            cfgs = (self.defined or self.experiments)[name]
+            self._expanded[name] = [job for protocol in self.protocols for job in experiment_jobs(
+                name, protocol, [c.replace(protocol=protocol) for c in cfgs], self.split_seeds, self.split_by)]
+        return self._expanded[name]
+
+    def run_jobs(self) -> list[Job]:
+        """The jobs a run of the selected experiments runs: theirs, and the train jobs of
+        other experiments whose rows they reuse, with those jobs' models jobs; in the
+        order of ``jobs(defined=True)``."""
+        every = self.jobs(defined=True)
+        keys = {job_key(j) for j in every if j.experiment in self.experiments}
+        sources = {source for key, by_source in shared_configs(every).items() if key in keys for source in by_source}
+        seeds = {(j.experiment, j.protocol, j.seed) for j in every if job_key(j) in sources}
+        return [j for j in every if job_key(j) in keys | sources
+                or (j.kind == "models" and (j.experiment, j.protocol, j.seed) in seeds)]
 
     def job_ref(self, job: Job) -> str:
         """What a step needs to rebuild ``job`` (``resolve_job``), as compact JSON: a few
@@ -125,8 +150,8 @@ class WorkflowConfig:
         if not names:
             raise ConfigError(f"experiments: empty selection; defined: {', '.join(self.experiments)}")
         keep = [n for n in self.experiments if n in names]  # the config's order
-        return dataclasses.replace(self, experiments={n: self.experiments[n] for n in keep},
-                                   definitions={n: self.definitions[n] for n in keep if n in self.definitions})
+        # (definitions stay whole: a selected experiment may reuse another's train jobs)
+        return dataclasses.replace(self, experiments={n: self.experiments[n] for n in keep})
 
 
 def resolve_job(ref: str) -> Job:
@@ -298,6 +323,7 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
     _check_protocols(experiments, protocols)
     slurm = SlurmSettings(**(config.get("slurm") or {}))
     return WorkflowConfig(
+        defined=experiments,
         preset=preset_name,
         protocols=protocols,
         device=device,
@@ -331,9 +357,34 @@ def _preset_for(preset: Mapping[str, Any], name: str) -> dict:
     return {**out, "experiments": {name: own}} if own else out
 
 
-def job_index(jobs: list[Job]) -> dict[tuple[str, str, str, str], Job]:
+JobKey = tuple[str, str, str, str]  # (experiment, protocol, kind, job id)
+
+
+def job_key(job: Job) -> JobKey:
+    return (job.experiment, job.protocol, job.kind, job.id)
+
+
+def job_index(jobs: list[Job]) -> dict[JobKey, Job]:
     """(experiment, protocol, kind, job id) -> Job."""
-    return {(j.experiment, j.protocol, j.kind, j.id): j for j in jobs}
+    return {job_key(j): j for j in jobs}
+
+
+def shared_configs(jobs: list[Job]) -> dict[JobKey, dict[JobKey, tuple[RunConfig, ...]]]:
+    """Train job -> {earlier train job: the configs of both}, for the train jobs that hold
+    configs an earlier experiment's train job in ``jobs`` holds too. Each shared config
+    is taken from the first train job that holds it, which trains it. A config's rows do
+    not depend on the cell it trains in, so the copy equals a second training."""
+    first: dict[RunConfig, JobKey] = {}
+    out: dict[JobKey, dict[JobKey, list[RunConfig]]] = {}
+    for job in jobs:
+        if job.kind != "train":
+            continue
+        key = job_key(job)
+        for cfg in job.configs:
+            source = first.setdefault(cfg, key)
+            if source[0] != job.experiment:
+                out.setdefault(key, {}).setdefault(source, []).append(cfg)
+    return {key: {source: tuple(cfgs) for source, cfgs in by_source.items()} for key, by_source in out.items()}
 
 
 def models_jobs(jobs: list[Job]) -> dict[tuple[str, str, Optional[int]], Job]:

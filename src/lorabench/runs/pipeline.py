@@ -3,7 +3,7 @@ call only those subcommands.
 
     lorabench models    --job REF --out M.pt          frozen + target models of one job
     lorabench construct --job REF --models M.pt --out C.parquet
-    lorabench train     --job REF --models M.pt --out T.parquet [--dispatch ...]
+    lorabench train     --job REF --models M.pt --out T.parquet [--reuse C.parquet ...] [--dispatch ...]
     lorabench aggregate --out runs.parquet [--selected selected.parquet] FILE...
     lorabench select    --runs results/runs.parquet --out results/selected.parquet
     lorabench costs     --out results/costs.csv BENCHMARK.tsv...
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .atomic import atomic_write
 from ..core.config import ConfigError, RunConfig
@@ -89,9 +89,26 @@ def load_models(path: str) -> dict:
 def _rows_with_experiment(rows, experiment: str) -> list[dict]:
     out = []
     for row in rows:
-        row["experiment"] = experiment
+        row["experiment"] = row["computed_in"] = experiment
         out.append(row)
     return out
+
+
+def reused_rows(paths, cfgs) -> dict[str, list[dict]]:
+    """Config hash -> its rows in other train jobs' result files, for the configs of
+    ``cfgs`` found there (their ``computed_in`` names the experiment that trained them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .results import read_table
+
+    wanted = pa.array(sorted({c.config_hash() for c in cfgs}), pa.string())
+    found: dict[str, list[dict]] = {}
+    for path in paths:
+        table = read_table(path)
+        for row in table.filter(pc.is_in(table["config_hash"], value_set=wanted)).to_pylist():
+            found.setdefault(row["config_hash"], []).append(row)
+    return found
 
 
 # ------------------------------------------------------------------- steps
@@ -124,18 +141,24 @@ def construct(spec, models_path: str, out: str, device: str = "auto", threads: i
     write_rows(run_spec(spec, models_path, device, threads), out)
 
 
-def train(spec, models_path: str, out: str, device: str = "auto", threads: int = 1, *,
+def train(spec, models_path: str, out: str, device: str = "auto", threads: int = 1, *, reuse: Sequence[str] = (),
           dispatch: str = "local", log_dir: Optional[str] = None, slurm: Optional[SlurmSettings] = None) -> None:
     """``run_spec`` where ``dispatch`` says (this process, submitit-local or Slurm), then
-    its rows to ``out``."""
+    its rows to ``out``. Configs whose rows are in a ``reuse`` file (another experiment's
+    train job that holds them too) are taken from there instead of trained again."""
     from . import dispatch as dispatching
     from .results import check_writable, write_rows
 
     check_writable(out)
+    spec = _spec(spec)
+    reused = reused_rows(reuse, spec["configs"])
+    rest = [c for c in spec["configs"] if c.config_hash() not in reused]
     rows = dispatching.run(
-        run_spec, spec, models_path, device, threads,
+        run_spec, {**spec, "configs": rest}, models_path, device, threads,
         mode=dispatch, log_dir=log_dir, name=f"lorabench-{Path(out).stem}", slurm=slurm,
-    )
+    ) if rest else []
+    for found in reused.values():
+        rows.extend({**row, "experiment": spec["experiment"]} for row in found)
     write_rows(rows, out)
 
 

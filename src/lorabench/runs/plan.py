@@ -2,8 +2,10 @@
 
 For each experiment and protocol of a config (a preset of ``config.yaml`` or any other
 config file): the jobs, the trained configs and their config-steps (configs x Adam
-steps), the constructions and model keys, and the projected core-hours on this machine;
-then the total and the projected wall time on a given number of cores.
+steps), the configs copied from another experiment's training (``reused``: shared configs
+train once), the constructions and model keys, and the projected core-hours on this
+machine; then the total and the projected wall time on a given number of cores. A
+selection of experiments counts the other experiments' train jobs that it reuses.
 
 The projection is linear in measured rates. Each engine (``ENGINES``: the native and the
 torch trainer of FNN and TFN cells, the constructions, the model generation) is
@@ -17,7 +19,7 @@ model, torch version and engine; ``--recalibrate`` measures again.
 Pieces (``--pieces 2h``): the experiments and protocols grouped into Snakemake runs each
 projected to fit the budget on the given cores (first-fit by projected wall time; an
 experiment runs with both protocols in one piece when they fit together, else one piece
-per protocol), each with its command; their outputs combine (``results/runs/<experiment>/
+per protocol; experiments that share configs stay together), each with its command; their outputs combine (``results/runs/<experiment>/
 <protocol>.parquet``), and a last run of ``all_figures`` only aggregates and draws.
 
 What the projection leaves out or bounds: pretraining is counted at its full budget
@@ -41,7 +43,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -147,7 +149,8 @@ class Row:
     experiment: str
     protocol: str
     jobs: int = 0
-    configs: int = 0  # trained (sgd, flt)
+    configs: int = 0  # trained (sgd, flt) by this experiment's jobs
+    reused: int = 0  # configs whose rows are copied from another experiment's train job
     config_steps: int = 0
     constructions: int = 0
     models: int = 0  # model keys generated
@@ -202,13 +205,29 @@ def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
             for j in jobs]
 
 
+def own_work(jobs: Sequence, shared: Mapping) -> tuple[list, list[int]]:
+    """The jobs with each train job cut to the configs it trains itself (it copies the
+    rows of the configs it shares with an earlier experiment's train job: ``shared``, from
+    ``experiments.shared_configs``), and how many configs each job copies."""
+    from .experiments import job_key
+
+    out, reused = [], []
+    for job in jobs:
+        copied = {c for cfgs in shared.get(job_key(job), {}).values() for c in cfgs}
+        out.append(replace(job, configs=tuple(c for c in job.configs if c not in copied)) if copied else job)
+        reused.append(len(copied))
+    return out, reused
+
+
 def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
-          native: Callable[[RunConfig], bool], rates: Mapping[str, Rate]) -> list[Row]:
+          native: Callable[[RunConfig], bool], rates: Mapping[str, Rate],
+          reused: Optional[Sequence[int]] = None) -> list[Row]:
     """One row per (experiment, protocol), in the jobs' order."""
     rows: dict[tuple[str, str], Row] = {}
-    for job, cost in zip(jobs, costs):
+    for i, (job, cost) in enumerate(zip(jobs, costs)):
         row = rows.setdefault((job.experiment, job.protocol), Row(job.experiment, job.protocol))
         row.jobs += 1
+        row.reused += reused[i] if reused else 0
         row.core_s += cost
         row.engines[STARTUP] = row.engines.get(STARTUP, 0.0) + startup_s
         for c in job.configs:
@@ -511,24 +530,30 @@ class Piece:
 
 
 def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: float,
-                protocols: Sequence[str]) -> list[Piece]:
+                protocols: Sequence[str], linked: Iterable[tuple[str, str]] = ()) -> list[Piece]:
     """The jobs' experiments and protocols cut into pieces each projected to take at most
     ``budget_s`` on ``cores`` (``wall_time``). An experiment keeps both protocols in one
-    piece when they fit together; otherwise each protocol is its own unit. Units of the
-    same protocols are packed first-fit, longest first; a piece is a product of
-    experiments and protocols, so one ``--config experiments=[...] protocols=[...]``
-    names it."""
+    piece when they fit together; otherwise each protocol is its own unit. Experiments
+    ``linked`` (one reuses the other's training of shared configs) stay in one unit, so
+    a piece's projection is what its run trains. Units of the same protocols are packed
+    first-fit, longest first; a piece is a product of experiments and protocols, so one
+    ``--config experiments=[...] protocols=[...]`` names it."""
+    order = list(dict.fromkeys(job.experiment for job in jobs))
+    lead = {name: name for name in order}  # each experiment's unit, named by its first experiment
+    for a, b in linked:
+        a, b = sorted((lead[a], lead[b]), key=order.index)
+        lead = {name: a if unit == b else unit for name, unit in lead.items()}
+    members = {unit: [name for name in order if lead[name] == unit] for unit in dict.fromkeys(lead.values())}
     by_unit: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        by_unit[(job.experiment, job.protocol)].append(i)
-    order = list(dict.fromkeys(job.experiment for job in jobs))
+        by_unit[(lead[job.experiment], job.protocol)].append(i)
     protocols = [p for p in protocols if any(p == key[1] for key in by_unit)]
 
     def wall(indices: list[int]) -> float:
         return wall_time([jobs[i] for i in indices], [costs[i] for i in indices], cores)
 
     units: list[tuple[tuple[str, ...], str, list[int]]] = []  # (protocols, experiment, job indices)
-    for name in order:
+    for name in members:
         together = [i for p in protocols for i in by_unit.get((name, p), [])]
         if len(protocols) == 1 or wall(together) <= budget_s:
             units.append((tuple(protocols), name, together))
@@ -541,11 +566,11 @@ def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: fl
         for _, name, indices in sorted((u for u in units if u[0] == group), key=lambda u: -wall(u[2])):
             for names, held in mine:
                 if wall(held + indices) <= budget_s:
-                    names.append(name)
+                    names.extend(members[name])
                     held.extend(indices)
                     break
             else:
-                mine.append(([name], list(indices)))
+                mine.append((list(members[name]), list(indices)))
         mine.sort(key=lambda piece: min(order.index(name) for name in piece[0]))  # the config's order
         pieces.extend((group, names, held) for names, held in mine)
     out = []
@@ -587,14 +612,13 @@ def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Op
     if preset is not None:
         config["preset"] = preset
     wf = lbx.load(config)
-    jobs = wf.jobs()
     if experiments:
         unknown = sorted(set(experiments) - set(wf.experiments))
         if unknown:
             raise ConfigError(f"--experiments: unknown experiment(s) {', '.join(unknown)} "
                               f"(the config has {', '.join(wf.experiments)})")
-        jobs = [j for j in jobs if j.experiment in experiments]
-    return wf, jobs
+        wf = wf.select(experiments)
+    return wf, wf.run_jobs()
 
 
 def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
@@ -604,6 +628,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     """The plan as a JSON-able dict: rows, total, wall times, calibration; with
     ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
     commands."""
+    from .experiments import shared_configs
     from .runner import resolve_device
 
     device = resolve_device(wf.device)
@@ -620,11 +645,14 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
     startup_s = measured[STARTUP]["seconds"]
     rates = {e: Rate.from_dict(measured[e]) for e in needed}
+    shared = shared_configs(list(jobs))
+    linked = {(key[0], source[0]) for key, by_source in shared.items() for source in by_source}
+    jobs, reused = own_work(jobs, shared)
     costs = job_costs(jobs, rates, startup_s, native)
-    rows = count(jobs, costs, startup_s, native, rates)
+    rows = count(jobs, costs, startup_s, native, rates, reused)
     total = Row("total", "")
     for row in rows:
-        for name in ("jobs", "configs", "config_steps", "constructions", "models", "core_s"):
+        for name in ("jobs", "configs", "reused", "config_steps", "constructions", "models", "core_s"):
             setattr(total, name, getattr(total, name) + getattr(row, name))
         for engine, s in row.engines.items():
             total.engines[engine] = total.engines.get(engine, 0.0) + s
@@ -644,7 +672,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         out["pieces"] = {
             "budget_s": pieces_s, "cores": n,
             "runs": [{**asdict(p), "command": piece_command(p, wf.preset, n, configfile)}
-                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols)],
+                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols, linked)],
             "combine": combine_command(wf.preset, n, configfile),
         }
     return out
@@ -671,10 +699,11 @@ def _short(seconds: float) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    head = ("experiment", "protocol", "jobs", "configs", "config-steps", "constructions", "models", "core-h")
+    head = ("experiment", "protocol", "jobs", "configs", "reused", "config-steps", "constructions", "models", "core-h")
     lines = []
     for r in [*plan["rows"], plan["total"]]:
-        lines.append((r["experiment"], r["protocol"], str(r["jobs"]), str(r["configs"]), f"{r['config_steps']:,}",
+        lines.append((r["experiment"], r["protocol"], str(r["jobs"]), str(r["configs"]), str(r["reused"]),
+                      f"{r['config_steps']:,}",
                       str(r["constructions"]), str(r["models"]), _hours(r["core_s"])))
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731

@@ -21,7 +21,7 @@ from ..core.config import FIELD_TYPES
 if TYPE_CHECKING:  # pandas only where rows are read: training jobs never import it (~0.5 s each)
     import pandas as pd
 
-SCHEMA_VERSION = "4"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every
+SCHEMA_VERSION = "4"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every, computed_in
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -36,6 +36,8 @@ _CONFIG_FIELDS = [pa.field(name, _ARROW_TYPES[kind], nullable=optional) for name
 
 _RESULT_FIELDS = [
     pa.field("experiment", pa.string()),  # the workflow's experiment name; null for CLI runs
+    # the experiment whose job trained the row: its own, or the first of those sharing its config
+    pa.field("computed_in", pa.string()),
     pa.field("config_hash", pa.string(), nullable=False),
     pa.field("checkpoint", pa.string(), nullable=False),  # construction | last | best
     pa.field("test_loss", pa.float64()),
@@ -75,7 +77,7 @@ _RESULT_FIELDS = [
 CONFIG, IDENTITY, PROVENANCE, METRIC = "config", "identity", "provenance", "metric"
 IDENTITY_COLUMNS = ("experiment", "checkpoint")
 PROVENANCE_COLUMNS = (
-    "config_hash", "lorabench_version", "torch_version", "device", "device_name", "torch_threads", "engine",
+    "computed_in", "config_hash", "lorabench_version", "torch_version", "device", "device_name", "torch_threads", "engine",
     "wall_time_s", "cell_size",
 )
 
@@ -158,7 +160,7 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
     version = (table.schema.metadata or {}).get(SCHEMA_KEY)
     expected = (schema.metadata or {}).get(SCHEMA_KEY)
     if version == b"3" and expected == b"4":
-        table, version = _validated_every_step(table), expected
+        table, version = _from_version_3(table), expected
     if version != expected:
         found = version.decode() if version else "none"
         raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()} "
@@ -167,12 +169,18 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
     return table
 
 
-def _validated_every_step(table: pa.Table) -> pa.Table:
-    """A version-3 table as version 4: its runs predate val_every and validated every step."""
-    at = table.schema.get_field_index("curve_every") + 1 if "curve_every" in table.column_names else table.num_columns
-    field = RUNS_SCHEMA.field("val_every")
-    table = table.add_column(at, field, pa.array([1] * table.num_rows, field.type))
+def _from_version_3(table: pa.Table) -> pa.Table:
+    """A version-3 table as version 4: its runs predate val_every (they validated every
+    step) and shared configs (each experiment trained its own rows)."""
+    table = _inserted_after(table, "curve_every", "val_every", pa.array([1] * table.num_rows, pa.int64()))
+    if "experiment" in table.column_names:
+        table = _inserted_after(table, "experiment", "computed_in", table.column("experiment"))
     return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"4"})
+
+
+def _inserted_after(table: pa.Table, after: str, name: str, values) -> pa.Table:
+    at = table.schema.get_field_index(after) + 1 if after in table.column_names else table.num_columns
+    return table.add_column(at, RUNS_SCHEMA.field(name), values)
 
 
 def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -> "pd.DataFrame":
