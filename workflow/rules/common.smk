@@ -96,6 +96,7 @@ DEFINED_JOBS = WF.jobs(defined=True)
 JOB_BY_ID = lbx.job_index(DEFINED_JOBS)
 MODELS_JOB = lbx.models_jobs(DEFINED_JOBS)
 SHARED = lbx.shared_configs(DEFINED_JOBS)
+RUN_JOBS = WF.run_jobs()  # the selection's jobs and the other experiments' train jobs it reuses
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 
@@ -193,8 +194,8 @@ def caption(name):
 
 
 def benchmark_files():
-    """Every benchmark record of this config's jobs but the costs step's own."""
-    out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in JOBS]
+    """Every benchmark record of the jobs this run needs but the costs step's own."""
+    out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in RUN_JOBS]
     out += [f"logs/benchmarks/aggregate_protocol/{name}/{p}/runs.tsv" for name in SELECTED for p in WF.protocols]
     out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
     out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv",
