@@ -116,18 +116,29 @@ def test_smoke_writes_the_costs_of_every_rule(smoke_run):
     assert (costs["s"] > 0).all() and (costs["jobs"] >= 1).all()
 
 
-def test_shared_configs_are_trained_once_and_copied(smoke_run):
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_shared_configs_are_trained_once_and_copied(smoke_run, tmp_path, protocol):
     """bias's tuned-bias runs and all of training_curves' are fnn's configs: fnn's train
-    job trains them, the others copy its rows (computed_in says so), values unchanged."""
+    job trains them and the others copy its rows (computed_in says so). Training bias's
+    job in full, in its own cell with its own models file, gives those rows bit for bit."""
+    from lorabench.runs import experiments as lbx, pipeline
+
     runs = read_table(smoke_run / "results/runs.parquet").to_pandas()
+    runs = runs[runs["protocol"] == protocol]
     bias = runs[runs["experiment"] == "bias"]
     copied = bias[bias["computed_in"] == "fnn"]
     assert set(copied["tune_bias"]) == {1} and set(bias.loc[bias["computed_in"] == "bias", "tune_bias"]) == {0}
     assert set(runs.loc[runs["experiment"] == "training_curves", "computed_in"]) == {"fnn"}
-    fnn = runs[runs["experiment"] == "fnn"].set_index(["config_hash", "checkpoint"])
+    wf = lbx.load({**copy.deepcopy(CONFIG), "preset": "smoke"})
+    job = next(j for j in wf.jobs() if (j.experiment, j.kind, j.protocol) == ("bias", "train", protocol))
+    (models,) = (smoke_run / f"results/models/bias/{protocol}").glob("*.pt")
+    pipeline.train(pipeline.job_spec(wf.job_ref(job)), str(models), str(tmp_path / "alone.parquet"), device="cpu")
+    alone = read_table(tmp_path / "alone.parquet").to_pandas().set_index(["config_hash", "checkpoint"])
     keys = list(zip(copied["config_hash"], copied["checkpoint"]))
-    for column in ("test_loss", "val_loss", "train_loss", "best_step"):
-        assert list(copied[column]) == list(fnn.loc[keys, column]), column
+    assert len(keys) == 2 * 2 * 4 * 2  # pretrained x ranks x seeds, both checkpoints
+    for column in ("test_loss", "test_shift_loss", "val_loss", "train_loss", "best_step", "train_curve"):
+        assert [list(v) if column.endswith("curve") else v for v in copied[column]] == \
+               [list(v) if column.endswith("curve") else v for v in alone.loc[keys, column]], column
 
 
 def test_second_invocation_has_nothing_to_do(smoke_run):
