@@ -111,6 +111,9 @@ def test_a_train_job_copies_the_rows_another_experiments_job_trained(tmp_path, p
     shared, alone = sorted(shared, key=key), sorted(alone, key=key)
     copied = {c.config_hash() for c in cfgs[::2]}
     assert len(shared) == len(alone) == 2 * len(cfgs)
+    # a config held by two of the given files (a job that copied it from another) comes once
+    pipeline.train(spec, models, str(tmp_path / "twice.parquet"), device="cpu", reuse=[str(donor), str(donor)])
+    assert len(read_table(tmp_path / "twice.parquet")) == len(shared)
     for a, b in zip(shared, alone):
         assert a["experiment"] == b["experiment"] == "bias" and b["computed_in"] == "bias"
         assert a["computed_in"] == ("fnn" if a["config_hash"] in copied else "bias")

@@ -95,7 +95,7 @@ JOBS = WF.jobs()
 DEFINED_JOBS = WF.jobs(defined=True)
 JOB_BY_ID = lbx.job_index(DEFINED_JOBS)
 MODELS_JOB = lbx.models_jobs(DEFINED_JOBS)
-SHARED = lbx.shared_configs(DEFINED_JOBS)
+SHARED = WF.shared
 RUN_JOBS = WF.run_jobs()  # the selection's jobs and the other experiments' train jobs it reuses
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}

@@ -121,15 +121,20 @@ class WorkflowConfig:
                 name, protocol, [c.replace(protocol=protocol) for c in cfgs], self.split_seeds, self.split_by)]
         return self._expanded[name]
 
+    @cached_property
+    def shared(self) -> dict[JobKey, dict[JobKey, tuple[RunConfig, ...]]]:
+        """``shared_configs`` over every defined experiment's jobs."""
+        return shared_configs(self.jobs(defined=True))
+
     def run_jobs(self) -> list[Job]:
         """The jobs a run of the selected experiments runs: theirs, and the train jobs of
         other experiments whose rows they reuse, with those jobs' models jobs; in the
         order of ``jobs(defined=True)``."""
         every = self.jobs(defined=True)
         keys = {job_key(j) for j in every if j.experiment in self.experiments}
-        sources = {source for key, by_source in shared_configs(every).items() if key in keys for source in by_source}
-        seeds = {(j.experiment, j.protocol, j.seed) for j in every if job_key(j) in sources}
-        return [j for j in every if job_key(j) in keys | sources
+        wanted = keys | {source for key, by_source in self.shared.items() if key in keys for source in by_source}
+        seeds = {(j.experiment, j.protocol, j.seed) for j in every if job_key(j) in wanted - keys}
+        return [j for j in every if job_key(j) in wanted
                 or (j.kind == "models" and (j.experiment, j.protocol, j.seed) in seeds)]
 
     def job_ref(self, job: Job) -> str:

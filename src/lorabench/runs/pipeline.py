@@ -96,7 +96,9 @@ def _rows_with_experiment(rows, experiment: str) -> list[dict]:
 
 def reused_rows(paths, cfgs) -> dict[str, list[dict]]:
     """Config hash -> its rows in other train jobs' result files, for the configs of
-    ``cfgs`` found there (their ``computed_in`` names the experiment that trained them)."""
+    ``cfgs`` found there (their ``computed_in`` names the experiment that trained them).
+    A config held by several files (one job may have copied it from another) is taken
+    from the first, so its rows are never doubled."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -106,8 +108,10 @@ def reused_rows(paths, cfgs) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for path in paths:
         table = read_table(path)
+        here: dict[str, list[dict]] = {}
         for row in table.filter(pc.is_in(table["config_hash"], value_set=wanted)).to_pylist():
-            found.setdefault(row["config_hash"], []).append(row)
+            here.setdefault(row["config_hash"], []).append(row)
+        found.update({key: rows for key, rows in here.items() if key not in found})
     return found
 
 
