@@ -47,13 +47,13 @@ def step_seconds(cfgs: list[RunConfig], val_samples: int, blocks: int, block: in
     from lorabench.runs.runner import ModelCache
     from lorabench.training.engines import engine_for
     from lorabench.training.optimiser import BatchedAdam
-    from lorabench.training.trainables import fnn_trainable, stack_lora, stack_models, tfn_trainable
+    from lorabench.methods import method_of
+    from lorabench.training.trainables import stack_models
 
     cfg, cpu = cfgs[0], torch.device("cpu")
     cache = ModelCache({model_key(c): generate_models(model_key(c)) for c in cfgs})
     models = [cache.get(c) for c in cfgs]
-    make = fnn_trainable if cfg.exp == "fnn" else tfn_trainable
-    trainable = make(cfgs, stack_models([m.frozen for m in models]), stack_lora([m.lora_init for m in models]))
+    trainable = method_of(cfg).trainable(cfgs, stack_models([m.frozen for m in models]), models)
     protocol = protocol_of(cfg)
     sets = protocol.eval_sets(cfg)
     stream = protocol.stream(cfg, models[0].target, sets, protocol.training_set(models), len(cfgs), cpu)

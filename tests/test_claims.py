@@ -49,6 +49,15 @@ def built_metrics(experiment: str, cfg: RunConfig) -> dict:
             test = (1e-12 if good else 1e-3) * _scale(cfg)
     elif cfg.method == "flt":
         test = 0.1
+    elif experiment == "methods" and cfg.method != "sgd":
+        lora = built_metrics(experiment, cfg.replace(method="sgd", method_settings=""))["test_loss"]
+        if cfg.method == "full":
+            test = 1e-6 if good else 1.0
+        elif cfg.method == "vera":  # compared at equal parameter counts: VeRA at R = D with LoRA at R = 1
+            test = built_metrics(experiment, cfg.replace(method="sgd", method_settings="", rank=1))["test_loss"]
+            test *= 0.5 if good else 2.0
+        else:
+            test = lora * (0.9 if good else 1.5)
     elif experiment == "flt":
         test = 0.01 if good else 0.2
     elif experiment == "depth":

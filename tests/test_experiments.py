@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 NAMES = ["linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-         "training_curves", "uniform_sv", "threshold_law"]
+         "training_curves", "uniform_sv", "threshold_law", "methods"]
 
 
 def load(preset="paper", **changes):
@@ -42,7 +42,7 @@ def test_config_matches_schema():
 
 
 def test_schema_settings_are_the_runconfig_fields():
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"protocol", "method"}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"protocol", "method", "method_settings"}
     assert set(SCHEMA["definitions"]["settings"]["properties"]) == fields
 
 
@@ -62,6 +62,9 @@ PAPER_COUNTS = {
     "uniform_sv": 5 * (16 + 16 * GRID),
     # beyond the paper, constructions only, 3 seeds, ranks 1..D: FNN 5 depth pairs at D = 8..64, TFN 2 depths at D = 8..32
     "threshold_law": 3 * (5 * (8 + 16 + 32 + 64) + 2 * (8 + 16 + 32)),
+    # beyond the paper, 3 seeds, random/pretrained, ranks 1, 2, 4, 8, 16 in FNN (1, 2), (2, 4) and TFN depth 1:
+    # the construction; LoRA, DoRA, VeRA, PiSSA on the grid; full fine-tuning's one point; the last 1..L layers
+    "methods": 3 * 2 * (3 * 5 + 3 * (4 * 5 + 1) * GRID + (2 + 4) * GRID),
 }
 
 
@@ -75,7 +78,7 @@ def test_paper_preset_settings(paper):
     for name, cfgs in paper.experiments.items():
         if name == "threshold_law":
             continue  # its own grid: test_threshold_law_grid
-        assert {c.seed for c in cfgs} == set(range(5)), name
+        assert {c.seed for c in cfgs} == set(range(3 if name == "methods" else 5)), name
         assert {c.width for c in cfgs} == {16}
         for c in cfgs:
             if c.method == "ours":
@@ -95,17 +98,25 @@ def test_paper_preset_settings(paper):
     assert {c.rank_step for c in paper.experiments["rank_step"]} == {-2, -1, 0, 1, 2}
     assert {c.pretrained for c in paper.experiments["classification"]} == {0}
     assert {c.init_mode for c in paper.experiments["uniform_sv"]} == {"uniform_singular_values"}
+    methods = paper.experiments["methods"]
+    assert {c.method for c in methods} == {"ours", "sgd", "flt", "full", "dora", "vera", "pissa"}
+    assert {c.method for c in methods if c.exp == "tfn"} == {"ours", "sgd", "full", "dora", "vera", "pissa"}
+    assert {(c.frozen_depth, c.last_layers) for c in methods if c.method == "flt"} == {
+        (2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (4, 4)}
+    assert {c.tune_bias for c in methods if c.method != "ours"} == {1}
+    assert {c.method_settings for c in methods if c.method == "vera"} == {'{"d_init":0.1}'}
 
 
 def test_smoke_preset_is_small_but_complete(smoke):
     assert list(smoke.experiments) == NAMES
     total = sum(len(c) for c in smoke.experiments.values())
-    assert total < 500
+    assert total < 800
     for name, cfgs in smoke.experiments.items():
         assert {c.seed for c in cfgs} == {0, 1}
         assert all(c.n_test == 500 for c in cfgs)
         gradient = [c for c in cfgs if c.method != "ours"]
-        assert all(c.n_epochs == (10 if name == "tfn" else 30) and c.lr == 1e-2 and c.weight_decay == 0 for c in gradient)
+        assert all(c.n_epochs == (10 if name in ("tfn", "methods") else 30) and c.lr == 1e-2 and c.weight_decay == 0
+                   for c in gradient)
     # the threshold rank of the FNN experiments is kept, so the figures show it
     for c in smoke.experiments["fnn"]:
         assert fnn_threshold_rank(16, c.frozen_depth, c.target_depth) in {
@@ -207,7 +218,9 @@ def test_shared_configs_train_once_in_the_first_experiment_that_holds_them(paper
             assert set(cfgs) <= set(job.configs) & set(source.configs) and source_key not in shared
             pairs[(job.experiment, source.experiment)] += len(cfgs)
     assert pairs == {("bias", "fnn"): 3840, ("rank_step", "fnn"): 240, ("depth", "fnn"): 1920,
-                            ("depth", "flt"): 1920, ("training_curves", "fnn"): 1200}
+                     ("depth", "flt"): 1920, ("training_curves", "fnn"): 1200,
+                     # LoRA at ranks 1, 2, 4, 8, 16 in the fnn and tfn experiments' settings, seeds 0-2
+                     ("methods", "fnn"): 2 * 2 * 2 * 3 * 5 * GRID, ("methods", "tfn"): 2 * 2 * 3 * 5 * GRID}
     # bias trains only its fixed-bias runs; its tuned-bias ones are fnn's (1, 2) runs
     bias = {c for j in jobs if j.experiment == "bias" and j.kind == "train" for c in j.configs}
     copied = {c for key, by in shared.items() if key[0] == "bias" for cfgs in by.values() for c in cfgs}
@@ -292,7 +305,7 @@ def test_sweep_and_preset_mechanics():
 
 
 # full_length: the paper's configs, fewer seeds (the transformer one; threshold_law its own three).
-FULL_LENGTH_SEEDS = {name: {0, 1} for name in NAMES} | {"tfn": {0}, "threshold_law": {0, 1, 2}}
+FULL_LENGTH_SEEDS = {name: {0, 1} for name in NAMES} | {"tfn": {0}, "threshold_law": {0, 1, 2}, "methods": {0}}
 
 
 def test_full_length_is_the_paper_grid_on_fewer_seeds(paper):

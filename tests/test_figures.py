@@ -23,7 +23,8 @@ from lorabench.core.protocols import protocol_of
 from lorabench.core.config import RunConfig
 from lorabench.core.protocols import generate_models
 from lorabench.runs.results import RUNS_SCHEMA, SELECTED_SCHEMA, atomic_write_table, read_rows, write_rows
-from lorabench.runs.runner import model_key, theory_columns, threshold_rank, trainable_parameter_count
+from lorabench.methods import method_of, validated
+from lorabench.runs.runner import model_key, theory_columns, threshold_rank
 from lorabench.runs.selection import select_by_validation
 
 # Small models: the rows' theory columns are computed from them, as the runner does.
@@ -47,10 +48,14 @@ def default_metrics(experiment: str, cfg: RunConfig) -> dict:
         test = _construction_mse(cfg)
     elif cfg.method == "flt":
         test = (0.3 / cfg.last_layers + 0.05) * (1 + 0.1 * cfg.seed) * lr_penalty
+    elif cfg.method == "full":
+        test = 1e-4 * lr_penalty
     else:
         test = (0.15 * max(thr - cfg.rank, 0) / thr * (1 + 0.1 * cfg.seed) + 1e-3) * lr_penalty
         if cfg.tune_bias == 0:
             test *= 1.5
+        if cfg.method in ("dora", "pissa"):
+            test *= 0.9
     out = dict(test_loss=test, test_shift_loss=25 * test, val_loss=test * 1.01, train_loss=test * 0.99)
     if cfg.n_train is not None and cfg.method == "sgd":
         out["train_loss"] = test / (100 if cfg.target_depth == 1 else 1.2)
@@ -73,7 +78,7 @@ def stored_theory(cfg: RunConfig) -> dict:
 
 
 def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) -> dict:
-    cfg = cfg.validated()
+    cfg = validated(cfg)
     row = cfg.to_dict()
     steps = list(range(0, cfg.n_epochs + 1, cfg.curve_every)) if cfg.method != "ours" else []
     final = metrics.get("train_loss") or 0.0
@@ -82,7 +87,7 @@ def make_row(experiment: str, cfg: RunConfig, checkpoint: str, metrics: dict) ->
         test_loss=None, test_shift_loss=None, val_loss=None, train_loss=None,
         test_accuracy=None, test_shift_accuracy=None, val_accuracy=None,
         best_step=cfg.n_epochs if cfg.method != "ours" else None, diverged=False, diverged_step=None,
-        n_trainable_params=trainable_parameter_count(cfg), threshold_rank=threshold_rank(cfg),
+        n_trainable_params=method_of(cfg).parameter_count(cfg), threshold_rank=threshold_rank(cfg),
         pretrain_steps=3 if cfg.pretrained else None, **stored_theory(cfg),
         curve_steps=steps, train_curve=[final * (10 ** (1 - i / max(len(steps) - 1, 1))) for i in range(len(steps))],
         val_curve=[final] * len(steps),
@@ -153,6 +158,15 @@ def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[Run
                 out += [s.replace(method="sgd", target_depth=lbar, frozen_depth=depth, rank=r) for r in (1, 2, 4)]
         elif experiment == "uniform_sv":
             out += [s.replace(init_mode="uniform_singular_values", method=m, rank=r) for r in RANKS for m in ("ours", "sgd")]
+        elif experiment == "methods":  # every built-in method on the methods experiment's three settings
+            for variant in (dict(target_depth=1, frozen_depth=2), dict(target_depth=2, frozen_depth=4),
+                            dict(exp="tfn", target_depth=1, frozen_depth=1)):
+                for pre in both:
+                    c = s.replace(pretrained=pre, **variant)
+                    out += [c.replace(method=m, rank=r) for r in RANKS for m in ("ours", "sgd", "dora", "vera", "pissa")]
+                    out.append(c.replace(method="full"))
+                    if c.exp == "fnn":
+                        out += [c.replace(method="flt", last_layers=k) for k in range(1, c.frozen_depth + 1)]
         elif experiment == "threshold_law":  # a pair Lbar divides, one it does not, and a TFN
             for lbar, depth, exp in ((1, 2, "fnn"), (2, 5, "fnn"), (1, 1, "tfn")):
                 out += [s.replace(exp=exp, target_depth=lbar, frozen_depth=depth, rank=r, method="ours") for r in RANKS]
@@ -162,7 +176,7 @@ def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[Run
 
 
 EXPERIMENTS = ("linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-               "training_curves", "uniform_sv", "threshold_law")
+               "training_curves", "uniform_sv", "threshold_law", "methods")
 
 
 def synthetic_runs(

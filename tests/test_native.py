@@ -16,8 +16,9 @@ from lorabench.core.models import map_tensors
 from lorabench.core.models import forward
 from lorabench.core.protocols import protocol_of
 from lorabench.training.optimiser import BatchedAdam
-from lorabench.training.trainables import (autograd_value_and_grad, fnn_trainable, stack_lora, stack_models,
-                                          target_outputs_for, tfn_trainable)
+from lorabench.methods import method_of
+from lorabench.training.trainables import (autograd_value_and_grad, stack_lora, stack_models, target_outputs_for,
+                                          tfn_lora_trainable)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native step cannot be built")
 
@@ -36,7 +37,7 @@ def engine(monkeypatch):
 def _cell(cfgs, engine_value, monkeypatch):
     monkeypatch.setenv("LORABENCH_ENGINE", engine_value)
     models = [generate_models(c) for c in cfgs]
-    trainable = fnn_trainable(cfgs, stack_models([m.frozen for m in models]), stack_lora([m.lora_init for m in models]))
+    trainable = method_of(cfgs[0]).trainable(cfgs, stack_models([m.frozen for m in models]), models)
     return trainable, models[0].target
 
 
@@ -218,7 +219,7 @@ def _tfn_cell(cfgs, engine_value, monkeypatch, dtype=torch.float32):
     frozen = map_tensors(stack_models([m.frozen for m in models]), lambda t: t.to(dtype))
     lora = stack_lora([m.lora_init for m in models])
     lora = LoRA(*({k: v.to(dtype) for k, v in part.items()} for part in (lora.a, lora.b, lora.mask)))
-    return tfn_trainable(cfgs, frozen, lora), models[0].target
+    return tfn_lora_trainable(cfgs, frozen, lora), models[0].target
 
 
 def _tfn_setup(depth, monkeypatch, width=16, tokens=5):

@@ -39,15 +39,18 @@ SMOKE = {
     "training_curves": (2 * 3 * 2, 2 * 3 * 2 * 30, 0),  # variants x {1, 8, 16} x seeds
     "uniform_sv": (4 * 2, 4 * 2 * 30, 4 * 2),
     "threshold_law": (0, 0, (4 + 5) * 2 * 2),  # constructions only: ranks {3, 4, 7, 8} at D=8, and 16 at D=16; FNN + TFN; seeds
+    # (1, 2), (2, 4), TFN: LoRA, DoRA, VeRA, PiSSA at 4 ranks, full fine-tuning, final layers {1} and {1, 4}; 10 steps
+    "methods": (2 * 2 * (3 * (4 * 4 + 1) + 1 + 2), 2 * 2 * (3 * (4 * 4 + 1) + 1 + 2) * 10, 3 * 4 * 2 * 2),
 }
 
 
-# Configs an experiment copies from fnn's train jobs (shared configs train once; 30 steps each)
+# Configs an experiment copies from fnn's (methods: tfn's) train jobs (shared configs train once)
 REUSED = {
     "bias": 2 * 4 * 2,  # its tuned-bias runs are fnn's (1, 2) runs: pretrained x ranks x seeds
     "rank_step": 2 * 2,  # rank 8 with step 0 is fnn's (2, 4) run: pretrained x seeds
     "depth": 4 * 2,  # frozen depth 2 is fnn's unpretrained (1, 2): ranks x seeds
     "training_curves": 2 * 3 * 2,  # all of them: fnn's unpretrained runs at ranks 1, 8, 16
+    "methods": 4 * 2 * 2,  # its transformer LoRA runs are tfn's depth-1 ones: ranks x pretrained x seeds (10 steps)
 }
 
 
@@ -61,7 +64,9 @@ def test_smoke_counts_match_a_count_by_hand(smoke, tmp_path):
     result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
     got = {(r["experiment"], r["protocol"]): (r["configs"], r["reused"], r["config_steps"], r["constructions"])
            for r in result["rows"]}
-    own = {name: (configs - REUSED.get(name, 0), REUSED.get(name, 0), steps - 30 * REUSED.get(name, 0), built)
+    steps_of = {"methods": 10}  # the reused configs' steps
+    own = {name: (configs - REUSED.get(name, 0), REUSED.get(name, 0),
+                  steps - steps_of.get(name, 30) * REUSED.get(name, 0), built)
            for name, (configs, steps, built) in SMOKE.items()}
     assert got == {(name, protocol): counts for name, counts in own.items() for protocol in ("paper", "reference")}
     assert result["total"]["config_steps"] == 2 * sum(c[2] for c in own.values())

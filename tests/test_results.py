@@ -62,23 +62,43 @@ def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
     write_rows(rows, path)
     table = pq.read_table(path).drop(["svd_optimum_mse", "target_mse_scale"])
     pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"2"}), path)
-    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 4 .*rerun"):
+    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 5 .*rerun"):
         read_table(path)
 
 
 def test_version_3_files_read_as_validated_every_step_and_trained_in_their_experiment(tmp_path, rows):
     """A version-3 file (no val_every column: every run validated each step; no
-    computed_in: every experiment trained its own rows) reads as version 4 with
-    val_every 1 and computed_in its experiment, its rows otherwise unchanged."""
+    computed_in: every experiment trained its own rows; no method columns: lorabench's own
+    methods, without settings) reads as the current version with val_every 1,
+    computed_in its experiment, no method settings, its rows otherwise unchanged."""
     path = tmp_path / "runs.parquet"
     write_rows([dict(r, experiment=name, computed_in=name) for r, name in zip(rows, itertools.cycle(["a", "b"]))],
                path)
     current = pq.read_table(path)
-    pq.write_table(current.drop(["val_every", "computed_in"]).replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
+    older = current.drop(["val_every", "computed_in", "method_settings", "method_digest"])
+    pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
     upgraded = read_table(path)
     assert upgraded.schema.names == current.schema.names
     assert upgraded.column("val_every").to_pylist() == [1] * len(rows)
     assert upgraded.equals(current)
+
+
+def test_version_4_files_read_as_lorabench_methods_without_settings(tmp_path, rows):
+    """A version-4 file (before methods were plug-ins) reads with method_settings '' and
+    no method digest, its rows otherwise unchanged; a file of the current version whose
+    method columns are missing is refused by name."""
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    current = pq.read_table(path)
+    older = current.drop(["method_settings", "method_digest"])
+    pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"4"}), path)
+    upgraded = read_table(path)
+    assert upgraded.column("method_settings").to_pylist() == [""] * len(rows)
+    assert upgraded.column("method_digest").null_count == len(rows)
+    assert upgraded.equals(current)
+    pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"5"}), path)
+    with pytest.raises(ResultsError, match="missing column 'method_settings'"):
+        read_table(path)
 
 
 def test_rows_carry_the_theory_of_their_models(rows):
@@ -150,7 +170,8 @@ def test_group_with_only_diverged_runs_stays_visible_as_nan(rows):
 # The grouping keys of a runs table as they were when they were listed by hand: every
 # RunConfig field but lr and weight_decay, then the workflow's experiment and checkpoint.
 GROUP_KEYS = [
-    "exp", "width", "target_depth", "frozen_depth", "rank", "use_bias", "activation", "std", "method", "batch_size",
+    "exp", "width", "target_depth", "frozen_depth", "rank", "use_bias", "activation", "std", "method", "method_settings",
+    "batch_size",
     "n_epochs", "n_test", "init_mode", "pretrained", "pretrained_epochs", "pretrained_lr", "pretrained_level",
     "tune_bias", "last_layers", "seed", "rank_step", "task", "n_train", "best_epoch", "n_head", "seq_length",
     "better_optim", "dropout", "protocol", "n_val", "curve_every", "val_every", "experiment", "checkpoint",

@@ -9,7 +9,8 @@ from lorabench.core.protocols import generate_models
 from lorabench.core.models import forward
 from lorabench.core.protocols import protocol_of
 from lorabench.training.optimiser import BatchedAdam
-from lorabench.training.trainables import autograd_value_and_grad, fnn_trainable, stack_lora, stack_models
+from lorabench.methods import method_of
+from lorabench.training.trainables import autograd_value_and_grad, stack_models
 
 FNN_CELL = dict(width=8, target_depth=1, frozen_depth=2, batch_size=64, n_test=500, n_epochs=40, method="sgd", seed=3)
 
@@ -52,7 +53,7 @@ def test_hand_written_fnn_gradients_equal_autograd(method, task, protocol):
                       tune_bias=tb, protocol=protocol)
             for r in (1, 5) for tb in (0, 1)]
     models = [generate_models(c) for c in cfgs]
-    trainable = fnn_trainable(cfgs, stack_models([m.frozen for m in models]), stack_lora([m.lora_init for m in models]))
+    trainable = method_of(cfgs[0]).trainable(cfgs, stack_models([m.frozen for m in models]), models)
     gen = torch.Generator().manual_seed(1)
     flat = trainable.init + 0.1 * torch.randn(trainable.init.shape, generator=gen)
     x = torch.randn(64, 8, generator=gen)
@@ -183,12 +184,13 @@ def test_val_every_is_refused_where_a_result_would_change():
 
 
 def test_val_every_at_its_default_leaves_the_config_hash_unchanged():
-    """Runs made before val_every existed keep their hashes (and the workflow its job ids)."""
+    """Runs made before val_every (and method_settings) existed keep their hashes (and the
+    workflow its job ids)."""
     import hashlib
     import json
 
     cfg = RunConfig(**FNN_CELL)
-    without = {k: v for k, v in cfg.to_dict().items() if k != "val_every"}
+    without = {k: v for k, v in cfg.to_dict().items() if k not in ("val_every", "method_settings")}
     before = hashlib.sha256(json.dumps(without, sort_keys=True, default=repr).encode()).hexdigest()[:16]
     assert cfg.config_hash() == before
     assert cfg.replace(val_every=2).config_hash() != before

@@ -220,6 +220,37 @@ def test_a_figure_target_runs_only_what_that_figure_needs(tmp_path):
     assert "results/figures/distribution_shift.png" in outputs
 
 
+def test_a_users_method_runs_through_the_workflow_to_the_methods_figure(tmp_path, monkeypatch):
+    """A method written outside the package (the example of docs/methods.md), named by its
+    module path in config.yaml, trains in the methods experiment beside the built-in
+    ones and is drawn; editing it reruns its own jobs and nothing else."""
+    from test_methods import user_method_source
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "my_methods.py").write_text(user_method_source())
+    monkeypatch.setenv("PYTHONPATH", str(plugins))
+    config = tiny_config(experiments=("fnn", "tfn", "methods"))
+    config["experiments"]["methods"]["methods"]["my_methods:LoRAFA"] = {"rank": [1, 2, 8, 16], "scale": [1.0]}
+    workdir = make_workdir(tmp_path / "work", config)
+    snakemake(workdir, "all_figures", "--config", "experiments=[methods]")
+    assert (workdir / "results/figures/methods.png").stat().st_size > 10_000
+    selected = read_table(workdir / "results/selected.parquet", SELECTED_SCHEMA).to_pandas()
+    mine = selected[selected["experiment"] == "methods"]
+    assert {"ours", "sgd", "flt", "full", "dora", "vera", "pissa", "my_methods:LoRAFA"} <= set(mine["method"])
+    user = mine[mine["method"] == "my_methods:LoRAFA"]
+    assert set(user["method_settings"]) == {'{"scale":1.0}'} and user["method_digest"].notna().all()
+    assert set(user["exp"]) == {"fnn", "tfn"}
+    claims = pd.read_csv(workdir / "results/claims.csv")
+    assert set(claims.loc[claims["id"].str.startswith("methods_"), "status"]) <= {"pass", "fail"}
+
+    (plugins / "my_methods.py").write_text(user_method_source() + "\n# edited\n")
+    rerun = [o for o in planned_outputs(workdir, "all_runs", "--config", "experiments=[methods]")
+             if o.startswith("results/cells/")]
+    assert rerun and all(o.startswith("results/cells/methods/") for o in rerun)
+    assert len(rerun) == 1  # the user's method's train job (one protocol, all seeds in the smoke preset)
+
+
 def test_an_unknown_experiment_in_the_selection_is_named(tmp_path):
     workdir = make_workdir(tmp_path)
     proc = snakemake(workdir, "-n", "all_figures", "--config", "experiments=[fnn,fnx]", check=False)

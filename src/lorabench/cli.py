@@ -31,12 +31,12 @@ from .core.config import (
     DEVICES,
     EXPERIMENTS,
     INIT_MODES,
-    METHODS,
     PROTOCOLS,
     TASKS,
     ConfigError,
     RunConfig,
 )
+from .methods import BUILT_IN, validated
 from .runs.dispatch import DISPATCHES, DispatchError, SlurmSettings
 from .runs.results import ResultsError
 
@@ -134,8 +134,10 @@ def _add_run(sub) -> None:
     flag("use_bias", type=int, choices=[0, 1], default=d.use_bias, help="models with biases (1) or without (0)")
     flag("activation", choices=ACTIVATIONS, default=d.activation, help="activation of the FNNs")
     flag("std", type=float, default=d.std, help="std of the LoRA B initialisation")
-    flag("method", choices=METHODS, default=d.method,
-         help="ours: the paper's construction; sgd: gradient-trained LoRA; flt: tune the final layers")
+    flag("method", default=d.method,
+         help=f"one of {', '.join(BUILT_IN)} (docs/methods.md), or a method of your own as package.module:ClassName")
+    flag("method_settings", default=d.method_settings,
+         help="the method's own settings as a JSON object, e.g. '{\"d_init\": 0.1}' for vera")
     flag("batch_size", type=int, default=d.batch_size, help="training batch size")
     flag("n_epochs", type=int, default=d.n_epochs, help="Adam steps")
     flag("lr", default=str(d.lr), help="learning rate(s): one or a list")
@@ -290,7 +292,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     }
     cfgs = []
     for seed, rank, lr, wd in itertools.product(swept["seed"], swept["rank"], swept["lr"], swept["weight_decay"]):
-        cfgs.append(RunConfig(**fixed, seed=seed, rank=rank, lr=lr, weight_decay=wd).validated())
+        cfgs.append(validated(RunConfig(**fixed, seed=seed, rank=rank, lr=lr, weight_decay=wd)))
     return cfgs
 
 

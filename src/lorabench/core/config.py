@@ -13,7 +13,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class ConfigError(ValueError):
@@ -21,7 +21,6 @@ class ConfigError(ValueError):
 
 
 EXPERIMENTS = ("fnn", "tfn")
-METHODS = ("ours", "sgd", "flt")
 ACTIVATIONS = ("relu", "linear")
 INIT_MODES = ("default", "uniform_singular_values")
 TASKS = ("regression", "classification", "binary_classification")
@@ -39,7 +38,8 @@ class RunConfig:
     use_bias: int = 1
     activation: str = "relu"
     std: float = 0.25
-    method: str = "ours"
+    method: str = "ours"  # a built-in method's name or 'package.module:ClassName' (lorabench.methods)
+    method_settings: str = ""  # the method's own settings as a JSON object ('' for none)
     batch_size: int = 5000
     n_epochs: int = 1000
     lr: float = 1e-3
@@ -90,12 +90,15 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     # --------------------------------------------------------------- validation
-    def validated(self) -> "RunConfig":
-        """Return the config with TFN depth normalised, or raise ConfigError."""
+    def validated(self, method_check: Optional[Callable[["RunConfig"], "RunConfig"]] = None) -> "RunConfig":
+        """Return the config with TFN depth normalised, or raise ConfigError.
+
+        ``method_check``: the method's own validation (``lorabench.methods.validated``
+        passes it; the methods build on this module), run before the TFN's frozen depth
+        is set to its target depth."""
         _check_types(self)
         checks = [
             (self.exp in EXPERIMENTS, f"exp must be one of {EXPERIMENTS}, got {self.exp!r}"),
-            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
             (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
             (self.init_mode in INIT_MODES, f"init_mode must be one of {INIT_MODES}, got {self.init_mode!r}"),
             (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
@@ -103,9 +106,7 @@ class RunConfig:
             (self.width >= 1, f"width must be >= 1, got {self.width}"),
             (self.target_depth >= 1, f"target_depth must be >= 1, got {self.target_depth}"),
             (self.frozen_depth >= 1, f"frozen_depth must be >= 1, got {self.frozen_depth}"),
-            (self.rank >= 0, f"rank must be >= 1, got {self.rank}"),
-            (self.rank >= 1 or self.method == "ours",
-             f"rank must be >= 1 for method {self.method!r} (rank 0 exists only for method 'ours'), got {self.rank}"),
+            (self.rank >= 0, f"rank must be >= 0, got {self.rank}"),
             (self.rank <= self.width, f"rank {self.rank} exceeds width {self.width}"),
             (self.std >= 0 and math.isfinite(self.std), f"std must be finite and >= 0, got {self.std}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -131,6 +132,7 @@ class RunConfig:
                 raise ConfigError(message)
         if self.val_every > 1:
             _check_sparse_validation(self)
+        method_check = method_check or (lambda cfg: cfg)
 
         if self.exp == "fnn":
             if self.frozen_depth < self.target_depth:
@@ -138,25 +140,10 @@ class RunConfig:
                     f"frozen_depth ({self.frozen_depth}) must be >= target_depth ({self.target_depth}): "
                     "each target layer needs at least one frozen layer"
                 )
-            if self.method == "flt":
-                if not 1 <= self.last_layers <= self.frozen_depth:
-                    raise ConfigError(f"last_layers must be in [1, frozen_depth={self.frozen_depth}], got {self.last_layers}")
-                if not self.use_bias:
-                    raise ConfigError("method 'flt' tunes weights and biases of the last layers: it needs use_bias=1")
-            if self.method == "ours" and self.rank_step != 0:
-                raise ConfigError("rank_step != 0 is not supported by method 'ours' (the construction uses one rank)")
             if self.better_optim:
                 raise ConfigError("better_optim (residual + LayerNorm + dropout) exists only for exp 'tfn'")
-            return self
+            return method_check(self)
 
-        # TFN: one depth for frozen and target model.
-        if self.target_depth != self.frozen_depth:
-            if self.method == "ours":
-                raise ConfigError(
-                    f"TFN construction needs target_depth == frozen_depth, got {self.target_depth} and {self.frozen_depth}"
-                )
-        if self.method == "flt":
-            raise ConfigError("method 'flt' exists only for exp 'fnn'")
         if self.init_mode != "default":
             raise ConfigError("init_mode 'uniform_singular_values' exists only for exp 'fnn'")
         if self.task != "regression":
@@ -167,14 +154,13 @@ class RunConfig:
             raise ConfigError(f"n_head must be >= 1, got {self.n_head}")
         if self.seq_length < 1:
             raise ConfigError(f"seq_length must be >= 1, got {self.seq_length}")
-        if self.method == "ours" and self.better_optim:
-            raise ConfigError("the TFN construction is defined for the plain TFN: better_optim must be 0 with method 'ours'")
-        # The authors ignore frozen_depth for TFN (one depth for both models); say so in the data.
-        return self.replace(frozen_depth=self.target_depth)
+        # The authors ignore frozen_depth for TFN (one depth for both models); say so in the
+        # data, after the method has seen the depths it was given.
+        return method_check(self).replace(frozen_depth=self.target_depth)
 
 
 # name -> default (see RunConfig.config_hash)
-_HASHED_AWAY_FROM_DEFAULT = {"val_every": 1}
+_HASHED_AWAY_FROM_DEFAULT = {"val_every": 1, "method_settings": ""}
 
 
 def _check_sparse_validation(cfg: RunConfig) -> None:
@@ -221,7 +207,8 @@ def _check_types(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be a number, got {value!r}")
 
 
-def config_from_dict(values: dict[str, Any]) -> RunConfig:
+def config_from_dict(values: dict[str, Any],
+                     method_check: Optional[Callable[[RunConfig], RunConfig]] = None) -> RunConfig:
     """Build and validate a RunConfig; unknown keys are refused by name."""
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
@@ -231,4 +218,4 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
         # YAML and JSON give ints for floats written without a point (lr: 0 ...).
         if FIELD_TYPES[key][0] is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
-    return RunConfig(**values).validated()
+    return RunConfig(**values).validated(method_check)

@@ -75,8 +75,9 @@ def rows(
     checkpoint: str = DEFAULT_CHECKPOINT,
     **equal,
 ) -> pd.DataFrame:
-    """Rows of one experiment, protocol and method; method 'ours' uses the construction
-    rows, gradient methods the given checkpoint; ``equal`` filters further columns."""
+    """Rows of one experiment, protocol and method: a closed-form method's construction
+    rows, a gradient method's rows at the given checkpoint; ``equal`` filters further
+    columns."""
     needed = ("experiment", "protocol", "method", "checkpoint") + tuple(equal)
     if selected is None or selected.empty or not _has(selected, *needed):
         return pd.DataFrame(columns=list(selected.columns) if selected is not None else [])
@@ -84,7 +85,8 @@ def rows(
         (selected["experiment"] == experiment)
         & (selected["protocol"] == protocol)
         & (selected["method"] == method)
-        & (selected["checkpoint"] == ("construction" if method == "ours" else checkpoint))
+        # a closed-form method's rows are its constructions; a gradient method's, checkpoints
+        & selected["checkpoint"].isin(("construction", checkpoint))
     )
     for column, value in equal.items():
         mask &= selected[column] == value

@@ -21,6 +21,7 @@ FIGURE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "training_curves": ("training_curves",),
     "uniform_sv": ("uniform_sv",),
     "threshold_law": ("threshold_law",),
+    "methods": ("methods",),
 }
 
 

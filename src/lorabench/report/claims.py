@@ -10,7 +10,9 @@ Tolerances (module constants, stated in claims.md):
 * SVD optimum: median relative gap between construction and optimum <= OPTIMUM_RTOL
   (the test set is finite: 5,000 samples give ~1% sampling error);
 * bound: construction <= (1 + BOUND_SLACK) x bound for every seed and rank;
-* generalization gap: median test / median train >= GAP_FACTOR above the threshold.
+* generalization gap: median test / median train >= GAP_FACTOR above the threshold;
+* methods: one method at or below another means median test MSE <= (1 + METHODS_RTOL)
+  times the other's, at each compared point (equal rank, or equal parameter count).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ OPTIMUM_RTOL = 0.05
 GD_MATCH_RTOL = 0.10
 BOUND_SLACK = 0.05
 GAP_FACTOR = 10.0
+METHODS_RTOL = 0.05
 CLASSIFICATION_EXACT = 0.99
 FROZEN = {0: "random", 1: "pretrained"}
 COLUMNS = ["id", "claim", "source", "protocol", "status", "measured"]
@@ -310,6 +313,75 @@ def threshold_law(v: View):
     return (PASS if ok.all() else FAIL), text + f" (tol {EXACT_RTOL:g})"
 
 
+# ----------------------------------------------------------- the methods experiment
+METHOD_SETTINGS = (("FNN (1,2)", dict(exp="fnn", target_depth=1, frozen_depth=2)),
+                   ("FNN (2,4)", dict(exp="fnn", target_depth=2, frozen_depth=4)),
+                   ("TFN L=1", dict(exp="tfn", target_depth=1)))
+
+
+def _method_settings():
+    for label, filters in METHOD_SETTINGS:
+        for pre in (0, 1):
+            yield f"{label} {FROZEN[pre]}", dict(filters, pretrained=pre)
+
+
+def full_at_or_below_adapters(v: View):
+    """Full fine-tuning's median test MSE against every gradient adapter's best budget."""
+    parts, ok = [], []
+    trained = v.rows("methods", "full").iloc[:0]  # the columns, for an empty selection
+    if {"experiment", "checkpoint", "method"} <= set(v.selected.columns):
+        trained = v.selected[(v.selected["experiment"] == "methods") & (v.selected["checkpoint"] != "construction")]
+    adapters = [m for m in trained["method"].drop_duplicates() if m != "full"] if "method" in trained else []
+    for label, f in _method_settings():
+        full = v.median("methods", "full", x="n_trainable_params", **f)
+        if full.empty:
+            continue
+        best = {m: v.median("methods", m, x="n_trainable_params", **f) for m in adapters}
+        best = {m: float(c.min()) for m, c in best.items() if not c.empty}
+        if not best:
+            continue
+        lowest = min(best, key=best.get)
+        value = float(full.iloc[0])
+        ok.append(value <= (1 + METHODS_RTOL) * best[lowest])
+        parts.append(f"{label}: full {g(value)} vs best adapter {lowest} {g(best[lowest])}")
+    if not ok:
+        return NOT_RUN, "no full fine-tuning and adapter rows in the methods experiment"
+    return _verdict(ok), f"{sum(ok)}/{len(ok)} settings; " + "; ".join(parts) + f" (tol {METHODS_RTOL:g})"
+
+
+def _at_or_below_lora_at_equal_rank(method: str):
+    def check(v: View):
+        points, worst = [], None
+        for label, f in _method_settings():
+            mine, lora = v.median("methods", method, **f), v.median("methods", "sgd", **f)
+            for rank in mine.index.intersection(lora.index):
+                ratio = mine[rank] / lora[rank] if lora[rank] > 0 else math.inf
+                points.append(ratio <= 1 + METHODS_RTOL)
+                if worst is None or ratio > worst[0]:
+                    worst = (ratio, label, int(rank))
+        if not points:
+            return NOT_RUN, f"no {method} and LoRA rows at a common rank in the methods experiment"
+        text = (f"{sum(points)}/{len(points)} (setting, rank) points at or below LoRA; largest {method}/LoRA "
+                f"ratio {g(worst[0])} ({worst[1]}, R={worst[2]}) (tol {METHODS_RTOL:g})")
+        return _verdict(points), text
+    return check
+
+
+def vera_vs_lora_equal_parameters(v: View):
+    """VeRA against LoRA where their parameter counts are equal (VeRA at R = D has 2D per
+    matrix, LoRA's count at R = 1)."""
+    parts, points = [], []
+    for label, f in _method_settings():
+        vera = v.median("methods", "vera", x="n_trainable_params", **f)
+        lora = v.median("methods", "sgd", x="n_trainable_params", **f)
+        for count in vera.index.intersection(lora.index):
+            points.append(vera[count] <= (1 + METHODS_RTOL) * lora[count])
+            parts.append(f"{label} at {int(count)} parameters: VeRA {g(vera[count])}, LoRA {g(lora[count])}")
+    if not points:
+        return NOT_RUN, "no VeRA and LoRA rows with equal parameter counts in the methods experiment"
+    return _verdict(points), f"{sum(points)}/{len(points)} points; " + "; ".join(parts) + f" (tol {METHODS_RTOL:g})"
+
+
 @dataclass(frozen=True)
 class Claim:
     id: str
@@ -354,6 +426,14 @@ CLAIMS: list[Claim] = [
           "(FNN: ceil(D/floor(L/Lbar)); TFN: ceil(D/2))", "FNN and TFN theorems (Sec. 4, 5); beyond the paper: D = 8..64",
           threshold_law),
     Claim("uniform_sv_bound", "Uniform singular values: construction MSE below s^2 (D-RL)_+/D", "uniform_sv", _bound("uniform_sv")),
+    Claim("methods_full_lowest", "Full fine-tuning of the adapted matrices is at or below every gradient adapter's best budget",
+          "beyond the paper: methods experiment", full_at_or_below_adapters),
+    Claim("methods_dora_vs_lora", "DoRA is at or below LoRA at equal rank",
+          "beyond the paper: methods experiment (Liu et al., 2024)", _at_or_below_lora_at_equal_rank("dora")),
+    Claim("methods_vera_vs_lora", "VeRA is at or below LoRA at equal parameter counts",
+          "beyond the paper: methods experiment (Kopiczko et al., 2024)", vera_vs_lora_equal_parameters),
+    Claim("methods_pissa_vs_lora", "PiSSA's initialisation is at or below LoRA's default initialisation at equal rank",
+          "beyond the paper: methods experiment (Meng et al., 2024)", _at_or_below_lora_at_equal_rank("pissa")),
 ]
 
 
@@ -393,7 +473,8 @@ def tolerances_text() -> str:
     return (f"Tolerances: exact = median over seeds of MSE / mean squared target output <= {EXACT_RTOL:g}; "
             f"SVD optimum: median relative gap <= {OPTIMUM_RTOL:g}; linear GD vs construction: relative gap <= {GD_MATCH_RTOL:g}; "
             f"bound: construction <= {1 + BOUND_SLACK:g} x bound; generalization gap: test/train >= {GAP_FACTOR:g}; "
-            f"classification exact: accuracy >= {CLASSIFICATION_EXACT:g}.")
+            f"classification exact: accuracy >= {CLASSIFICATION_EXACT:g}; methods: at or below = median test MSE "
+            f"<= {1 + METHODS_RTOL:g} x the other's.")
 
 
 def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,

@@ -39,7 +39,7 @@ def fig_protocol_comparison(selected: pd.DataFrame, out_dir, *, checkpoint: str 
                     df = analysis.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
                     frames.append(df)
                     cv = analysis.curve(df, "rank", "test_loss")
-                    if method == "sgd":
+                    if key == "gd":  # only gradient runs can diverge
                         curves[f"GD {protocol}"] = cv
                     label = f"{style.SERIES[key]['label']} ({protocol})"
                     drawn = style.draw_curve(ax, cv, key, log=True, label=label, band=style.protocol_band(protocol),
@@ -80,7 +80,7 @@ def curve_summary(selected: pd.DataFrame, *, checkpoint: str = DEFAULT_CHECKPOIN
     out = []
     for title, experiment, filters, gd_filters in PANELS:
         for pre in (0, 1):
-            for method, extra in (("ours", {}), ("sgd", gd_filters)):
+            for method, label, extra in (("ours", "construction", {}), ("sgd", "GD", gd_filters)):
                 for protocol in PROTOCOL_PAIR:
                     df = analysis.rows(selected, experiment, protocol, method, checkpoint, pretrained=pre, **filters, **extra)
                     med = analysis.median_by(df)
@@ -89,7 +89,7 @@ def curve_summary(selected: pd.DataFrame, *, checkpoint: str = DEFAULT_CHECKPOIN
                     thr = analysis.threshold(df)
                     ranks = {"R=1": 1, "R*-1": (thr - 1) if thr else None, "R*": thr, "R max": int(med.index.max())}
                     row = {"setting": f"{title.replace('$', '').replace(chr(92) + 'bar ', '')}, {style.FROZEN_LABEL[pre].lower()}",
-                           "method": "construction" if method == "ours" else "GD", "protocol": protocol}
+                           "method": label, "protocol": protocol}
                     row.update({k: (g(float(med[r])) if r in med.index else "") for k, r in ranks.items()})
                     out.append(row)
     return pd.DataFrame(out, columns=["setting", "method", "protocol", "R=1", "R*-1", "R*", "R max"])

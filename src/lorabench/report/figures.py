@@ -385,6 +385,67 @@ def fig_threshold_law(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CH
     return style.save(fig, out_dir, "threshold_law")
 
 
+# The methods experiment's panels: (title, filters), by column; random and pretrained by row.
+METHOD_PANELS = (
+    (r"FNN $\bar L=1$, $L=2$", dict(exp="fnn", target_depth=1, frozen_depth=2)),
+    (r"FNN $\bar L=2$, $L=4$", dict(exp="fnn", target_depth=2, frozen_depth=4)),
+    ("TFN $L=1$", dict(exp="tfn", target_depth=1)),
+)
+
+
+def method_curves(selected, experiment: str, protocol: str, checkpoint: str, **filters) -> dict[str, tuple[Curve, pd.DataFrame]]:
+    """Every method's test MSE against its count of trainable parameters in one setting,
+    in the order the methods first appear: {method: (median curve, its rows)}."""
+    if selected is None or selected.empty or "method" not in selected:
+        return {}
+    names = selected.loc[selected["experiment"] == experiment, "method"].drop_duplicates()
+    out = {}
+    for name in names:
+        df = rows(selected, experiment, protocol, name, checkpoint, **filters)
+        c = curve(df, "n_trainable_params", "test_loss")
+        if not c.empty:
+            out[name] = (c, df)
+    return out
+
+
+def fig_methods(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKPOINT) -> list[Path]:
+    """Beyond the paper: every method's test MSE against its count of trainable parameters
+    (log-log), FNN (1, 2), (2, 4) and TFN L=1 by columns, random and pretrained by rows;
+    a vertical line at LoRA's count at the threshold rank R*."""
+    p = choose_protocol(selected, "methods", protocol)
+    fig, axes = style.panels(2, len(METHOD_PANELS))
+    present = selected["method"].dropna().unique() if selected is not None and "method" in selected else []
+    users = {name: i for i, name in enumerate(sorted(set(present) - set(style.METHOD_SERIES)))}
+    for r, pre in enumerate((0, 1)):
+        for c, (title, filters) in enumerate(METHOD_PANELS):
+            ax = axes[r][c]
+            curves = method_curves(selected, "methods", p, checkpoint, pretrained=pre, **filters)
+            drawn = False
+            for name, (cv, _) in curves.items():
+                key, override = style.method_series(name, users.get(name, 0))
+                drawn = draw_curve(ax, cv, key, log=True, **override) or drawn
+            if drawn:
+                ax.set_xscale("log")
+                _threshold_budget(ax, curves)
+            finish_panel(ax, drawn, f"{title}, {style.FROZEN_LABEL[pre].lower()}", log=True,
+                         xlabel="trainable parameters (incl. biases)", ylabel="test MSE (log)", integer_x=False,
+                         note=excluded_note({m: cv for m, (cv, _) in curves.items()}), legend=(r, c) == (0, 0))
+    return _save(fig, out_dir, "methods", "Methods against their parameter budget", p, checkpoint)
+
+
+def _threshold_budget(ax, curves: dict) -> None:
+    """A vertical line at the parameter count of LoRA at R* (from LoRA's rows, or the
+    construction's: the same count)."""
+    for found in (curves.get("sgd"), curves.get("ours")):
+        if found is not None:
+            df = found[1]
+            at = df.loc[df["rank"] == df["threshold_rank"], "n_trainable_params"]
+            if not at.empty:
+                ax.axvline(float(at.iloc[0]), label=f"LoRA at $R^*={int(df['threshold_rank'].iloc[0])}$",
+                           **style.THRESHOLD)
+                return
+
+
 FIGURES: dict[str, Callable[..., list[Path]]] = {
     "linear": fig_linear,
     "fnn": fig_fnn,
@@ -400,6 +461,7 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
     "training_curves": fig_training_curves,
     "uniform_sv": fig_uniform_sv,
     "threshold_law": fig_threshold_law,
+    "methods": fig_methods,
 }
 FIGURE_NAMES: list[str] = list(FIGURES)
 

@@ -141,8 +141,7 @@ def _rank_rows(experiment: str, panel: str, equal: dict, paper: dict, gradient: 
     gives the paper's statement per key ('ours R=1', 'sgd R=R*', ..., 'crossover')."""
     gradient = gradient or {}
     out = []
-    for method, name in (("ours", "construction"), ("sgd", "gradient update")):
-        extra = gradient if method == "sgd" else {}
+    for method, name, extra in (("ours", "construction", {}), ("sgd", "gradient update", gradient)):
         for at, label in ranks:
             out.append(Row(f"{panel}: {name}, {label}", paper.get(f"{method} {label}", "-"),
                            median(experiment, method, at, **equal, **extra)))

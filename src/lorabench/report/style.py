@@ -53,7 +53,17 @@ SERIES = {
     "flt": dict(color="#2ca02c", marker="D", label="Tuning final layers"),
     "fixed_bias": dict(color="#9467bd", marker="v", label="Fixed biases"),
     "updatable_bias": dict(color="#d62728", marker="s", label="Updatable biases"),
+    "full": dict(color="black", marker="*", markersize=7, linestyle="none", label="Full fine-tuning"),
+    "dora": dict(color="#8c564b", marker="P", label="DoRA"),
+    "vera": dict(color="#e377c2", marker="X", label="VeRA"),
+    "pissa": dict(color="#17becf", marker="h", label="PiSSA"),
 }
+# A method's series (the ``method`` column -> SERIES key); a method of the user's gets
+# one of USER_COLOURS, labelled by its name.
+METHOD_SERIES = {"ours": "construction", "sgd": "gd", "flt": "flt", "full": "full", "dora": "dora", "vera": "vera",
+                 "pissa": "pissa"}
+METHOD_LABEL = {"sgd": "LoRA (gradient)"}
+USER_COLOURS = ("#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a")
 # Protocols drawn side by side: line overrides, and whether the min-max band is drawn
 # (one band per panel keeps the comparison readable).
 PROTOCOL_STYLE = {
@@ -99,6 +109,18 @@ def panels(nrows: int, ncols: int, *, sharey: bool = False) -> tuple[Figure, lis
         squeeze=False, sharey=sharey, constrained_layout=True,
     )
     return fig, [list(row) for row in axes]
+
+
+def method_series(name: str, user_index: int = 0) -> tuple[str, dict]:
+    """(SERIES key, overrides) of a method's curve: lorabench's own by METHOD_SERIES; a
+    user's method (its module path) in the ``user_index``-th of USER_COLOURS, labelled by
+    its name."""
+    key = METHOD_SERIES.get(name)
+    if key is None:
+        return name, dict(color=USER_COLOURS[user_index % len(USER_COLOURS)], marker="o", markerfacecolor="none",
+                          label=name)
+    label = METHOD_LABEL.get(name)
+    return key, ({"label": label} if label else {})
 
 
 def series_style(key: str, **override) -> dict:

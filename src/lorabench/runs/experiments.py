@@ -5,12 +5,16 @@ An experiment is a named set of runs::
 
     settings:  RunConfig fields shared by the experiment's runs; a list sweeps the field
     variants:  alternatives (e.g. (target_depth, frozen_depth) pairs), each merged over settings
-    methods:   {ours|sgd|flt: fields of that method's runs; lists sweep}
+    methods:   {method: fields of that method's runs, and its own settings; lists sweep}
 
-A run's settings are, in order of precedence: its method's block, its variant, the
-experiment's settings, the config's ``defaults``. Fields a method does not read
-(``IGNORED``) are left at RunConfig's defaults unless the method's block sets them, so
-the construction is not repeated over the learning-rate grid.
+A method is named as the config's ``method`` field names it: a built-in one (``ours``,
+``sgd``, ``flt``, ``full``, ``dora``, ``vera``, ``pissa``) or a user's
+``package.module:ClassName`` (lorabench.methods). A run's settings are, in order of
+precedence: its method's block, its variant, the experiment's settings, the config's
+``defaults``. Fields a method does not read (``methods.ignored_fields``) are left at
+RunConfig's defaults unless the method's block sets them, so the construction is not
+repeated over the learning-rate grid. Keys of a method's block that are not RunConfig
+fields are the method's own settings (its ``settings``), stored as ``method_settings``.
 
 A preset scales every experiment: ``set`` replaces fields (seeds, test size, lr x wd grid),
 ``cap`` bounds them (steps), ``subset`` keeps the listed values of a swept field (ranks),
@@ -21,7 +25,7 @@ experiment can keep ranks the others drop).
 
 Jobs: one per (experiment, protocol, seed) and kind (models, construct, train), or per
 (experiment, protocol) and kind with a preset's ``split_seeds: false`` (fewer processes for
-small runs); a preset's ``split_by: [field, ...]`` cuts each seed's training further, one
+small runs); each gradient method trains in jobs of its own; a preset's ``split_by: [field, ...]`` cuts each seed's training further, one
 train job per value of those fields (so a single-seed experiment can use several cores);
 a job's id is ``s<seed>-<hash of its configs>`` (``all-<hash>``), so changing an experiment
 changes its jobs' ids and nothing else's.
@@ -50,19 +54,14 @@ from functools import cached_property
 from typing import Any, Mapping, Optional
 
 from ..core.config import DEVICES, PROTOCOLS, ConfigError, RunConfig, config_from_dict
+from ..methods import canonical_settings, ignored_fields, method_of, resolve, validated
 from .dispatch import DISPATCHES, SlurmSettings
 
 PRESETS = ("paper", "full_length", "quick", "smoke")
 JOB_KINDS = ("models", "construct", "train")
 SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
-# Fields a method does not read: left at RunConfig's defaults unless its block sets them.
-IGNORED = {
-    "ours": ("lr", "weight_decay", "n_epochs", "tune_bias", "last_layers", "best_epoch", "curve_every",
-             "val_every"),
-    "sgd": ("last_layers",),
-    "flt": ("rank", "rank_step", "tune_bias"),
-}
 _FIELDS = set(RunConfig.__dataclass_fields__)
+_SETTING = "\0setting:"  # marks a method's own settings while a block's values are swept
 
 
 @dataclass(frozen=True)
@@ -179,15 +178,19 @@ def resolve_job(ref: str) -> Job:
 
 
 def configs_hash(cfgs) -> str:
-    """16 hex digits naming a set of configs (order-free)."""
-    payload = json.dumps(sorted(c.config_hash() for c in cfgs))
+    """16 hex digits naming a set of configs (order-free), and the source of the users'
+    methods among them, so that editing a method renames (and reruns) only its jobs."""
+    names = sorted(c.config_hash() for c in cfgs)
+    digests = sorted({d for d in (method_of(c).digest for c in cfgs) if d})
+    payload = json.dumps(names if not digests else [names, digests])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def experiment_jobs(experiment: str, protocol: str, cfgs: list[RunConfig], split_seeds: bool = True,
                     split_by: tuple[str, ...] = ()) -> list[Job]:
     """The jobs of one experiment and protocol: per seed (or for all seeds) a models job,
-    a construct job, and a train job per value of the ``split_by`` fields."""
+    a construct job, and a train job per gradient method and value of the ``split_by``
+    fields."""
     from .runner import cells, model_key
 
     jobs = []
@@ -195,13 +198,13 @@ def experiment_jobs(experiment: str, protocol: str, cfgs: list[RunConfig], split
         mine = [c for c in cfgs if seed is None or c.seed == seed]
         keys = tuple(dict.fromkeys(model_key(c) for c in mine))
         jobs.append(Job(experiment, protocol, seed, "models", keys))
-        ours = tuple(c for c in mine if c.method == "ours")
-        if ours:
-            jobs.append(Job(experiment, protocol, seed, "construct", ours))
+        constructed = tuple(c for c in mine if method_of(c).closed_form)
+        if constructed:
+            jobs.append(Job(experiment, protocol, seed, "construct", constructed))
         parts: dict[tuple, list[RunConfig]] = {}
         for c in mine:
-            if c.method != "ours":
-                parts.setdefault(tuple(getattr(c, name) for name in split_by), []).append(c)
+            if not method_of(c).closed_form:  # one job per method: editing a method reruns its jobs alone
+                parts.setdefault((c.method,) + tuple(getattr(c, name) for name in split_by), []).append(c)
         for gradient in parts.values():
             # the runner's cells, in its order: the job runs them one after the other
             ordered = tuple(c for cell in cells(gradient) for c in cell)
@@ -263,26 +266,45 @@ def expand_experiment(
     if own.get("subset"):
         shared["subset"] = {k: v for k, v in (preset.get("subset") or {}).items() if k not in own["subset"]}
     out: dict[RunConfig, None] = {}
+    in_family: set = set()  # the methods that some run's model family has
     for i, variant in enumerate(variants):
         _check_fields(variant, f"experiment {name!r} variant {i}")
-        for method, block in methods.items():
-            if method not in IGNORED:
-                raise ConfigError(f"experiment {name!r}: unknown method {method!r} (one of {sorted(IGNORED)})")
+        for method_name, block in methods.items():
+            method = resolve(str(method_name))
+            where = f"experiment {name!r} method {method_name!r}"
             block = dict(block or {})
-            _check_fields(block, f"experiment {name!r} method {method!r}")
-            merged = {**defaults, **settings, **variant, **block, "method": method}
+            empty = sorted(k for k, v in block.items() if isinstance(v, list) and not v)
+            if empty:
+                raise ConfigError(f"{where}: {', '.join(empty)}: an empty list sweeps nothing")
+            own_settings = {k: v for k, v in block.items() if k not in _FIELDS}
+            fields_block = {k: v for k, v in block.items() if k in _FIELDS}
+            _check_fields(fields_block, where)
+            if own_settings and not method.settings:
+                raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(own_settings))}")
+            merged = {**defaults, **settings, **variant, **fields_block, "method": method_name}
             merged = apply_preset(merged, shared)
             merged = apply_preset(merged, own)
-            for ignored in IGNORED[method]:
+            for ignored in ignored_fields(method):
                 if ignored not in block:
                     merged.pop(ignored, None)
-            for values in _sweep(merged):
+            for values in _sweep({**merged, **{_SETTING + k: v for k, v in own_settings.items()}}):
+                if values.get("exp", RunConfig.exp) not in method.families:
+                    continue  # e.g. final-layer tuning in an experiment's transformer variant
+                in_family.add(method_name)
+                extra = {k[len(_SETTING):]: values.pop(k) for k in list(values) if k.startswith(_SETTING)}
+                if extra:
+                    values["method_settings"] = canonical_settings(extra)
                 try:
-                    cfg = config_from_dict(values)
+                    cfg = config_from_dict(values, method.validate)
                 except ConfigError as error:
-                    raise ConfigError(f"experiment {name!r} method {method!r}: {error}") from None
+                    raise ConfigError(f"{where}: {error}") from None
                 if _kept(cfg, shared) and _kept(cfg, own):
                     out[cfg] = None
+    absent = [m for m in methods if m not in in_family]
+    if absent:
+        only = " and ".join(map(repr, resolve(str(absent[0])).families))
+        raise ConfigError(f"experiment {name!r}: method {absent[0]!r} exists only for exp {only}, "
+                          "which none of its runs uses")
     if not out:
         raise ConfigError(f"experiment {name!r} has no runs")
     return tuple(out)
@@ -349,7 +371,7 @@ def _check_protocols(experiments: Mapping[str, tuple[RunConfig, ...]], protocols
         sparse = next((c for c in cfgs if c.val_every > 1), None)
         for protocol in protocols if sparse else ():
             try:
-                sparse.replace(protocol=protocol).validated()
+                validated(sparse.replace(protocol=protocol))
             except ConfigError as error:
                 raise ConfigError(f"experiment {name!r} under protocol {protocol!r}: {error}; "
                                   "run it with protocols=[paper]") from None

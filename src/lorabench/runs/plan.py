@@ -52,7 +52,7 @@ from ..core.config import ConfigError, RunConfig
 
 STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
 VALIDATION = {"fnn": "validation-fnn", "tfn": "validation-tfn"}  # one native validation: see validation_saving
-ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn",
+ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn", "autograd-fnn", "autograd-tfn",
            "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM, *VALIDATION.values())
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
@@ -122,12 +122,24 @@ def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], n_configs
 # ------------------------------------------------------------------ counting
 def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> str:
     """The engine that runs ``cfg`` in a job of ``kind``; ``native(cfg)`` is the trainer's
-    engine decision."""
+    engine decision. Off the native step, a method with hand-written gradients trains on
+    ``torch``, any other on ``autograd`` (calibrated on DoRA cells)."""
+    from ..methods import method_of
+
     if kind == "models":
         return f"models-{cfg.exp}"
     if kind == "construct":
         return f"construct-{cfg.exp}"
-    return f"{'native' if native(cfg) else 'torch'}-{cfg.exp}"
+    return f"{'native' if native(cfg) else method_of(cfg).engine}-{cfg.exp}"
+
+
+def native_decision(device) -> Callable[[RunConfig], bool]:
+    """Whether a config's cells train on the native step on ``device`` (the trainer's
+    decision: a method with a native step, where the step applies)."""
+    from ..methods import method_of
+    from ..training.native import use_native
+
+    return lambda cfg: method_of(cfg).native and use_native(cfg, device)
 
 
 def eval_points(cfg: RunConfig) -> int:
@@ -362,13 +374,15 @@ def _engine(setting: str):
 
 def _cal_configs(family: str, depth: int, method: str, protocol: str, steps: int = 1,
                  val_every: int = 1) -> list[RunConfig]:
+    from ..methods import resolve, validated
+
     base = dict(exp=family, width=16, target_depth=1 if family == "fnn" else depth, frozen_depth=depth,
                 batch_size=256, n_test=CAL_N_TEST, n_val=CAL_N_VAL, std=0.25, seed=0, protocol=protocol,
                 method=method, n_epochs=steps, lr=1e-4, curve_every=CAL_SPARSE_VAL_EVERY, val_every=val_every,
                 n_head=2, seq_length=10)
-    if method == "ours":
-        return [RunConfig(**base, rank=r).validated() for r in range(1, 17)]
-    return [RunConfig(**base, rank=r, weight_decay=wd).validated()
+    if resolve(method).closed_form:
+        return [validated(RunConfig(**base, rank=r)) for r in range(1, 17)]
+    return [validated(RunConfig(**base, rank=r, weight_decay=wd))
             for r in range(1, 17) for wd in CAL_WEIGHT_DECAYS[family]]
 
 
@@ -414,16 +428,18 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
             seconds[(depth, 1)] = seconds[(depth, 0)]  # no steps
         rate = rate_from_timings(depths, (0, 1), len(cfgs), seconds, f"{len(cfgs)} constructions per depth, {stamp}")
         return asdict(rate)
-    # torch is timed on the reference protocol, whose stream costs the most with it.
-    protocol = "paper" if kind == "native" else "reference"
+    # torch is timed on the reference protocol, whose stream costs the most with it;
+    # autograd (the plug-in methods' engine) on DoRA, whose adapted weight costs the most.
+    protocol = "reference" if kind == "torch" else "paper"
+    method = "dora" if kind == "autograd" else "sgd"
     steps = CAL_STEPS[family]
     seconds = {}
-    with _engine(kind):
+    with _engine("torch" if kind == "autograd" else kind):
         for depth in depths:
             for n in steps:
-                cfgs = _cal_configs(family, depth, "sgd", protocol, n)
+                cfgs = _cal_configs(family, depth, method, protocol, n)
                 seconds[(depth, n)] = _timed_run(cfgs, device)
-    measured = f"{len(cfgs)} configs x {steps} steps, {protocol} protocol, depths {depths}, {stamp}"
+    measured = f"{len(cfgs)} {method} configs x {steps} steps, {protocol} protocol, depths {depths}, {stamp}"
     return asdict(rate_from_timings(depths, steps, len(cfgs), seconds, measured))
 
 
@@ -633,9 +649,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
 
     device = resolve_device(wf.device)
     if native is None:
-        from ..training.native import use_native
-
-        native = lambda cfg: use_native(cfg, device)  # noqa: E731
+        native = native_decision(device)
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs}

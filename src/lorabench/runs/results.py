@@ -21,7 +21,7 @@ from ..core.config import FIELD_TYPES
 if TYPE_CHECKING:  # pandas only where rows are read: training jobs never import it (~0.5 s each)
     import pandas as pd
 
-SCHEMA_VERSION = "4"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every, computed_in
+SCHEMA_VERSION = "5"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every, computed_in; 5: method_settings, method_digest
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -66,6 +66,7 @@ _RESULT_FIELDS = [
     pa.field("device_name", pa.string()),
     pa.field("torch_threads", pa.int64()),
     pa.field("engine", pa.string()),  # native | torch: the trainer that produced the row
+    pa.field("method_digest", pa.string()),  # a user's method: SHA-256 of its source; null for lorabench's own
     pa.field("wall_time_s", pa.float64(), nullable=False),
     pa.field("cell_size", pa.int64(), nullable=False),
 ]
@@ -78,7 +79,7 @@ CONFIG, IDENTITY, PROVENANCE, METRIC = "config", "identity", "provenance", "metr
 IDENTITY_COLUMNS = ("experiment", "checkpoint")
 PROVENANCE_COLUMNS = (
     "computed_in", "config_hash", "lorabench_version", "torch_version", "device", "device_name", "torch_threads", "engine",
-    "wall_time_s", "cell_size",
+    "method_digest", "wall_time_s", "cell_size",
 )
 
 
@@ -159,8 +160,11 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
         raise ResultsError(f"{path}: not a readable Parquet file ({error})") from None
     version = (table.schema.metadata or {}).get(SCHEMA_KEY)
     expected = (schema.metadata or {}).get(SCHEMA_KEY)
-    if version == b"3" and expected == b"4":
-        table, version = _from_version_3(table), expected
+    if expected == SCHEMA_VERSION.encode():
+        for older, upgrade in ((b"3", _from_version_3), (b"4", _from_version_4)):
+            if version == older:
+                table = upgrade(table)
+                version = (table.schema.metadata or {}).get(SCHEMA_KEY)
     if version != expected:
         found = version.decode() if version else "none"
         raise ResultsError(f"{path}: schema version {found}, this lorabench reads version {expected.decode()} "
@@ -176,6 +180,14 @@ def _from_version_3(table: pa.Table) -> pa.Table:
     if "experiment" in table.column_names:
         table = _inserted_after(table, "experiment", "computed_in", table.column("experiment"))
     return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"4"})
+
+
+def _from_version_4(table: pa.Table) -> pa.Table:
+    """A version-4 table as version 5: its runs are of lorabench's own methods, none of
+    which had settings of its own."""
+    table = _inserted_after(table, "method", "method_settings", pa.array([""] * table.num_rows, pa.string()))
+    table = _inserted_after(table, "engine", "method_digest", pa.nulls(table.num_rows, pa.string()))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"5"})
 
 
 def _inserted_after(table: pa.Table, after: str, name: str, values) -> pa.Table:

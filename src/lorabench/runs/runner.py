@@ -21,15 +21,13 @@ from torch import Tensor
 
 from .. import __version__
 from ..core import data, theory
-from ..core.adapters import apply_lora, lora_parameter_count
 from ..core.config import RunConfig
-from ..core.construction import fnn_construction, tfn_construction
 from ..core.generation import Models
-from ..core.protocols import generate_models
 from ..core.models import FNN, map_tensors
-from ..core.protocols import protocol_of
+from ..core.protocols import generate_models, protocol_of
+from ..methods import method_of, validated
 from ..training.loop import evaluate, outputs_in_chunks, train_cell
-from ..training.trainables import fnn_trainable, stack_lora, stack_models, target_outputs_for, tfn_trainable
+from ..training.trainables import stack_models, target_outputs_for
 
 # Configurations of one cell may differ only in these settings.
 CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
@@ -98,15 +96,6 @@ def provenance(device: torch.device) -> dict:
     }
 
 
-def trainable_parameter_count(cfg: RunConfig) -> int:
-    if cfg.method == "flt":
-        return cfg.last_layers * (cfg.width**2 + cfg.width)
-    count = lora_parameter_count(cfg)
-    if cfg.tune_bias and (cfg.use_bias or cfg.exp == "tfn"):
-        count += (cfg.frozen_depth if cfg.exp == "fnn" else 2 * cfg.target_depth) * cfg.width
-    return count
-
-
 def threshold_rank(cfg: RunConfig) -> int:
     if cfg.exp == "tfn":
         return theory.tfn_threshold_rank(cfg.width)
@@ -128,7 +117,8 @@ def _base_row(cfg: RunConfig, models: Models, device: torch.device, target_scale
     row = cfg.to_dict()
     row.update(
         config_hash=cfg.config_hash(),
-        n_trainable_params=trainable_parameter_count(cfg),
+        n_trainable_params=method_of(cfg).parameter_count(cfg),
+        method_digest=method_of(cfg).digest,
         threshold_rank=threshold_rank(cfg),
         pretrain_steps=models.pretrain_steps,
     )
@@ -161,21 +151,11 @@ def _metrics(model, target, inputs: Mapping[str, Tensor], cfg: RunConfig,
 
 def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> dict:
     start = time.perf_counter()
-    frozen, target = models.frozen, models.target
     protocol = protocol_of(cfg)
     dtype = protocol.construction_dtype
-    cast = lambda m: _cast(m, dtype)
     try:
-        if isinstance(frozen, FNN):
-            calibration = protocol.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
-            lora, biases = fnn_construction(
-                cast(frozen), cast(target), cfg.rank, calibration,
-                authors_bias_propagation=protocol.authors_bias_propagation,
-            )
-            adapted = apply_lora(replace(cast(frozen), biases=biases), lora)
-        else:
-            lora, b1, b2 = tfn_construction(cast(frozen), cast(target), cfg.rank)
-            adapted = apply_lora(replace(cast(frozen), b1=b1, b2=b2), lora)
+        adapted = method_of(cfg).construct(cfg, models, dtype, protocol.calibration_inputs(cfg),
+                                           protocol.authors_bias_propagation)
     except torch.linalg.LinAlgError:
         # Non-finite or singular weights: no construction exists; record it as diverged
         # (NaN metrics) instead of failing the whole job.
@@ -187,7 +167,7 @@ def _run_construction(cfg: RunConfig, models: Models, device: torch.device) -> d
         if cfg.task != "regression":
             row.update({f"{name}_accuracy": math.nan for name in ("test", "test_shift", "val")})
     else:
-        adapted, target = adapted.to(device), cast(target).to(device)
+        adapted, target = adapted.to(device), _cast(models.target, dtype).to(device)
         sets = data.EvalSets(*(s.to(dtype) for s in (sets.val, sets.test, sets.test_shift)))
         row.update(_metrics(adapted, target, _eval_inputs(sets, device), cfg)[0])
     row.update(
@@ -218,9 +198,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     all_models = [cache.get(c) for c in cell]
     target = all_models[0].target.to(device)
     frozen = stack_models([m.frozen for m in all_models]).to(device)
-    lora = stack_lora([m.lora_init for m in all_models]).to(device)
-    make = fnn_trainable if cfg.exp == "fnn" else tfn_trainable
-    trainable = make(cell, frozen, lora)
+    trainable = method_of(cfg).trainable(cell, frozen, all_models)
     protocol = protocol_of(cfg)
     sets = protocol.eval_sets(cfg)
     stream = protocol.stream(cfg, target, sets, protocol.training_set(all_models), len(cell), device,
@@ -281,15 +259,15 @@ def run_configs(
     ``model_key(cfg)`` to pre-generated models; configs whose key is absent get theirs
     generated.
     """
-    cfgs = [c.validated() for c in cfgs]
+    cfgs = [validated(c) for c in cfgs]
     dev = resolve_device(device)
     cache = ModelCache(models)
-    constructions = [c for c in cfgs if c.method == "ours"]
+    constructions = [c for c in cfgs if method_of(c).closed_form]
     for i, cfg in enumerate(constructions):
         yield _run_construction(cfg, cache.get(cfg), dev)
         if progress:
             progress("construction", i + 1, len(constructions))
-    gradient_cells = cells(c for c in cfgs if c.method != "ours")
+    gradient_cells = cells(c for c in cfgs if not method_of(c).closed_form)
     total = sum(cell[0].n_epochs for cell in gradient_cells)
     done = 0
     for cell in gradient_cells:

@@ -118,8 +118,26 @@ def fnn_value_and_grad(model: FNN, x: Tensor, y: Tensor, task: str,
     return loss.detach(), d_weights, d_biases
 
 
-def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
-    """LoRA on every layer (method 'sgd') or full final layers (method 'flt').
+def fnn_final_layers_trainable(cfgs: list[RunConfig], frozen: FNN) -> Trainable:
+    """The last ``last_layers`` layers' weights and biases in full (method 'flt');
+    frozen: stacked (C, L, D, D)."""
+    C, L = len(cfgs), frozen.depth
+    task, classification_loss = cfgs[0].task, protocol_of(cfgs[0]).classification_loss
+    layer_on = torch.tensor([[1.0 if layer >= L - c.last_layers else 0.0 for layer in range(L)] for c in cfgs],
+                            dtype=frozen.weights.dtype, device=frozen.weights.device)
+    init = {"weights": frozen.weights.clone(), "biases": frozen.biases.clone()}
+    masks = {"weights": layer_on.view(C, L, 1, 1), "biases": layer_on.view(C, L, 1)}
+    build = lambda p: replace(frozen, weights=p["weights"], biases=p["biases"])
+
+    def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
+        loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task, classification_loss)
+        return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
+
+    return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], _fnn_step(cfgs[0], frozen, None))
+
+
+def fnn_lora_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
+    """LoRA on every layer, and the biases with tune_bias (method 'sgd').
 
     frozen: stacked (C, L, D, D); lora: stacked initial adapters.
     """
@@ -127,23 +145,6 @@ def fnn_trainable(cfgs: list[RunConfig], frozen: FNN, lora: LoRA) -> Trainable:
     like = frozen.weights
     has_bias = frozen.biases is not None
     task, classification_loss = cfgs[0].task, protocol_of(cfgs[0]).classification_loss
-    if cfgs[0].method == "flt":
-        L = frozen.depth
-        layer_on = torch.tensor(
-            [[1.0 if layer >= L - c.last_layers else 0.0 for layer in range(L)] for c in cfgs],
-            dtype=like.dtype,
-            device=like.device,
-        )
-        init = {"weights": frozen.weights.clone(), "biases": frozen.biases.clone()}
-        masks = {"weights": layer_on.view(C, L, 1, 1), "biases": layer_on.view(C, L, 1)}
-        build = lambda p: replace(frozen, weights=p["weights"], biases=p["biases"])
-
-        def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor):
-            loss, d_weights, d_biases = fnn_value_and_grad(build(layout.views(flat)), x, y, task, classification_loss)
-            return loss, layout.flatten({"weights": d_weights, "biases": d_biases})
-
-        return _with_native(_trainable(init, masks, build, value_and_grad), cfgs[0], _fnn_step(cfgs[0], frozen, None))
-
     init = {"a": lora.a["weights"].clone(), "b": lora.b["weights"].clone()}
     column = lora.mask["weights"].unsqueeze(-2)  # (C, L, 1, D)
     masks = {"a": column, "b": column}
@@ -191,7 +192,7 @@ def _fnn_step(cfg: RunConfig, frozen: FNN, frozen_weights: Optional[Tensor]):
     )
 
 
-def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
+def tfn_lora_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
     """LoRA on W_Q, W_K, W_V, W_O of every head and block, the last W_2 and the output
     layer; with tune_bias also the feed-forward biases (the authors' published code)."""
     C = len(cfgs)
@@ -214,6 +215,20 @@ def tfn_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Trainable:
                               depth=frozen.depth, heads=frozen.n_head, width=frozen.width)
 
     return _with_native(_trainable(init, masks, build), cfgs[0], make_step)
+
+
+def generic_trainable(method, cfgs: list[RunConfig], frozen: Model, models: list) -> Trainable:
+    """A gradient method's cell from its ``start`` and ``adapt`` (methods/base.py): the
+    configurations' starting points stacked along C, trained with autograd on torch."""
+    device = frozen.weights.device if isinstance(frozen, FNN) else frozen.wq.device
+    starts = [method.start(c, m) for c, m in zip(cfgs, models)]
+
+    def stacked(part: str) -> dict[str, Tensor]:
+        return {name: torch.stack([getattr(s, part)[name] for s in starts]).to(device) for name in getattr(starts[0], part)}
+
+    init, fixed = stacked("params"), stacked("fixed")
+    masks = {name: torch.stack([s.masks[name].expand_as(s.params[name]) for s in starts]).to(device) for name in init}
+    return _trainable(init, masks, lambda p: method.adapt(frozen, p, fixed))
 
 
 def target_outputs_for(trainable: Trainable, target: Model) -> Optional[Callable[[Tensor], Tensor]]:

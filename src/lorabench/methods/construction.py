@@ -1,0 +1,49 @@
+"""The paper's constructed adapters (method ``ours``), computed in closed form.
+
+FNN: the construction of the FNN theorem (Section 3; core/construction.py's
+``fnn_construction``); TFN: that of the TFN theorem (Section 4; ``tfn_construction``), for
+the plain transformer with equal frozen and target depth. Rank 0 is allowed: the frozen
+model with the construction's biases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..core.adapters import apply_lora, lora_parameter_count
+from ..core.config import ConfigError, RunConfig
+from ..core.construction import fnn_construction, tfn_construction
+from ..core.models import FNN, map_tensors
+from .base import Method, bias_parameter_count
+
+
+class Construction(Method):
+    name = "ours"
+    label = "construction"
+    closed_form = True
+    fields = ("rank", "rank_step")
+    min_rank = 0
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.rank_step != 0:
+            raise ConfigError("rank_step != 0 is not supported by method 'ours' (the construction uses one rank)")
+        if cfg.exp != "tfn":
+            return
+        if cfg.target_depth != cfg.frozen_depth:
+            raise ConfigError(
+                f"TFN construction needs target_depth == frozen_depth, got {cfg.target_depth} and {cfg.frozen_depth}")
+        if cfg.better_optim:
+            raise ConfigError("the TFN construction is defined for the plain TFN: better_optim must be 0 with method 'ours'")
+
+    def parameter_count(self, cfg: RunConfig) -> int:
+        return lora_parameter_count(cfg) + bias_parameter_count(cfg)
+
+    def construct(self, cfg, models, dtype, calibration, authors_bias_propagation):
+        frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
+        if isinstance(frozen, FNN):
+            calibration = calibration.to(dtype) if frozen.biases is not None else None
+            lora, biases = fnn_construction(frozen, target, cfg.rank, calibration,
+                                            authors_bias_propagation=authors_bias_propagation)
+            return apply_lora(replace(frozen, biases=biases), lora)
+        lora, b1, b2 = tfn_construction(frozen, target, cfg.rank)
+        return apply_lora(replace(frozen, b1=b1, b2=b2), lora)
