@@ -50,8 +50,8 @@ def worker(method: str, steps: int, engine: str) -> dict:
 
     budgets = [dict(last_layers=k) for k in range(1, FNN["frozen_depth"] + 1)] if method == "flt" else \
         [dict(rank=r) for r in RANKS]
-    cfgs = [RunConfig(**{**FNN, "method": method}, **budget, lr=lr, weight_decay=wd, n_epochs=steps, seed=0,
-                      n_test=1000)
+    base = {**FNN, "method": method, "n_test": 1000}  # the test sets are not timed: fewer samples
+    cfgs = [RunConfig(**base, **budget, lr=lr, weight_decay=wd, n_epochs=steps, seed=0)
             for budget in budgets for lr in LRS for wd in WDS]
     rows = list(run_configs(cfgs, device="cpu"))
     # wall_time_s: each cell's training time (models, training loop) shared out over its configs
