@@ -111,7 +111,7 @@ def test_every_run_flag_has_help_with_its_default(capsys):
     blocks = re.split(r"\n(?=  -)", options.strip("\n"))
     flags = {b.split()[0].rstrip(",") for b in blocks} - {"-h"}
     assert {f"--{name}" for name in ("lr", "n_epochs", "threads", "no_progress", "n_train", "json")} <= flags
-    assert len(flags) == 33 + 7  # the RunConfig fields but n_val and curve_every; wandb, device, json, ...; threads
+    assert len(flags) == 34 + 7  # the RunConfig fields but n_val and curve_every; wandb, device, json, ...; threads
     for block in blocks:
         if not block.lstrip().startswith("-h"):
             assert "(default: " in " ".join(block.split()), block

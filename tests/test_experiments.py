@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 NAMES = ["linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-         "training_curves", "uniform_sv", "threshold_law", "methods"]
+         "training_curves", "uniform_sv", "threshold_law", "methods", "tfn_low_rank", "tfn_prenorm"]
+BEYOND = {"methods", "tfn_low_rank", "tfn_prenorm"}  # beyond the paper: 3 seeds in the paper preset, paper protocol
 
 
 def load(preset="paper", **changes):
@@ -65,6 +66,10 @@ PAPER_COUNTS = {
     # beyond the paper, 3 seeds, random/pretrained, ranks 1, 2, 4, 8, 16 in FNN (1, 2), (2, 4) and TFN depth 1:
     # the construction; LoRA, DoRA, VeRA, PiSSA on the grid; full fine-tuning's one point; the last 1..L layers
     "methods": 3 * 2 * (3 * 5 + 3 * (4 * 5 + 1) * GRID + (2 + 4) * GRID),
+    # 3 seeds, depths 1 and 2, ranks 1..R* (D = 32: 1-8, 12, 16): the construction; LoRA and LoRA from it on the grid
+    "tfn_low_rank": 3 * 2 * (4 + 8 + 10) * (1 + 2 * GRID),
+    # 3 seeds, depths 1 and 2, 7 ranks: the plain construction; LoRA on the plain and the pre-norm transformer
+    "tfn_prenorm": 3 * 2 * 7 * (1 + 2 * GRID),
 }
 
 
@@ -78,8 +83,8 @@ def test_paper_preset_settings(paper):
     for name, cfgs in paper.experiments.items():
         if name == "threshold_law":
             continue  # its own grid: test_threshold_law_grid
-        assert {c.seed for c in cfgs} == set(range(3 if name == "methods" else 5)), name
-        assert {c.width for c in cfgs} == {16}
+        assert {c.seed for c in cfgs} == set(range(3 if name in BEYOND else 5)), name
+        assert {c.width for c in cfgs} == ({8, 16, 32} if name == "tfn_low_rank" else {16})
         for c in cfgs:
             if c.method == "ours":
                 assert (c.lr, c.weight_decay) == (RunConfig.lr, RunConfig.weight_decay)  # not swept
@@ -115,7 +120,7 @@ def test_smoke_preset_is_small_but_complete(smoke):
         assert {c.seed for c in cfgs} == {0, 1}
         assert all(c.n_test == 500 for c in cfgs)
         gradient = [c for c in cfgs if c.method != "ours"]
-        assert all(c.n_epochs == (10 if name in ("tfn", "methods") else 30) and c.lr == 1e-2 and c.weight_decay == 0
+        assert all(c.n_epochs == (10 if name in {"tfn"} | BEYOND else 30) and c.lr == 1e-2 and c.weight_decay == 0
                    for c in gradient)
     # the threshold rank of the FNN experiments is kept, so the figures show it
     for c in smoke.experiments["fnn"]:
@@ -176,7 +181,9 @@ def test_jobs_cut_per_experiment_protocol_and_seed(smoke, split):
     ids = Counter((j.experiment, j.protocol, j.kind, j.id) for j in jobs)
     assert max(ids.values()) == 1
     kinds = Counter(j.kind for j in jobs)
-    assert kinds["models"] == len(NAMES) * 2 * (2 if split else 1)  # experiments x protocols (x seeds)
+    # experiments x their protocols (x seeds)
+    assert kinds["models"] == sum(len(wf.protocols_of(n)) for n in NAMES) * (2 if split else 1)
+    assert {wf.protocols_of(n) for n in BEYOND} == {("paper",)}
     for job in jobs:
         assert {c.seed for c in job.configs} == ({job.seed} if split else {0, 1})
         assert job.id.startswith(f"s{job.seed}-" if split else "all-")
@@ -187,7 +194,7 @@ def test_jobs_cut_per_experiment_protocol_and_seed(smoke, split):
             assert "ours" not in {c.method for c in job.configs}
     for name, cfgs in smoke.experiments.items():  # every config of every experiment in one job
         configs = [c for j in jobs if j.kind != "models" and j.experiment == name for c in j.configs]
-        assert len(configs) == len(set(configs)) == 2 * len(cfgs)
+        assert len(configs) == len(set(configs)) == len(wf.protocols_of(name)) * len(cfgs)
 
 
 def test_changing_one_experiment_changes_only_its_job_ids():
@@ -219,8 +226,10 @@ def test_shared_configs_train_once_in_the_first_experiment_that_holds_them(paper
             pairs[(job.experiment, source.experiment)] += len(cfgs)
     assert pairs == {("bias", "fnn"): 3840, ("rank_step", "fnn"): 240, ("depth", "fnn"): 1920,
                      ("depth", "flt"): 1920, ("training_curves", "fnn"): 1200,
-                     # LoRA at ranks 1, 2, 4, 8, 16 in the fnn and tfn experiments' settings, seeds 0-2
-                     ("methods", "fnn"): 2 * 2 * 2 * 3 * 5 * GRID, ("methods", "tfn"): 2 * 2 * 3 * 5 * GRID}
+                     # LoRA at ranks 1, 2, 4, 8, 16 in the fnn and tfn experiments' settings, seeds 0-2, paper only
+                     ("methods", "fnn"): 2 * 2 * 3 * 5 * GRID, ("methods", "tfn"): 2 * 3 * 5 * GRID,
+                     # plain LoRA on random D = 16 transformers: ranks 1-8 below R*, and the pre-norm comparison's 7
+                     ("tfn_low_rank", "tfn"): 2 * 8 * 3 * GRID, ("tfn_prenorm", "tfn"): 2 * 7 * 3 * GRID}
     # bias trains only its fixed-bias runs; its tuned-bias ones are fnn's (1, 2) runs
     bias = {c for j in jobs if j.experiment == "bias" and j.kind == "train" for c in j.configs}
     copied = {c for key, by in shared.items() if key[0] == "bias" for cfgs in by.values() for c in cfgs}
@@ -305,7 +314,7 @@ def test_sweep_and_preset_mechanics():
 
 
 # full_length: the paper's configs, fewer seeds (the transformer one; threshold_law its own three).
-FULL_LENGTH_SEEDS = {name: {0, 1} for name in NAMES} | {"tfn": {0}, "threshold_law": {0, 1, 2}, "methods": {0}}
+FULL_LENGTH_SEEDS = {name: {0, 1} for name in NAMES} | {"tfn": {0}, "threshold_law": {0, 1, 2}} | {n: {0} for n in BEYOND}
 
 
 def test_full_length_is_the_paper_grid_on_fewer_seeds(paper):

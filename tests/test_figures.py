@@ -167,6 +167,15 @@ def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[Run
                     out.append(c.replace(method="full"))
                     if c.exp == "fnn":
                         out += [c.replace(method="flt", last_layers=k) for k in range(1, c.frozen_depth + 1)]
+        elif experiment == "tfn_low_rank":  # D = 8: R* = 4, so ranks 1-3 lie below it
+            for depth in (1, 2):
+                c = s.replace(exp="tfn", width=8, target_depth=depth, frozen_depth=depth)
+                out += [c.replace(method=m, rank=r) for r in RANKS for m in ("ours", "sgd", "lora_from_construction")]
+        elif experiment == "tfn_prenorm":
+            for depth in (1, 2):
+                c = s.replace(exp="tfn", target_depth=depth, frozen_depth=depth)
+                out += [c.replace(method="ours", rank=r) for r in RANKS]
+                out += [c.replace(method="sgd", rank=r, prenorm=p) for r in RANKS for p in (0, 1)]
         elif experiment == "threshold_law":  # a pair Lbar divides, one it does not, and a TFN
             for lbar, depth, exp in ((1, 2, "fnn"), (2, 5, "fnn"), (1, 1, "tfn")):
                 out += [s.replace(exp=exp, target_depth=lbar, frozen_depth=depth, rank=r, method="ours") for r in RANKS]
@@ -176,7 +185,7 @@ def experiment_configs(experiment: str, base: Optional[dict] = None) -> list[Run
 
 
 EXPERIMENTS = ("linear", "fnn", "tfn", "flt", "bias", "rank_step", "classification", "depth", "generalization",
-               "training_curves", "uniform_sv", "threshold_law", "methods")
+               "training_curves", "uniform_sv", "threshold_law", "methods", "tfn_low_rank", "tfn_prenorm")
 
 
 def synthetic_runs(

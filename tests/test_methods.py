@@ -297,3 +297,22 @@ def test_protocols_do_not_change_a_plug_in_start_but_its_lora_init():
         start = method_of(cfg).start(cfg, models)
         assert torch.equal(start.params["b_weights"], models.lora_init.b["weights"])
         assert protocol_of(cfg).name == protocol
+
+
+@pytest.mark.parametrize("base", [FNN_SMALL, TFN_SMALL], ids=["fnn", "tfn"])
+def test_lora_from_the_construction_starts_at_the_construction(base):
+    """Its starting model is the construction's adapted model (float64, cast to float32)."""
+    cfgs = [validated(RunConfig(**base, method="lora_from_construction", rank=r)) for r in (1, 3)]
+    cache = ModelCache()
+    models = [cache.get(c) for c in cfgs]
+    trainable = method_of(cfgs[0]).trainable(cfgs, stack_models([m.frozen for m in models]), models)
+    x = torch.randn(6, base["width"], *(() if "exp" not in base else (base["seq_length"],)),
+                    generator=torch.Generator().manual_seed(1))
+    protocol = protocol_of(cfgs[0])
+    for c, (cfg, m) in enumerate(zip(cfgs, models)):
+        built = BUILT_IN["ours"].construct(cfg.replace(method="ours"), m, torch.float64,
+                                           protocol.calibration_inputs(cfg), protocol.authors_bias_propagation)
+        with torch.no_grad():
+            start = forward(trainable.model(trainable.init), x)[c].double()
+        expected = forward(built, x.double())
+        torch.testing.assert_close(start, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))

@@ -41,7 +41,12 @@ SMOKE = {
     "threshold_law": (0, 0, (4 + 5) * 2 * 2),  # constructions only: ranks {3, 4, 7, 8} at D=8, and 16 at D=16; FNN + TFN; seeds
     # (1, 2), (2, 4), TFN: LoRA, DoRA, VeRA, PiSSA at 4 ranks, full fine-tuning, final layers {1} and {1, 4}; 10 steps
     "methods": (2 * 2 * (3 * (4 * 4 + 1) + 1 + 2), 2 * 2 * (3 * (4 * 4 + 1) + 1 + 2) * 10, 3 * 4 * 2 * 2),
+    # D = 8, depths 1 and 2, ranks 1-4: LoRA and LoRA from the construction; 10 steps
+    "tfn_low_rank": (2 * 4 * 2 * 2, 2 * 4 * 2 * 2 * 10, 2 * 4 * 2),
+    # depth 1, ranks {1, 2, 8, 16}: LoRA on the plain and the pre-norm transformer; the plain one's construction
+    "tfn_prenorm": (2 * 4 * 2, 2 * 4 * 2 * 10, 4 * 2),
 }
+PAPER_ONLY = {"methods", "tfn_low_rank", "tfn_prenorm"}  # beyond the paper: `protocols: [paper]`
 
 
 # Configs an experiment copies from fnn's (methods: tfn's) train jobs (shared configs train once)
@@ -51,6 +56,7 @@ REUSED = {
     "depth": 4 * 2,  # frozen depth 2 is fnn's unpretrained (1, 2): ranks x seeds
     "training_curves": 2 * 3 * 2,  # all of them: fnn's unpretrained runs at ranks 1, 8, 16
     "methods": 4 * 2 * 2,  # its transformer LoRA runs are tfn's depth-1 ones: ranks x pretrained x seeds (10 steps)
+    "tfn_prenorm": 4 * 2,  # its plain LoRA runs are tfn's depth-1 random ones: ranks x seeds (10 steps)
 }
 
 
@@ -64,13 +70,14 @@ def test_smoke_counts_match_a_count_by_hand(smoke, tmp_path):
     result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
     got = {(r["experiment"], r["protocol"]): (r["configs"], r["reused"], r["config_steps"], r["constructions"])
            for r in result["rows"]}
-    steps_of = {"methods": 10}  # the reused configs' steps
+    steps_of = {"methods": 10, "tfn_prenorm": 10}  # the reused configs' steps
     own = {name: (configs - REUSED.get(name, 0), REUSED.get(name, 0),
                   steps - steps_of.get(name, 30) * REUSED.get(name, 0), built)
            for name, (configs, steps, built) in SMOKE.items()}
-    assert got == {(name, protocol): counts for name, counts in own.items() for protocol in ("paper", "reference")}
-    assert result["total"]["config_steps"] == 2 * sum(c[2] for c in own.values())
-    assert result["total"]["reused"] == 2 * sum(REUSED.values())
+    protocols = lambda name: ("paper",) if name in PAPER_ONLY else ("paper", "reference")  # noqa: E731
+    assert got == {(name, protocol): counts for name, counts in own.items() for protocol in protocols(name)}
+    assert result["total"]["config_steps"] == sum(len(protocols(n)) * c[2] for n, c in own.items())
+    assert result["total"]["reused"] == sum(len(protocols(n)) * r for n, r in REUSED.items())
 
 
 def test_experiments_filter_and_unknown_experiment(tmp_path):
@@ -252,7 +259,9 @@ def test_second_plan_reads_the_cache(smoke, tmp_path):
     path = tmp_path / "c.json"
     first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     engines = sorted(calls)
-    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "native-tfn" in engines and "torch-tfn" not in engines
+    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "native-tfn" in engines
+    # the plug-in methods train with autograd; the pre-norm and D = 8 transformers on torch
+    assert {"autograd-fnn", "autograd-tfn", "torch-tfn"} <= set(engines)
     assert {c["source"] for c in first["calibration"].values()} == {"measured"}
     second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     assert sorted(calls) == engines  # nothing measured again

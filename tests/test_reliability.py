@@ -95,7 +95,7 @@ BAD_CLI = [
      "target_depth == frozen_depth"),
     (["figures", "--runs", "corrupt.parquet", "--out", "figs"], "corrupt.parquet: not a readable Parquet file"),
     (["claims", "--runs", "corrupt.parquet", "--out", "claims"], "corrupt.parquet: not a readable Parquet file"),
-    (["figures", "--runs", "old_schema.parquet", "--out", "figs"], "schema version 0, this lorabench reads version 5"),
+    (["figures", "--runs", "old_schema.parquet", "--out", "figs"], "schema version 0, this lorabench reads version 6"),
     (["figures", "--out", "figs"], "give --runs, --selected or both"),
     (["aggregate", "--out", "runs.parquet", "corrupt.parquet"], "corrupt.parquet: not a readable Parquet file"),
     (["select", "--runs", "corrupt.parquet", "--out", "selected.parquet"], "corrupt.parquet: not a readable Parquet file"),

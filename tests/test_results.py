@@ -62,7 +62,7 @@ def test_files_before_the_theory_columns_are_refused(tmp_path, rows):
     write_rows(rows, path)
     table = pq.read_table(path).drop(["svd_optimum_mse", "target_mse_scale"])
     pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"2"}), path)
-    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 5 .*rerun"):
+    with pytest.raises(ResultsError, match="schema version 2, this lorabench reads version 6 .*rerun"):
         read_table(path)
 
 
@@ -75,7 +75,7 @@ def test_version_3_files_read_as_validated_every_step_and_trained_in_their_exper
     write_rows([dict(r, experiment=name, computed_in=name) for r, name in zip(rows, itertools.cycle(["a", "b"]))],
                path)
     current = pq.read_table(path)
-    older = current.drop(["val_every", "computed_in", "method_settings", "method_digest"])
+    older = current.drop(["val_every", "computed_in", "method_settings", "method_digest", "prenorm", "attention_tail"])
     pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"3"}), path)
     upgraded = read_table(path)
     assert upgraded.schema.names == current.schema.names
@@ -90,15 +90,26 @@ def test_version_4_files_read_as_lorabench_methods_without_settings(tmp_path, ro
     path = tmp_path / "runs.parquet"
     write_rows(rows, path)
     current = pq.read_table(path)
-    older = current.drop(["method_settings", "method_digest"])
+    older = current.drop(["method_settings", "method_digest", "prenorm", "attention_tail"])
     pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"4"}), path)
     upgraded = read_table(path)
     assert upgraded.column("method_settings").to_pylist() == [""] * len(rows)
     assert upgraded.column("method_digest").null_count == len(rows)
     assert upgraded.equals(current)
-    pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"5"}), path)
+    pq.write_table(older.replace_schema_metadata({SCHEMA_KEY: b"6"}), path)
     with pytest.raises(ResultsError, match="missing column 'method_settings'"):
         read_table(path)
+
+
+def test_version_5_files_read_as_plain_transformers_without_the_attention_tail(tmp_path, rows):
+    path = tmp_path / "runs.parquet"
+    write_rows(rows, path)
+    current = pq.read_table(path)
+    pq.write_table(current.drop(["prenorm", "attention_tail"]).replace_schema_metadata({SCHEMA_KEY: b"5"}), path)
+    upgraded = read_table(path)
+    assert upgraded.column("prenorm").to_pylist() == [0] * len(rows)
+    assert upgraded.column("attention_tail").null_count == len(rows)
+    assert upgraded.equals(current)
 
 
 def test_rows_carry_the_theory_of_their_models(rows):
@@ -174,7 +185,7 @@ GROUP_KEYS = [
     "batch_size",
     "n_epochs", "n_test", "init_mode", "pretrained", "pretrained_epochs", "pretrained_lr", "pretrained_level",
     "tune_bias", "last_layers", "seed", "rank_step", "task", "n_train", "best_epoch", "n_head", "seq_length",
-    "better_optim", "dropout", "protocol", "n_val", "curve_every", "val_every", "experiment", "checkpoint",
+    "better_optim", "dropout", "prenorm", "protocol", "n_val", "curve_every", "val_every", "experiment", "checkpoint",
 ]
 
 

@@ -128,3 +128,23 @@ def test_per_row_theory_values():
     y = fnn_forward(replace(models.target, weights=models.target.weights.double(), biases=models.target.biases.double()), x.double())
     assert theory.mean_squared_output(models.target, x) == pytest.approx(float((y**2).mean()), rel=1e-12)
     assert theory.mean_squared_output(tfn.target, torch.randn(4, 8, 3, generator=torch.Generator().manual_seed(1))) > 0
+
+
+def test_the_attention_product_tail_is_the_svd_tail_of_each_product():
+    """(1/D) sum over the products the TFN construction matches of sum_{i>2R} sigma_i(E)^2,
+    by hand for one block; zero from R = D/2 on; None for FNNs and residual blocks."""
+    from lorabench.core.models import map_tensors
+    from lorabench.core.theory import tfn_product_tail
+
+    cfg = RunConfig(exp="tfn", width=8, n_head=2, seq_length=4, target_depth=1, frozen_depth=1, batch_size=8,
+                    method="sgd", seed=2)
+    m = generate_models(cfg)
+    f, t = (map_tensors(x, lambda w: w.double()) for x in (m.frozen, m.target))
+    pairs = [(t.wk[0, h].T @ t.wq[0, h], f.wk[0, h].T @ f.wq[0, h]) for h in range(2)]
+    pairs += [(t.wo[0, h] @ t.wv[0, h], f.wo[0, h] @ f.wv[0, h]) for h in range(2)]
+    pairs += [(t.w_out @ t.w2[-1], f.w_out @ f.w2[-1])]
+    for rank in (1, 2, 3):
+        by_hand = sum(float((torch.linalg.svdvals(a - b)[2 * rank:] ** 2).sum()) for a, b in pairs) / 8
+        assert tfn_product_tail(m.frozen, m.target, rank) == pytest.approx(by_hand, rel=1e-9)
+    assert tfn_product_tail(m.frozen, m.target, 4) == 0.0
+    assert tfn_product_tail(generate_models(RunConfig(method="sgd")).frozen, t, 1) is None

@@ -162,6 +162,8 @@ def _add_run(sub) -> None:
     flag("better_optim", type=int, choices=[0, 1], default=d.better_optim,
          help="TFN with residual connections, LayerNorm and dropout (1)")
     flag("dropout", type=float, default=d.dropout, help="dropout rate with --better_optim 1")
+    flag("prenorm", type=int, choices=[0, 1], default=d.prenorm,
+         help="TFN with pre-norm residual blocks, X + Attn(LN(X)), Y + FFN(LN(Y)) (1); trains on torch")
     flag("val_every", type=int, default=d.val_every,
          help="validate every k steps and at the last (k > 1: paper protocol, final state; skips the other validations)")
     flag("wandb", type=int, choices=[0, 1], default=0, help="accepted for compatibility; must be 0")

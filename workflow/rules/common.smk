@@ -111,7 +111,8 @@ CLAIMS = [
 PAPER_TABLES = "results/paper_tables.md"  # per figure of the paper: what it shows, what this run measured
 SELECTION_NOTE = catalog.selection_note(SELECTED, DEFINED)
 # What a piece of a run in pieces builds: its experiments' rows per protocol, no figures.
-PIECE = [f"results/{kind}/{name}/{p}.parquet" for kind in ("runs", "selected") for name in SELECTED for p in WF.protocols]
+PIECE = [f"results/{kind}/{name}/{p}.parquet" for kind in ("runs", "selected") for name in SELECTED
+         for p in WF.protocols_of(name)]
 REPORT_DIR = os.path.join(workflow.basedir, "workflow", "report")
 
 
@@ -170,15 +171,17 @@ def _running(experiment):
 
 def protocol_results(wildcards):
     _running(wildcards.experiment)
-    if wildcards.protocol not in WF.protocols:
-        raise WorkflowError(f"protocol {wildcards.protocol!r} does not run (running: {', '.join(WF.protocols)})")
+    running = WF.protocols_of(wildcards.experiment)
+    if wildcards.protocol not in running:
+        raise WorkflowError(f"protocol {wildcards.protocol!r} does not run for {wildcards.experiment} "
+                            f"(running: {', '.join(running)})")
     return result_files(wildcards.experiment, wildcards.protocol)
 
 
 def experiment_runs(wildcards):
     """An experiment's per-protocol rows, of every protocol that runs."""
     _running(wildcards.experiment)
-    return [f"results/runs/{wildcards.experiment}/{p}.parquet" for p in WF.protocols]
+    return [f"results/runs/{wildcards.experiment}/{p}.parquet" for p in WF.protocols_of(wildcards.experiment)]
 
 
 def figure_selection(name):
@@ -196,7 +199,7 @@ def caption(name):
 def benchmark_files():
     """Every benchmark record of the jobs this run needs but the costs step's own."""
     out = [f"logs/benchmarks/{j.kind if j.kind != 'models' else 'generate_models'}/{j.experiment}/{j.protocol}/{j.id}.tsv" for j in RUN_JOBS]
-    out += [f"logs/benchmarks/aggregate_protocol/{name}/{p}/runs.tsv" for name in SELECTED for p in WF.protocols]
+    out += [f"logs/benchmarks/aggregate_protocol/{name}/{p}/runs.tsv" for name in SELECTED for p in WF.protocols_of(name)]
     out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
     out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv",
             "logs/benchmarks/paper_tables/all/all/paper_tables.tsv"]

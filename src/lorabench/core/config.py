@@ -61,6 +61,7 @@ class RunConfig:
     seq_length: int = 10
     better_optim: int = 0
     dropout: float = 0.1
+    prenorm: int = 0  # TFN: pre-norm blocks x + Attn(LN(x)), x + FFN(LN(x)) (lorabench's own; not the authors')
     # lorabench's own settings
     protocol: str = "paper"
     n_val: int = 256  # the paper's validation set; the reference protocol uses batch_size
@@ -124,7 +125,7 @@ class RunConfig:
             (self.curve_every >= 1, f"curve_every must be >= 1, got {self.curve_every}"),
             (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
         ]
-        for flag in ("use_bias", "pretrained", "tune_bias", "best_epoch", "better_optim"):
+        for flag in ("use_bias", "pretrained", "tune_bias", "best_epoch", "better_optim", "prenorm"):
             value = getattr(self, flag)
             checks.append((value in (0, 1), f"{flag} must be 0 or 1, got {value}"))
         for ok, message in checks:
@@ -142,6 +143,8 @@ class RunConfig:
                 )
             if self.better_optim:
                 raise ConfigError("better_optim (residual + LayerNorm + dropout) exists only for exp 'tfn'")
+            if self.prenorm:
+                raise ConfigError("prenorm (residual + LayerNorm blocks) exists only for exp 'tfn'")
             return method_check(self)
 
         if self.init_mode != "default":
@@ -150,6 +153,8 @@ class RunConfig:
             raise ConfigError(f"task {self.task!r} exists only for exp 'fnn'; TFN supports regression")
         if self.rank_step != 0:
             raise ConfigError("rank_step exists only for exp 'fnn'")
+        if self.prenorm and self.better_optim:
+            raise ConfigError("prenorm and better_optim are two different residual blocks: choose one")
         if self.n_head < 1:
             raise ConfigError(f"n_head must be >= 1, got {self.n_head}")
         if self.seq_length < 1:
@@ -160,7 +165,7 @@ class RunConfig:
 
 
 # name -> default (see RunConfig.config_hash)
-_HASHED_AWAY_FROM_DEFAULT = {"val_every": 1, "method_settings": ""}
+_HASHED_AWAY_FROM_DEFAULT = {"val_every": 1, "method_settings": "", "prenorm": 0}
 
 
 def _check_sparse_validation(cfg: RunConfig) -> None:

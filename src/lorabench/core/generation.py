@@ -138,6 +138,7 @@ def _random_tfn(cfg: RunConfig, gen: torch.Generator, lora_rank: Optional[int] =
         w_out=w_out,
         residual=bool(cfg.better_optim),
         dropout=cfg.dropout if cfg.better_optim else 0.0,
+        prenorm=bool(cfg.prenorm),
     )
     if lora_rank is None:
         return model, None

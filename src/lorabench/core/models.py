@@ -13,7 +13,9 @@ Conventions (the paper's, and the authors' code's):
   (no 1/sqrt(D) scaling; softmax over the key index so every query column sums to one),
   ``Z = W_2 ReLU(W_1 A + b_1) + b_2``; output ``W_o Z_L``. The optional ``residual``
   variant (the authors' ``better_optim``) adds residual connections, a parameter-free
-  LayerNorm over D and dropout.
+  LayerNorm over D and dropout after each sublayer (post-norm). The optional ``prenorm``
+  variant is the usual pre-norm block, without dropout: ``X + Attn(LN(X))``, then
+  ``Y + FFN(LN(Y))``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class TFN:
 
     wq, wk, wv, wo: (..., L, H, D, D); w1, w2: (..., L, D, D); b1, b2: (..., L, D);
     w_out: (..., D, D). ``residual`` and ``dropout`` select the authors' optional
-    residual + LayerNorm + dropout variant.
+    residual + LayerNorm + dropout variant; ``prenorm`` the pre-norm residual block.
     """
 
     wq: Tensor
@@ -121,6 +123,7 @@ class TFN:
     w_out: Tensor
     residual: bool = False
     dropout: float = 0.0
+    prenorm: bool = False
 
     @property
     def depth(self) -> int:
@@ -180,19 +183,25 @@ def tfn_forward(model: TFN, x: Tensor, dropout: Dropout = None) -> Tensor:
         pick = lambda w: w[..., layer, :, :, :]
         scores_w = pick(model.wk).transpose(-1, -2) @ pick(model.wq)  # (..., H, D, D)
         values_w = pick(model.wo) @ pick(model.wv)
-        queries = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", scores_w, h)
-        scores = torch.einsum(f"{hc}dbk,{c}hdbq->{c}hbkq", h, queries)
+        seen = _layer_norm_over_width(h) if model.prenorm else h
+        queries = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", scores_w, seen)
+        scores = torch.einsum(f"{hc}dbk,{c}hdbq->{c}hbkq", seen, queries)
         weights = torch.softmax(scores, dim=-2)  # over the keys: each query column sums to 1
-        values = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", values_w, h)
+        values = torch.einsum(f"{c}hed,{hc}dbn->{c}hebn", values_w, seen)
         attended = torch.einsum(f"{c}hdbk,{c}hbkq->{c}dbq", values, weights)
         if model.residual:
             attended = _layer_norm_over_width(h + drop(attended, False))
+        elif model.prenorm:
+            attended = h + attended
         w1, w2 = model.w1[..., layer, :, :], model.w2[..., layer, :, :]
         b1, b2 = model.b1[..., layer, :, None, None], model.b2[..., layer, :, None, None]
-        hidden = torch.relu(torch.einsum(f"{c}ed,{c}dbn->{c}ebn", w1, attended) + b1)
+        fed = _layer_norm_over_width(attended) if model.prenorm else attended
+        hidden = torch.relu(torch.einsum(f"{c}ed,{c}dbn->{c}ebn", w1, fed) + b1)
         out = torch.einsum(f"{c}ed,{c}dbn->{c}ebn", w2, hidden) + b2
         if model.residual:
             out = _layer_norm_over_width(attended + drop(out, True))
+        elif model.prenorm:
+            out = attended + out
         h = out
     hc = "c" if h.dim() == 4 else ""
     return torch.einsum(f"{c}ed,{hc}dbn->{c}ebn", model.w_out, h).movedim(-3, -2)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .generation import Model, group_product, partition
-from .models import FNN, fnn_forward, map_tensors, tfn_forward
+from .models import FNN, TFN, fnn_forward, map_tensors, tfn_forward
 
 Ranks = Union[int, list[int]]
 
@@ -110,6 +110,27 @@ def single_layer_optimum(frozen: Model, target: Model, rank: int) -> Optional[fl
     if not (torch.isfinite(frozen.weights).all() and torch.isfinite(target.weights).all()):
         return math.nan
     return linear_optimal_mse(frozen.weights.double(), target.weights[0].double(), rank)
+
+
+def tfn_product_tail(frozen: TFN, target: TFN, rank: int) -> Optional[float]:
+    """The FNN bound's form (1/D) sum_{i > R L} sigma_i(E)^2, with L = 2 factors, summed
+    over the two-matrix products the TFN construction matches: per block and head
+    E = W̄_K^T W̄_Q - W_K^T W_Q and W̄_O W̄_V - W_O W_V, and for the last block
+    W̄_o W̄_2 - W_o W_2. Each product's two factors carry rank R each, so its best change
+    has rank 2R (Lemma 1). The deeper blocks' products are compared untransformed (the
+    construction matches them after the previous blocks' changes of basis), so this is a
+    shape to set beside the construction's error below R* = D/2, not a bound on it. Float64;
+    None for a plain-TFN pair that is not, NaN for non-finite weights."""
+    if not isinstance(frozen, TFN) or not isinstance(target, TFN) or frozen.prenorm or frozen.residual:
+        return None
+    f, t = (map_tensors(m, lambda w: w.double()) for m in (frozen, target))
+    if not all(torch.isfinite(w).all() for m in (f, t) for w in m.tensors().values()):
+        return math.nan
+    products = [t.wk.transpose(-1, -2) @ t.wq - f.wk.transpose(-1, -2) @ f.wq,  # (L, H, D, D)
+                t.wo @ t.wv - f.wo @ f.wv,
+                (t.w_out @ t.w2[-1] - f.w_out @ f.w2[-1]).unsqueeze(0)]
+    tail = sum(float((torch.linalg.svdvals(e)[..., 2 * rank:] ** 2).sum()) for e in products)
+    return tail / frozen.width
 
 
 def mean_squared_output(model: Model, x: Tensor) -> float:

@@ -22,11 +22,12 @@ from .dora import DoRA
 from .final_layers import FinalLayers
 from .full import FullFineTuning
 from .lora import LoRAGradient
+from .lora_from_construction import LoRAFromConstruction
 from .pissa import PiSSA
 from .vera import VeRA
 
 BUILT_IN: dict[str, Method] = {m.name: m for m in (Construction(), LoRAGradient(), FinalLayers(), FullFineTuning(),
-                                                   DoRA(), VeRA(), PiSSA())}
+                                                   DoRA(), VeRA(), PiSSA(), LoRAFromConstruction())}
 # What a method must define, by kind (a subclass that leaves one at Method's is refused).
 REQUIRED = {False: ("parameter_count", "start", "adapt"), True: ("parameter_count", "construct")}
 

@@ -82,8 +82,9 @@ class Method:
     # ---------------------------------------------------------------- validation
     def validate(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` with its method settings in canonical form, or ConfigError."""
-        if cfg.exp not in self.families:
-            raise ConfigError(f"method {self.name!r} exists only for exp {' and '.join(map(repr, self.families))}")
+        reason = self.not_applicable(cfg)
+        if reason:
+            raise ConfigError(reason)
         if "rank" in self.fields and cfg.rank < self.min_rank:
             raise ConfigError(f"rank must be >= {self.min_rank} for method {self.name!r}, got {cfg.rank}")
         canonical = canonical_settings(self.parse_settings(cfg.method_settings))
@@ -94,6 +95,14 @@ class Method:
 
     def check(self, cfg: RunConfig) -> None:
         """Further checks of the method's own; raise ConfigError naming the setting."""
+
+    def not_applicable(self, cfg: RunConfig) -> Optional[str]:
+        """Why the method does not exist for ``cfg``'s model (None: it does). An
+        experiment leaves such runs out, and its figures say "not applicable"; a run of
+        one (``lorabench run``) is refused with the reason."""
+        if cfg.exp not in self.families:
+            return f"method {self.name!r} exists only for exp {' and '.join(map(repr, self.families))}"
+        return None
 
     def parse_settings(self, text: str) -> dict[str, Any]:
         """The method's settings: its defaults updated with ``text`` (JSON object)."""

@@ -9,6 +9,7 @@ model with the construction's biases.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 from ..core.adapters import apply_lora, lora_parameter_count
 from ..core.config import ConfigError, RunConfig
@@ -32,8 +33,12 @@ class Construction(Method):
         if cfg.target_depth != cfg.frozen_depth:
             raise ConfigError(
                 f"TFN construction needs target_depth == frozen_depth, got {cfg.target_depth} and {cfg.frozen_depth}")
-        if cfg.better_optim:
-            raise ConfigError("the TFN construction is defined for the plain TFN: better_optim must be 0 with method 'ours'")
+
+    def not_applicable(self, cfg: RunConfig) -> Optional[str]:
+        if cfg.exp == "tfn" and (cfg.better_optim or cfg.prenorm):
+            return ("the TFN construction is defined for the plain TFN, without residual connections or LayerNorm: "
+                    f"method {self.name!r} needs better_optim 0 and prenorm 0")
+        return super().not_applicable(cfg)
 
     def parameter_count(self, cfg: RunConfig) -> int:
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)

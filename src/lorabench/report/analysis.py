@@ -188,6 +188,30 @@ def relative_mse(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
     return df[y].astype(float) / df["target_mse_scale"].astype(float)
 
 
+def below_threshold(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows below their threshold with two columns for the low-rank figure and claims:
+    ``r_over_rstar`` (R / R*) and ``rel`` (the relative test MSE)."""
+    if df is None or df.empty or not _has(df, "rank", "threshold_rank", "target_mse_scale"):
+        return pd.DataFrame(columns=list(df.columns if df is not None else []) + ["r_over_rstar", "rel"])
+    out = df.assign(r_over_rstar=df["rank"].astype(float) / df["threshold_rank"].astype(float),
+                    rel=relative_mse(df))
+    return out[out["r_over_rstar"] <= 1.0]
+
+
+PLATEAU_FACTOR = 2.0  # "stops falling": within this factor of the lowest median over the ranks tried
+
+
+def plateau_rank(curve_: pd.Series) -> Optional[int]:
+    """The smallest rank from which the median error stays within PLATEAU_FACTOR of its
+    lowest value over the ranks tried (``curve_``: median by rank); None if empty."""
+    finite = curve_[np.isfinite(curve_.astype(float))]
+    if finite.empty:
+        return None
+    floor = float(finite.min())
+    within = [int(r) for r in finite.index if all(finite[finite.index >= r] <= PLATEAU_FACTOR * floor)]
+    return min(within) if within else None
+
+
 def is_exact(df: pd.DataFrame, y: str = "test_loss") -> pd.Series:
     """Per row: relative MSE <= EXACT_RTOL (a diverged or non-finite row is not exact)."""
     rel = relative_mse(df, y)

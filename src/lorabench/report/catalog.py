@@ -22,6 +22,8 @@ FIGURE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "uniform_sv": ("uniform_sv",),
     "threshold_law": ("threshold_law",),
     "methods": ("methods",),
+    "tfn_low_rank": ("tfn_low_rank",),
+    "tfn_prenorm": ("tfn_prenorm",),
 }
 
 

@@ -382,6 +382,89 @@ def vera_vs_lora_equal_parameters(v: View):
     return _verdict(points), f"{sum(points)}/{len(points)} points; " + "; ".join(parts) + f" (tol {METHODS_RTOL:g})"
 
 
+# ------------------------------------------------------- the transformer's open questions
+TAIL_FACTOR = 10.0  # the construction's error and the scaled tail agree within this factor
+
+
+def _low_rank_settings(v: View):
+    rows = v.rows("tfn_low_rank", "ours")
+    if rows.empty:
+        return []
+    return sorted({(int(w), int(d)) for w, d in zip(rows["width"], rows["target_depth"])})
+
+
+def low_rank_start_from_construction(v: View):
+    """Below R*, LoRA started from the construction against the construction and LoRA's
+    default start, at each (D, depth, R < R*)."""
+    points, worst = [], None
+    for width, depth in _low_rank_settings(v):
+        f = dict(width=width, target_depth=depth)
+        ours, gd = v.median("tfn_low_rank", "ours", **f), v.median("tfn_low_rank", "sgd", **f)
+        start = v.median("tfn_low_rank", "lora_from_construction", **f)
+        thr = width // 2
+        for rank in start.index.intersection(ours.index).intersection(gd.index):
+            if rank >= thr:
+                continue
+            best_other = min(ours[rank], gd[rank])
+            ratio = start[rank] / best_other if best_other > 0 else math.inf
+            points.append(ratio <= 1 + METHODS_RTOL)
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, width, depth, int(rank))
+    if not points:
+        return NOT_RUN, "no tfn_low_rank rows of the three methods below R*"
+    return _verdict(points), (f"{sum(points)}/{len(points)} (D, L, R < R*) points where LoRA from the construction is at "
+                              f"or below both; largest ratio to the better of the two {g(worst[0])} (D={worst[1]}, "
+                              f"L={worst[2]}, R={worst[3]}) (tol {METHODS_RTOL:g})")
+
+
+def low_rank_tail_shape(v: View):
+    """The construction's relative error below R* against the attention products' SVD
+    tail, both normalised at the lowest rank: the largest factor between the two."""
+    parts, ok = [], []
+    for width, depth in _low_rank_settings(v):
+        ours = _finite(v.rows("tfn_low_rank", "ours", width=width, target_depth=depth))
+        ours = ours[ours["rank"] < ours["threshold_rank"]]
+        if ours.empty or "attention_tail" not in ours:
+            continue
+        mse = analysis.median_by(ours, "rank", "test_loss")
+        tail = analysis.median_by(ours.assign(tail=ours["attention_tail"].astype(float)), "rank", "tail")
+        common = mse.index.intersection(tail.index)
+        if len(common) < 2 or mse[common[0]] <= 0 or tail[common[0]] <= 0:
+            continue
+        shape = (mse[common] / mse[common[0]]) / (tail[common] / tail[common[0]])
+        factor = float(np.exp(np.abs(np.log(shape.astype(float).clip(lower=1e-300))).max()))
+        ok.append(factor <= TAIL_FACTOR)
+        parts.append(f"D={width} L={depth}: {g(factor)}")
+    if not ok:
+        return NOT_RUN, "no tfn_low_rank construction rows with their attention tail below R*"
+    return _verdict(ok), ("largest factor between the construction's error and the attention-product tail, both "
+                          f"relative to R=1, over R < R*: {'; '.join(parts)} (within {TAIL_FACTOR:g})")
+
+
+def prenorm_threshold(v: View):
+    """Where gradient LoRA's error stops falling with pre-norm blocks, against the plain
+    transformer's R* = D/2 (and the plain model's own plateau)."""
+    parts, ok = [], []
+    for depth in (1, 2):
+        pre_rows = v.rows("tfn_prenorm", "sgd", target_depth=depth, prenorm=1)
+        if pre_rows.empty:
+            continue
+        pre = analysis.median_by(pre_rows.assign(rel=analysis.relative_mse(pre_rows)), "rank", "rel")
+        plain_rows = v.rows("tfn_prenorm", "sgd", target_depth=depth, prenorm=0)
+        plain = analysis.median_by(plain_rows.assign(rel=analysis.relative_mse(plain_rows)), "rank", "rel") \
+            if not plain_rows.empty else pd.Series(dtype=float)
+        thr = analysis.threshold(pre_rows)
+        at = analysis.plateau_rank(pre)
+        ok.append(at is not None and thr is not None and at <= thr)
+        plain_at = analysis.plateau_rank(plain) if not plain.empty else None
+        parts.append(f"L={depth}: pre-norm stops falling at R={at}, plain at R={plain_at}, R*={thr}; "
+                     f"lowest median relative MSE pre-norm {g(float(pre.min()))}, "
+                     f"plain {g(float(plain.min())) if not plain.empty else 'nan'}")
+    if not ok:
+        return NOT_RUN, "no tfn_prenorm rows"
+    return _verdict(ok), "; ".join(parts) + f" (stops falling: within {analysis.PLATEAU_FACTOR:g}x of the lowest median)"
+
+
 @dataclass(frozen=True)
 class Claim:
     id: str
@@ -434,6 +517,15 @@ CLAIMS: list[Claim] = [
           "beyond the paper: methods experiment (Kopiczko et al., 2024)", vera_vs_lora_equal_parameters),
     Claim("methods_pissa_vs_lora", "PiSSA's initialisation is at or below LoRA's default initialisation at equal rank",
           "beyond the paper: methods experiment (Meng et al., 2024)", _at_or_below_lora_at_equal_rank("pissa")),
+    Claim("tfn_low_rank_start", "Below the transformer's threshold, gradient LoRA started from the construction ends at "
+          "or below both the construction and gradient LoRA from its default start",
+          "beyond the paper: open question of Sec. 5 (no bound below R*)", low_rank_start_from_construction),
+    Claim("tfn_low_rank_tail", "Below the transformer's threshold, the construction's error falls with R as the FNN bound's "
+          "form (1/D) sum_{i>2R} sigma_i(E)^2 on the attention products does (within a factor 10)",
+          "beyond the paper: open question of Sec. 5", low_rank_tail_shape),
+    Claim("tfn_prenorm_threshold", "With pre-norm residual blocks and LayerNorm, gradient LoRA's error stops falling at or "
+          "below the plain transformer's threshold R* = D/2",
+          "beyond the paper: open question of Sec. 5 (no skip connections or LayerNorm)", prenorm_threshold),
 ]
 
 
@@ -474,7 +566,8 @@ def tolerances_text() -> str:
             f"SVD optimum: median relative gap <= {OPTIMUM_RTOL:g}; linear GD vs construction: relative gap <= {GD_MATCH_RTOL:g}; "
             f"bound: construction <= {1 + BOUND_SLACK:g} x bound; generalization gap: test/train >= {GAP_FACTOR:g}; "
             f"classification exact: accuracy >= {CLASSIFICATION_EXACT:g}; methods: at or below = median test MSE "
-            f"<= {1 + METHODS_RTOL:g} x the other's.")
+            f"<= {1 + METHODS_RTOL:g} x the other's; low-rank tail: within {TAIL_FACTOR:g}x; "
+            f"'stops falling': within {analysis.PLATEAU_FACTOR:g}x of the lowest median.")
 
 
 def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,

@@ -39,7 +39,10 @@ from .analysis import (
     curve,
     ensure_selected,
     excluded_note,
+    below_threshold,
     measured_thresholds,
+    plateau_rank,
+    relative_mse,
     rows,
     theory_rows,
     threshold,
@@ -385,6 +388,64 @@ def fig_threshold_law(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CH
     return style.save(fig, out_dir, "threshold_law")
 
 
+LOW_RANK_WIDTHS = (8, 16, 32)
+
+
+def fig_tfn_low_rank(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKPOINT) -> list[Path]:
+    """Beyond the paper: the transformer below its threshold. Relative test MSE against
+    R / R* (R* = D/2), depth 1 and 2 by rows, D by columns: the construction, gradient
+    LoRA, and gradient LoRA started from the construction; the dotted line is the
+    attention products' SVD tail (theory.tfn_product_tail) scaled to the construction at
+    the lowest rank, the FNN bound's shape."""
+    p = choose_protocol(selected, "tfn_low_rank", protocol)
+    fig, axes = style.panels(2, len(LOW_RANK_WIDTHS))
+    for r, depth in enumerate((1, 2)):
+        for c, width in enumerate(LOW_RANK_WIDTHS):
+            ax, curves, drawn = axes[r][c], {}, False
+            for name in ("ours", "sgd", "lora_from_construction"):
+                df = below_threshold(rows(selected, "tfn_low_rank", p, name, checkpoint, width=width, target_depth=depth))
+                curves[name] = curve(df, "r_over_rstar", "rel")
+                key, override = style.method_series(name)
+                drawn = draw_curve(ax, curves[name], key, log=True, **override) or drawn
+            ours = below_threshold(rows(selected, "tfn_low_rank", p, "ours", width=width, target_depth=depth))
+            tail = curve(ours.assign(tail=ours["attention_tail"].astype(float)) if "attention_tail" in ours else ours,
+                         "r_over_rstar", "tail")
+            if drawn and not tail.empty and not curves["ours"].empty and tail.median[0] > 0:
+                scale = curves["ours"].median[0] / tail.median[0]
+                ax.plot(tail.x, style.log_safe(tail.median * scale), **{k: v for k, v in style.SERIES["tail"].items()})
+            finish_panel(ax, drawn, f"$D={width}$, $L={depth}$", log=True, xlabel="$R / R^*$",
+                         ylabel="test MSE / mean squared target (log)", integer_x=False, legend=(r, c) == (0, 0),
+                         note=excluded_note({"GD": curves["sgd"], "from construction": curves["lora_from_construction"]}))
+    return _save(fig, out_dir, "tfn_low_rank", "The transformer below its threshold $R^*=D/2$", p, checkpoint)
+
+
+def fig_tfn_prenorm(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKPOINT) -> list[Path]:
+    """Beyond the paper: gradient LoRA on transformers with pre-norm residual blocks and
+    LayerNorm against the plain transformer, relative test MSE (the two models' outputs
+    differ in scale) against the rank (log), depth 1 and 2; the construction is drawn for the plain transformer only (it does not cover
+    residual blocks: not applicable)."""
+    p = choose_protocol(selected, "tfn_prenorm", protocol)
+    fig, axes = style.panels(1, 2)
+    for ax, depth in zip(axes[0], (1, 2)):
+        plain = dict(target_depth=depth, prenorm=0)
+        relative = lambda df: df.assign(rel=relative_mse(df)) if not df.empty else df  # noqa: E731
+        ours = relative(rows(selected, "tfn_prenorm", p, "ours", **plain))
+        gd = relative(rows(selected, "tfn_prenorm", p, "sgd", checkpoint, **plain))
+        pre = relative(rows(selected, "tfn_prenorm", p, "sgd", checkpoint, target_depth=depth, prenorm=1))
+        c_gd, c_pre = curve(gd, "rank", "rel"), curve(pre, "rank", "rel")
+        drawn = draw_curve(ax, curve(ours, "rank", "rel"), "construction", log=True,
+                           label="Our construction (plain)")
+        drawn = draw_curve(ax, c_gd, "gd", log=True, label="Gradient update (plain)") or drawn
+        drawn = draw_curve(ax, c_pre, "prenorm", log=True) or drawn
+        plateaus = {name: plateau_rank(c.as_series()) for name, c in (("plain", c_gd), ("pre-norm", c_pre)) if not c.empty}
+        stops = ", ".join(f"{name} R={r}" for name, r in plateaus.items() if r is not None)
+        note = "construction: not applicable to pre-norm blocks" + (f"\nGD stops falling at: {stops}" if stops else "")
+        finish_panel(ax, drawn, f"$L={depth}$", log=True,
+                     xlabel="rank $R$", ylabel="test MSE / mean squared target (log)",
+                     thr=threshold(gd if ours.empty else ours), note=note)
+    return _save(fig, out_dir, "tfn_prenorm", "Transformers with pre-norm residual blocks and LayerNorm", p, checkpoint)
+
+
 # The methods experiment's panels: (title, filters), by column; random and pretrained by row.
 METHOD_PANELS = (
     (r"FNN $\bar L=1$, $L=2$", dict(exp="fnn", target_depth=1, frozen_depth=2)),
@@ -462,6 +523,8 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
     "uniform_sv": fig_uniform_sv,
     "threshold_law": fig_threshold_law,
     "methods": fig_methods,
+    "tfn_low_rank": fig_tfn_low_rank,
+    "tfn_prenorm": fig_tfn_prenorm,
 }
 FIGURE_NAMES: list[str] = list(FIGURES)
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 
 import pandas as pd
 
+from ..core.config import RunConfig
 from .analysis import DEFAULT_CHECKPOINT, curve, present_protocols, rows, threshold
 from .style import atomic_write_text, g, markdown_table
 
@@ -280,6 +281,28 @@ TABLES: tuple[Table, ...] = (
                                       13: "between 2e-4 and 5e-3", 16: "~2e-4 (plateau)"}),
               )
               for rank, paper in values.items()
+          )),
+    Table("Beyond the paper: every method against its parameter budget (FNN (1, 2), random frozen model)",
+          "not in the paper: its question asked of other adapters (the methods experiment)", "methods", tuple(
+              Row(f"{label}, R=4", "not in the paper", median("methods", method, 4, **FNN_12, **RANDOM))
+              for method, label in (("ours", "construction"), ("sgd", "LoRA (gradient)"), ("dora", "DoRA"),
+                                    ("vera", "VeRA"), ("pissa", "PiSSA"))
+          ) + (Row("full fine-tuning", "not in the paper",
+                   median("methods", "full", RunConfig.rank, **FNN_12, **RANDOM)),)),
+    Table("Beyond the paper: the transformer below its threshold (D = 16, random frozen model)",
+          "not in the paper, which bounds the transformer's error only from R* = D/2 on (Sec. 5)", "tfn_low_rank", tuple(
+              Row(f"L={depth}: {label}, R={rank}", "no bound below R* in the paper",
+                  median("tfn_low_rank", method, rank, width=16, target_depth=depth))
+              for depth in (1, 2) for rank in (1, 4)
+              for method, label in (("ours", "construction"), ("sgd", "gradient update"),
+                                    ("lora_from_construction", "gradient update from the construction"))
+          )),
+    Table("Beyond the paper: pre-norm residual blocks with LayerNorm (D = 16, random frozen model)",
+          "not in the paper, whose transformer has no skip connections or LayerNorm (Sec. 5)", "tfn_prenorm", tuple(
+              Row(f"L={depth}: gradient update, {name}, R={rank}",
+                  "not in the paper" if prenorm else "see the TFN figure (Appendix G)",
+                  median("tfn_prenorm", "sgd", rank, target_depth=depth, prenorm=prenorm))
+              for depth in (1, 2) for prenorm, name in ((0, "plain"), (1, "pre-norm")) for rank in (1, 8, 16)
           )),
 )
 

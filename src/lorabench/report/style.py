@@ -57,11 +57,14 @@ SERIES = {
     "dora": dict(color="#8c564b", marker="P", label="DoRA"),
     "vera": dict(color="#e377c2", marker="X", label="VeRA"),
     "pissa": dict(color="#17becf", marker="h", label="PiSSA"),
+    "from_construction": dict(color="#9467bd", marker="^", label="LoRA from the construction"),
+    "prenorm": dict(color="#ff7f0e", marker="D", linestyle="--", label="Gradient update, pre-norm blocks"),
+    "tail": dict(color="black", marker="", linestyle=":", linewidth=1.2, label="attention-product tail (scaled)"),
 }
 # A method's series (the ``method`` column -> SERIES key); a method of the user's gets
 # one of USER_COLOURS, labelled by its name.
 METHOD_SERIES = {"ours": "construction", "sgd": "gd", "flt": "flt", "full": "full", "dora": "dora", "vera": "vera",
-                 "pissa": "pissa"}
+                 "pissa": "pissa", "lora_from_construction": "from_construction"}
 METHOD_LABEL = {"sgd": "LoRA (gradient)"}
 USER_COLOURS = ("#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a")
 # Protocols drawn side by side: line overrides, and whether the min-max band is drawn

@@ -5,6 +5,7 @@ An experiment is a named set of runs::
 
     settings:  RunConfig fields shared by the experiment's runs; a list sweeps the field
     variants:  alternatives (e.g. (target_depth, frozen_depth) pairs), each merged over settings
+    protocols: optional; the protocols it runs under, of the config's (default: all of them)
     methods:   {method: fields of that method's runs, and its own settings; lists sweep}
 
 A method is named as the config's ``method`` field names it: a built-in one (``ours``,
@@ -116,9 +117,15 @@ class WorkflowConfig:
     def _jobs_of(self, name: str) -> list[Job]:
         if name not in self._expanded:
             cfgs = (self.defined or self.experiments)[name]
-            self._expanded[name] = [job for protocol in self.protocols for job in experiment_jobs(
+            self._expanded[name] = [job for protocol in self.protocols_of(name) for job in experiment_jobs(
                 name, protocol, [c.replace(protocol=protocol) for c in cfgs], self.split_seeds, self.split_by)]
         return self._expanded[name]
+
+    def protocols_of(self, name: str) -> tuple[str, ...]:
+        """The protocols experiment ``name`` runs under: the config's ``protocols``, less
+        those its block leaves out (``protocols: [paper]``)."""
+        own = ((self.definitions.get(name) or {}).get("definition") or {}).get("protocols")
+        return tuple(p for p in self.protocols if own is None or p in own)
 
     @cached_property
     def shared(self) -> dict[JobKey, dict[JobKey, tuple[RunConfig, ...]]]:
@@ -266,7 +273,8 @@ def expand_experiment(
     if own.get("subset"):
         shared["subset"] = {k: v for k, v in (preset.get("subset") or {}).items() if k not in own["subset"]}
     out: dict[RunConfig, None] = {}
-    in_family: set = set()  # the methods that some run's model family has
+    applicable: set = set()  # the methods that apply to some run (Method.not_applicable)
+    not_applicable: dict[str, str] = {}  # method -> why it does not apply to a run left out
     for i, variant in enumerate(variants):
         _check_fields(variant, f"experiment {name!r} variant {i}")
         for method_name, block in methods.items():
@@ -288,23 +296,24 @@ def expand_experiment(
                 if ignored not in block:
                     merged.pop(ignored, None)
             for values in _sweep({**merged, **{_SETTING + k: v for k, v in own_settings.items()}}):
-                if values.get("exp", RunConfig.exp) not in method.families:
-                    continue  # e.g. final-layer tuning in an experiment's transformer variant
-                in_family.add(method_name)
                 extra = {k[len(_SETTING):]: values.pop(k) for k in list(values) if k.startswith(_SETTING)}
                 if extra:
                     values["method_settings"] = canonical_settings(extra)
                 try:
-                    cfg = config_from_dict(values, method.validate)
+                    cfg = config_from_dict(values, lambda c: c if method.not_applicable(c) else method.validate(c))
                 except ConfigError as error:
                     raise ConfigError(f"{where}: {error}") from None
+                reason = method.not_applicable(cfg)
+                if reason:  # e.g. final-layer tuning in an experiment's transformer variant
+                    not_applicable.setdefault(method_name, reason)
+                    continue
+                applicable.add(method_name)
                 if _kept(cfg, shared) and _kept(cfg, own):
                     out[cfg] = None
-    absent = [m for m in methods if m not in in_family]
+    absent = [m for m in methods if m not in applicable]
     if absent:
-        only = " and ".join(map(repr, resolve(str(absent[0])).families))
-        raise ConfigError(f"experiment {name!r}: method {absent[0]!r} exists only for exp {only}, "
-                          "which none of its runs uses")
+        raise ConfigError(f"experiment {name!r}: method {absent[0]!r} applies to none of its runs: "
+                          f"{not_applicable[absent[0]]}")
     if not out:
         raise ConfigError(f"experiment {name!r} has no runs")
     return tuple(out)
@@ -342,6 +351,10 @@ def load(config: Mapping[str, Any]) -> WorkflowConfig:
             for part in SCALING:
                 _check_fields((override or {}).get(part) or {}, f"preset {name!r} experiment {experiment!r} {part}")
     blocks = dict(config.get("experiments") or {})
+    for name, spec in blocks.items():
+        unknown = [p for p in (spec or {}).get("protocols") or () if p not in PROTOCOLS]
+        if unknown:
+            raise ConfigError(f"experiment {name!r}: protocols: unknown protocol {unknown[0]!r} (one of {PROTOCOLS})")
     experiments = {name: expand_experiment(name, spec, defaults, preset) for name, spec in blocks.items()}
     definitions = {name: {"definition": spec, "defaults": defaults, "preset": _preset_for(preset, name)}
                    for name, spec in blocks.items()}

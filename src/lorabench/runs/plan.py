@@ -122,24 +122,29 @@ def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], n_configs
 # ------------------------------------------------------------------ counting
 def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> str:
     """The engine that runs ``cfg`` in a job of ``kind``; ``native(cfg)`` is the trainer's
-    engine decision. Off the native step, a method with hand-written gradients trains on
-    ``torch``, any other on ``autograd`` (calibrated on DoRA cells)."""
+    engine decision for a method with a native step. Off the native step, a method with
+    hand-written gradients trains on ``torch``, any other on ``autograd`` (calibrated on
+    DoRA cells)."""
     from ..methods import method_of
 
     if kind == "models":
         return f"models-{cfg.exp}"
     if kind == "construct":
         return f"construct-{cfg.exp}"
-    return f"{'native' if native(cfg) else method_of(cfg).engine}-{cfg.exp}"
+    return f"{'native' if trains_natively(cfg, native) else method_of(cfg).engine}-{cfg.exp}"
+
+
+def trains_natively(cfg: RunConfig, native: Callable[[RunConfig], bool]) -> bool:
+    from ..methods import method_of
+
+    return method_of(cfg).native and native(cfg)
 
 
 def native_decision(device) -> Callable[[RunConfig], bool]:
-    """Whether a config's cells train on the native step on ``device`` (the trainer's
-    decision: a method with a native step, where the step applies)."""
-    from ..methods import method_of
+    """Where the native step trains a method that has one (the trainer's decision)."""
     from ..training.native import use_native
 
-    return lambda cfg: method_of(cfg).native and use_native(cfg, device)
+    return lambda cfg: use_native(cfg, device)
 
 
 def eval_points(cfg: RunConfig) -> int:
@@ -192,7 +197,7 @@ def validations(cfg: RunConfig) -> int:
 
 
 def skips_validations(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> bool:
-    return kind == "train" and cfg.val_every > 1 and native(cfg)
+    return kind == "train" and cfg.val_every > 1 and trains_natively(cfg, native)
 
 
 def validation_saving(cfg: RunConfig, kind: str, rates: Mapping[str, Rate], native: Callable[[RunConfig], bool]) -> float:

@@ -21,7 +21,7 @@ from ..core.config import FIELD_TYPES
 if TYPE_CHECKING:  # pandas only where rows are read: training jobs never import it (~0.5 s each)
     import pandas as pd
 
-SCHEMA_VERSION = "5"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every, computed_in; 5: method_settings, method_digest
+SCHEMA_VERSION = "6"  # 2: the engine column; 3: the theory columns (svd_optimum_mse, target_mse_scale); 4: val_every, computed_in; 5: method_settings, method_digest; 6: prenorm, attention_tail
 SCHEMA_KEY = b"lorabench.schema_version"
 
 
@@ -55,6 +55,7 @@ _RESULT_FIELDS = [
     pa.field("pretrain_steps", pa.int64()),
     # theory for the row's own models (runner.theory_columns), so reporting needs no models
     pa.field("svd_optimum_mse", pa.float64()),  # (1/D) sum_{i>RL} sigma_i(E)^2; null unless a one-layer FNN target
+    pa.field("attention_tail", pa.float64()),  # the same form on a plain TFN's attention products; null for FNNs
     pa.field("target_mse_scale", pa.float64()),  # mean squared target output on the test inputs
     pa.field("curve_steps", pa.list_(pa.int64())),
     pa.field("train_curve", pa.list_(pa.float64())),
@@ -161,7 +162,7 @@ def read_table(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) -
     version = (table.schema.metadata or {}).get(SCHEMA_KEY)
     expected = (schema.metadata or {}).get(SCHEMA_KEY)
     if expected == SCHEMA_VERSION.encode():
-        for older, upgrade in ((b"3", _from_version_3), (b"4", _from_version_4)):
+        for older, upgrade in ((b"3", _from_version_3), (b"4", _from_version_4), (b"5", _from_version_5)):
             if version == older:
                 table = upgrade(table)
                 version = (table.schema.metadata or {}).get(SCHEMA_KEY)
@@ -188,6 +189,14 @@ def _from_version_4(table: pa.Table) -> pa.Table:
     table = _inserted_after(table, "method", "method_settings", pa.array([""] * table.num_rows, pa.string()))
     table = _inserted_after(table, "engine", "method_digest", pa.nulls(table.num_rows, pa.string()))
     return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"5"})
+
+
+def _from_version_5(table: pa.Table) -> pa.Table:
+    """A version-5 table as version 6: its transformers were plain (prenorm 0), and the
+    attention products' tail was not stored (null)."""
+    table = _inserted_after(table, "dropout", "prenorm", pa.array([0] * table.num_rows, pa.int64()))
+    table = _inserted_after(table, "svd_optimum_mse", "attention_tail", pa.nulls(table.num_rows, pa.float64()))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: b"6"})
 
 
 def _inserted_after(table: pa.Table, after: str, name: str, values) -> pa.Table:

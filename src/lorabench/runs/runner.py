@@ -105,10 +105,12 @@ def threshold_rank(cfg: RunConfig) -> int:
 def theory_columns(cfg: RunConfig, models: Models, target_scale: float) -> dict:
     """The theory a row's figures and claims compare with, from the row's own models, so
     that reporting needs no model code: the single-layer SVD optimum at the row's rank
-    (None unless the target is a one-layer FNN) and the target's mean squared output on
+    (None unless the target is a one-layer FNN), the same form on the plain transformer's
+    attention products (``theory.tfn_product_tail``; None for FNNs) and the target's mean squared output on
     the test inputs (``theory.mean_squared_output``, shared by a cell's rows)."""
     return {
         "svd_optimum_mse": theory.single_layer_optimum(models.frozen, models.target, cfg.rank),
+        "attention_tail": theory.tfn_product_tail(models.frozen, models.target, cfg.rank),
         "target_mse_scale": target_scale,
     }
 

@@ -165,12 +165,12 @@ def available() -> bool:
 def applies(cfg, device: torch.device) -> bool:
     """Whether the native step can train ``cfg``'s cells: on the CPU, at the widths it is
     specialised for; FNN cells of every method and task; TFN regression cells without the
-    residual/dropout variant (the others train with torch)."""
+    residual variants (the others train with torch)."""
     if device.type != "cpu" or cfg.width not in WIDTHS:
         return False
     if cfg.exp == "fnn":
         return cfg.task in TASK_CODES
-    return cfg.task == "regression" and not cfg.better_optim and cfg.seq_length <= MAX_TOKENS
+    return cfg.task == "regression" and not (cfg.better_optim or cfg.prenorm) and cfg.seq_length <= MAX_TOKENS
 
 
 def use_native(cfg, device: torch.device) -> bool:
@@ -338,8 +338,8 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     residual variant) on inputs (..., B, D, N), by the native forward pass: the function
     of ``models.tfn_forward`` to float32 round-off, several times faster at the paper's
     sizes. Raises NativeError where the native step does not apply to the model's sizes."""
-    if model.wq.dim() != 4 or model.residual:
-        raise NativeError("native forward: one TFN without the residual variant")
+    if model.wq.dim() != 4 or model.residual or model.prenorm:
+        raise NativeError("native forward: one TFN without a residual variant")
     D, N = x.shape[-2:]
     if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS:
         raise NativeError(f"native forward: width {D} (one of {WIDTHS}) and {N} tokens (at most {MAX_TOKENS})")
