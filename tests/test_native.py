@@ -188,13 +188,17 @@ def fresh_build(monkeypatch, tmp_path):
     native._build.cache_clear()
 
 
-def test_build_is_cached_and_written_whole(fresh_build):
+def test_build_is_cached_and_written_whole(fresh_build, capfd):
     assert native.available()
     built = list(fresh_build.iterdir())
-    assert len(built) == 1 and built[0].name.startswith("training_steps-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("training_steps-") and built[0].name.endswith("-w16.so")
+    assert "building the native training step for width 16" in capfd.readouterr().err  # a build says so
     native._build.cache_clear()
     before = built[0].stat().st_mtime_ns
     assert native.available() and built[0].stat().st_mtime_ns == before  # reused, not rebuilt
+    assert capfd.readouterr().err == ""
+    with pytest.raises(native.NativeError, match="widths .* not 24"):
+        native._build(24)
 
 
 def test_missing_compiler(fresh_build, monkeypatch, engine, tmp_path):

@@ -184,13 +184,13 @@ def test_val_every_is_refused_where_a_result_would_change():
 
 
 def test_val_every_at_its_default_leaves_the_config_hash_unchanged():
-    """Runs made before val_every (and method_settings) existed keep their hashes (and the
-    workflow its job ids)."""
+    """Runs made before val_every (and method_settings, prenorm) existed keep their hashes
+    (and the workflow its job ids)."""
     import hashlib
     import json
 
     cfg = RunConfig(**FNN_CELL)
-    without = {k: v for k, v in cfg.to_dict().items() if k not in ("val_every", "method_settings")}
+    without = {k: v for k, v in cfg.to_dict().items() if k not in ("val_every", "method_settings", "prenorm")}
     before = hashlib.sha256(json.dumps(without, sort_keys=True, default=repr).encode()).hexdigest()[:16]
     assert cfg.config_hash() == before
     assert cfg.replace(val_every=2).config_hash() != before

@@ -1,10 +1,13 @@
 """The native training steps (training_steps.c): built on first use, loaded with ctypes.
 
-The C source is compiled once per machine into a cache folder (``LORABENCH_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/lorabench``, else ``~/.cache/lorabench``). The library's name
-holds a hash of the source, the compiler's version and the CPU model and flags: it is
-built for the CPU it runs on (``-march=native``), so nodes with different CPUs sharing a
-home folder each get their own. The library is written under a temporary name and renamed.
+The C source is compiled once per machine and width into a cache folder
+(``LORABENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorabench``, else ``~/.cache/lorabench``):
+one library per width (``-DWIDTH=D``), built the first time a cell of that width trains,
+so a run pays for the widths it uses only (the wide copies take most of the compile
+time). The library's name holds a hash of the source, the width, the compiler's version
+and the CPU model and flags: it is built for the CPU it runs on (``-march=native``), so
+nodes with different CPUs sharing a home folder each get their own. A build says so on
+stderr while it runs. The library is written under a temporary name and renamed.
 
 ``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
@@ -23,7 +26,9 @@ import hashlib
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -94,24 +99,32 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _compile(compiler: str, source: bytes, library: Path) -> None:
-    """Compile ``source`` into ``library``, which appears whole or not at all."""
+def _compile(compiler: str, source: bytes, library: Path, width: int) -> None:
+    """Compile ``source`` for ``width`` into ``library``, which appears whole or not at all."""
     folder = library.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NativeError(f"cannot create the build cache {folder}: {error}") from None
+    print(f"lorabench: building the native training step for width {width} with {compiler} "
+          f"(once per machine; cached in {folder}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
         src.write_bytes(source)
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, f"-DWIDTH={width}", "-o", str(out), str(src), "-lm"],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
         os.replace(out, library)
+    print(f"lorabench: built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 @lru_cache(maxsize=None)
-def _build() -> ctypes.CDLL:
+def _build(width: int = WIDTHS[0]) -> ctypes.CDLL:
+    """The library of the steps for ``width`` (one of WIDTHS), built on first use."""
+    if width not in WIDTHS:
+        raise NativeError(f"the native step is specialised for widths {WIDTHS}, not {width}")
     source = resources.files("lorabench.training").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
     try:
@@ -121,9 +134,9 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
     folder = cache_dir()
-    library = folder / f"training_steps-{key}.so"
+    library = folder / f"training_steps-{key}-w{width}.so"
     if not library.exists():
-        _compile(compiler, source, library)
+        _compile(compiler, source, library, width)
     lib = ctypes.CDLL(str(library))
     lib.fnn_step.restype = lib.tfn_step.restype = lib.tfn_forward.restype = ctypes.c_int
     _check_abi(lib)
@@ -153,10 +166,10 @@ def _check_abi(lib: ctypes.CDLL) -> None:
             raise NativeError(f"training_steps.c and native.py disagree on {what}: C {got}, Python {want}")
 
 
-def available() -> bool:
+def available(width: int = WIDTHS[0]) -> bool:
     """Whether the native library builds and loads here (errors are not raised)."""
     try:
-        _build()
+        _build(width)
         return True
     except NativeError:
         return False
@@ -179,7 +192,7 @@ def use_native(cfg, device: torch.device) -> bool:
     if setting == "torch" or not applies(cfg, device):
         return False
     try:
-        _build()
+        _build(cfg.width)
         return True
     except NativeError as error:
         if setting == "native":
@@ -201,8 +214,8 @@ class NativeStep:
     # and row indices into a few distinct batches.
     per_config_validation = False
 
-    def __init__(self):
-        self.lib = _build()
+    def __init__(self, width: int):
+        self.lib = _build(width)
 
     def rows(self, t: Tensor) -> Tensor:
         """Inputs and targets as the kernel reads them."""
@@ -268,7 +281,7 @@ class FNNStep(NativeStep):
     def __init__(self, *, frozen_weights: Optional[Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
                  depth: int, width: int, has_bias: bool, relu: bool, task: str, classification_loss: str,
                  full: bool):
-        super().__init__()
+        super().__init__(width)
         self.frozen = None if frozen_weights is None else frozen_weights.detach().to(torch.float32).contiguous()
         self.offsets, self.n_param = offsets, n_param
         self.depth, self.width, self.has_bias, self.relu = depth, width, has_bias, relu
@@ -302,7 +315,7 @@ class TFNStep(NativeStep):
 
     def __init__(self, *, frozen: dict[str, Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
                  depth: int, heads: int, width: int):
-        super().__init__()
+        super().__init__(width)
         self.frozen = [frozen[name].detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
         C = self.frozen[0].shape[0]
         n = len(TFN_FROZEN)
@@ -343,7 +356,7 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     D, N = x.shape[-2:]
     if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS:
         raise NativeError(f"native forward: width {D} (one of {WIDTHS}) and {N} tokens (at most {MAX_TOKENS})")
-    lib = _build()
+    lib = _build(D)
     rows = x.reshape(-1, D, N).transpose(-1, -2).to(torch.float32).contiguous()
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()

@@ -389,13 +389,15 @@ static long work_floats(const Shape *s) {
     return 3 * s->depth * DD + DD + s->n_param + 2 * BD + s->depth * BD + 2L * s->val_batch * s->width;
 }
 
-/* One copy of a step per width (CALL(D)), so that every loop has a fixed length. */
+/* One copy of a step per width (CALL(D)), so that every loop has a fixed length. A build
+ * holds one width (-DWIDTH=D): the wide copies take most of the compile time, and a run
+ * needs the widths it trains only (native.py builds one library per width). */
+#ifndef WIDTH
+#error "build with -DWIDTH=D, D one of 16, 32, 48, 64 (native.py does)"
+#endif
 #define BY_WIDTH(CALL)                                                                                             \
     switch (s->width) {                                                                                            \
-    case 16: CALL(16); break;                                                                                      \
-    case 32: CALL(32); break;                                                                                      \
-    case 48: CALL(48); break;                                                                                      \
-    case 64: CALL(64); break;                                                                                      \
+    case WIDTH: CALL(WIDTH); break;                                                                                \
     }
 
 /* Returns 0, or -1 when the shape is out of range or memory is short (nothing done). */
@@ -403,8 +405,8 @@ int fnn_step(const Shape *s, const AdamConsts *k, int c_begin, int c_end, const 
              float *exp_avg, float *exp_avg_sq, const float *mask, const float *step_size,
              const float *weight_decay, const float *x, const float *y, const float *vx, const float *vy,
              const unsigned char *active, float *train_loss, float *val_loss) {
-    if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->batch < 1 ||
-        s->val_batch < 0)
+    if (s->width != WIDTH || s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 ||
+        s->batch < 1 || s->val_batch < 0)
         return -1;
     float *work = malloc(work_floats(s) * sizeof(float));
     if (!work) return -1;
@@ -846,6 +848,7 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
              const float *step_size, const float *weight_decay, const float *x, const float *y, const float *vx,
              const float *vy, const int *x_row, const int *v_row, const unsigned char *active, float *train_loss,
              float *val_loss) {
+    if (s->width != WIDTH) return -1;
     TfnWork k;
     void *memory = tfn_work_new(s, &k);
     if (!memory) return -1;
@@ -873,6 +876,7 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
  * order; biases: b1 then b2 (L, D) each, at s->off_b1 and s->off_b2. Returns 0, or -1
  * when the shape is out of range or memory is short (nothing written). */
 int tfn_forward(const TfnShape *s, const float *const *frozen, const float *biases, const float *x, float *y) {
+    if (s->width != WIDTH) return -1;
     TfnWork k;
     void *memory = tfn_work_new(s, &k);
     if (!memory) return -1;
