@@ -200,22 +200,49 @@ def test_fnn_relu_with_biases_needs_calibration():
 
 
 def test_fnn_authors_bias_propagation():
-    """Identical for one group; for Lbar = 2 the authors' propagation (without the last
+    """The authors' construction is their scalar bias rule with their propagation. With the
+    same rule: identical for one group; for Lbar = 2 their propagation (without the last
     bias and ReLU of a group) leaves a residual error that the correct one does not."""
     x = gaussians(2000, 4)
     frozen, target = fnn_pair(1, 2, 0)
     calibration = gaussians(256, 400)
-    ours = fnn_construction(frozen, target, 5, calibration)[1]
     authors = fnn_construction(frozen, target, 5, calibration, authors_bias_propagation=True)[1]
-    assert torch.equal(ours, authors)
+    assert torch.equal(authors, fnn_construction(frozen, target, 5, calibration, bias_rule="scalar")[1])
     frozen, target = fnn_pair(2, 4, 0)
-    ours = constructed_fnn(frozen, target, 8, calibration)
+    scalar = constructed_fnn(frozen, target, 8, calibration, bias_rule="scalar")
     authors = constructed_fnn(frozen, target, 8, calibration, authors_bias_propagation=True)
-    assert not torch.equal(ours.biases, authors.biases)
-    assert torch.equal(ours.biases[:2], authors.biases[:2])  # the first group is the same
+    assert not torch.equal(scalar.biases, authors.biases)
+    assert torch.equal(scalar.biases[:2], authors.biases[:2])  # the first group is the same
     y = fnn_forward(target, x)
     assert relative_mse(fnn_forward(authors, x), y) < 1e-3
-    assert relative_mse(fnn_forward(ours, x), y) < 1e-12
+    assert relative_mse(fnn_forward(scalar, x), y) < 1e-12
+    assert relative_mse(fnn_forward(constructed_fnn(frozen, target, 8, calibration), x), y) < 1e-12
+
+
+def test_double_word_matvec_matches_exact_arithmetic():
+    from fractions import Fraction
+
+    from lorabench.core.construction import _dd_matvec
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(8, 8, generator=gen, dtype=F64) * 10.0 ** torch.randint(-6, 7, (8, 8), generator=gen)
+    hi = torch.randn(8, generator=gen, dtype=F64) * 1e12
+    lo = hi * 2.0**-60 * torch.randn(8, generator=gen, dtype=F64)
+    out_hi, out_lo = _dd_matvec(m, (hi, lo))
+    for u in range(8):
+        exact = sum(Fraction(float(m[u, k])) * (Fraction(float(hi[k])) + Fraction(float(lo[k]))) for k in range(8))
+        scale = sum(abs(Fraction(float(m[u, k])) * Fraction(float(hi[k]))) for k in range(8))
+        # Twice the working precision: the error is at most a few eps^2 of the terms' size.
+        assert abs(Fraction(float(out_hi[u])) + Fraction(float(out_lo[u])) - exact) <= 8 * 2.0**-104 * scale
+
+
+def test_fnn_bias_rule_arguments():
+    frozen, target = fnn_pair(2, 4, 0)
+    calibration = gaussians(256, 400)
+    with pytest.raises(ValueError):
+        fnn_construction(frozen, target, 8, calibration, bias_rule="large")
+    with pytest.raises(ValueError):
+        fnn_construction(frozen, target, 8, calibration, margin=-1.0)
 
 
 def test_fnn_reproduces_the_authors_float32_numbers():
