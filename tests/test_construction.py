@@ -12,8 +12,8 @@ from lorabench.core import rng
 from lorabench.core.adapters import apply_lora
 from lorabench.core.config import RunConfig
 from lorabench.core.construction import fnn_construction, linear_construction, tfn_construction
-from lorabench.core.generation import group_product
-from lorabench.core.protocols import generate_models
+from lorabench.core.generation import group_product, partition
+from lorabench.core.protocols import generate_models, protocol_of
 from lorabench.core.models import FNN, fnn_forward, tfn_forward
 from lorabench.core.theory import (
     fnn_single_layer_mse_bound,
@@ -200,22 +200,116 @@ def test_fnn_relu_with_biases_needs_calibration():
 
 
 def test_fnn_authors_bias_propagation():
-    """Identical for one group; for Lbar = 2 the authors' propagation (without the last
+    """The authors' construction is their scalar bias rule with their propagation. With the
+    same rule: identical for one group; for Lbar = 2 their propagation (without the last
     bias and ReLU of a group) leaves a residual error that the correct one does not."""
     x = gaussians(2000, 4)
     frozen, target = fnn_pair(1, 2, 0)
     calibration = gaussians(256, 400)
-    ours = fnn_construction(frozen, target, 5, calibration)[1]
     authors = fnn_construction(frozen, target, 5, calibration, authors_bias_propagation=True)[1]
-    assert torch.equal(ours, authors)
+    assert torch.equal(authors, fnn_construction(frozen, target, 5, calibration, bias_rule="scalar")[1])
     frozen, target = fnn_pair(2, 4, 0)
-    ours = constructed_fnn(frozen, target, 8, calibration)
+    scalar = constructed_fnn(frozen, target, 8, calibration, bias_rule="scalar")
     authors = constructed_fnn(frozen, target, 8, calibration, authors_bias_propagation=True)
-    assert not torch.equal(ours.biases, authors.biases)
-    assert torch.equal(ours.biases[:2], authors.biases[:2])  # the first group is the same
+    assert not torch.equal(scalar.biases, authors.biases)
+    assert torch.equal(scalar.biases[:2], authors.biases[:2])  # the first group is the same
     y = fnn_forward(target, x)
     assert relative_mse(fnn_forward(authors, x), y) < 1e-3
-    assert relative_mse(fnn_forward(ours, x), y) < 1e-12
+    assert relative_mse(fnn_forward(scalar, x), y) < 1e-12
+    assert relative_mse(fnn_forward(constructed_fnn(frozen, target, 8, calibration), x), y) < 1e-12
+
+
+def test_double_word_matvec_matches_exact_arithmetic():
+    from fractions import Fraction
+
+    from lorabench.core.construction import _dd_matvec
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(8, 8, generator=gen, dtype=F64) * 10.0 ** torch.randint(-6, 7, (8, 8), generator=gen)
+    hi = torch.randn(8, generator=gen, dtype=F64) * 1e12
+    lo = hi * 2.0**-60 * torch.randn(8, generator=gen, dtype=F64)
+    out_hi, out_lo = _dd_matvec(m, (hi, lo))
+    for u in range(8):
+        exact = sum(Fraction(float(m[u, k])) * (Fraction(float(hi[k])) + Fraction(float(lo[k]))) for k in range(8))
+        scale = sum(abs(Fraction(float(m[u, k])) * Fraction(float(hi[k]))) for k in range(8))
+        # Twice the working precision: the error is at most a few eps^2 of the terms' size.
+        assert abs(Fraction(float(out_hi[u])) + Fraction(float(out_lo[u])) - exact) <= 8 * 2.0**-104 * scale
+
+
+def test_fnn_bias_rule_arguments():
+    frozen, target = fnn_pair(2, 4, 0)
+    calibration = gaussians(256, 400)
+    with pytest.raises(ValueError):
+        fnn_construction(frozen, target, 8, calibration, bias_rule="large")
+    with pytest.raises(ValueError):
+        fnn_construction(frozen, target, 8, calibration, margin=-1.0)
+
+
+def group_pre_activations(model: FNN, target_depth: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """Pre-activations (without the layer's bias) of every non-last layer of every group."""
+    last = {group[-1] for group in partition(model.depth, target_depth)}
+    out, z = [], x
+    for layer in range(model.depth):
+        pre = z @ model.weights[layer].mT
+        if layer not in last:
+            out.append(pre)
+        z = torch.relu(pre + model.biases[layer])
+    return out
+
+
+@pytest.mark.parametrize("margin", [0.0, 3.0, 8.0])
+def test_fnn_per_unit_bias_floor(margin):
+    """Each unit's activation on the calibration inputs starts at 0 exactly where its
+    floor, min(calibration minimum, mean - margin std), lies: the region of exactness."""
+    frozen, target = fnn_pair(2, 6, 1)
+    calibration = gaussians(256, 500)
+    model = constructed_fnn(frozen, target, 2, calibration, margin=margin)
+    pres = group_pre_activations(model, 2, calibration)
+    assert len(pres) == 4
+    for layer, pre in zip([0, 1, 3, 4], pres):
+        floor = torch.minimum(pre.min(0).values, pre.mean(0) - margin * pre.std(0, correction=0))
+        torch.testing.assert_close(model.biases[layer], -floor, rtol=1e-9, atol=1e-9 * float(pre.abs().max()))
+        activations = pre + model.biases[layer]
+        assert float(activations.min()) >= -1e-9 * float(pre.abs().max())
+        if margin == 0.0:
+            assert torch.all(activations.min(0).values.abs() <= 1e-9 * pre.abs().max(0).values)
+
+
+def protocol_fnn(width: int, target_depth: int, frozen_depth: int, seed: int):
+    """The paper protocol's float64 models, calibration inputs (config.yaml's 256) and
+    independent test inputs (Gaussian, drawn apart from the calibration inputs)."""
+    cfg = RunConfig(width=width, target_depth=target_depth, frozen_depth=frozen_depth, seed=seed,
+                    batch_size=256, n_test=2000).validated()
+    protocol = protocol_of(cfg)
+    models = generate_models(cfg)
+    return (cast(models.frozen), cast(models.target), protocol.calibration_inputs(cfg).to(F64),
+            protocol.eval_sets(cfg).test.to(F64))
+
+
+@pytest.mark.parametrize("width,target_depth,frozen_depth,ranks", [
+    (8, 1, 4, "threshold and D"), (32, 1, 4, "threshold and D"),
+    (16, 2, 8, "threshold and D"),
+    # (1, 8) below R = D: a product of 7 frozen layers has condition number up to ~1e12
+    # and the adapters themselves are beyond float64 (module docstring).
+    (16, 1, 8, "D"),
+])
+def test_fnn_exact_with_four_and_eight_layer_groups(width, target_depth, frozen_depth, ranks):
+    """Paper protocol, float64: exact on independent test inputs at R = R* and R = D where
+    a group has four or eight frozen layers (the authors' scalar biases, carried through
+    adapted layers with condition numbers up to ~1e11, reach 1e7 to 1e15 there and their
+    rounding leaves relative MSEs up to 1)."""
+    threshold = fnn_threshold_rank(width, frozen_depth, target_depth)
+    for seed in range(3):
+        frozen, target, calibration, x = protocol_fnn(width, target_depth, frozen_depth, seed)
+        y = fnn_forward(target, x)
+        for rank in ([threshold, width] if ranks == "threshold and D" else [width]):
+            adapted = constructed_fnn(frozen, target, rank, calibration)
+            assert relative_mse(fnn_forward(adapted, x), y) <= 1e-6, (seed, rank)
+            # Every ReLU inside a group is active on the test inputs too.
+            pres = group_pre_activations(adapted, target_depth, x)
+            biases = [adapted.biases[l] for l in range(frozen_depth) if l not in
+                      {g[-1] for g in partition(frozen_depth, target_depth)}]
+            assert all(bool(torch.all(pre + b > 0)) for pre, b in zip(pres, biases)), (seed, rank)
 
 
 def test_fnn_reproduces_the_authors_float32_numbers():

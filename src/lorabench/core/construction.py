@@ -9,8 +9,9 @@ padded: the columns beyond a matrix's rank are zero, and the returned ``LoRA`` m
   E = target - W_L ... W_1, r = sum_l R_l: the truncated SVD of the discrepancy, exact
   once r >= rank(E).
 * ``fnn_construction``: the FNN theorem. Each target layer is matched by one group of the
-  uniform partition (generation.partition); "large" biases keep the ReLUs inside a group
-  active on calibration inputs, so the group acts as a linear map there.
+  uniform partition (generation.partition); biases keep the ReLUs inside a group active
+  on a region that the calibration inputs determine, so the group acts as a linear map
+  there (its docstring states the region).
 * ``tfn_construction``: the TFN theorem. W_K^T W_Q, W_O W_V and (last block) W_o W_2 are
   products of two matrices, each matched with the linear construction at L = 2.
 
@@ -18,12 +19,27 @@ Precision: exactness above the threshold holds up to rounding, and the construct
 invert products of frozen matrices, so rounding grows with their condition number.
 Compute in float64 (pass float64 models, or ``dtype=torch.float64``; with ``dtype`` the
 computation runs in that dtype and the results are cast back to the models' dtype).
-Measured at D = 16 above the threshold (relative MSE = MSE / mean target output^2):
+Measured above the threshold (relative MSE = MSE / mean target output^2, on test inputs
+drawn independently of the calibration inputs; PyTorch's default init; FNN float64: the
+threshold_law grid, D = 8..64, seeds 0-2, benchmarks/construction_precision.py; the
+rest at D = 16):
 
-* FNN, L <= 6 with PyTorch's default init: float64 ~1e-20, float32 ~1e-8 (L <= 4).
-* FNN, L = 8 with the default init: a product of 7 frozen layers has condition number
-  ~1e13 and the large biases grow geometrically through the group, so even float64 fails
-  (relative MSE 1e-5 to 1e20). The authors never ran the construction beyond L = 4.
+* FNN, float64: groups of one or two frozen layers ((Lbar, L) = (1, 2), (2, 4)) 4e-19 or
+  less; (2, 5) (groups of two and three) 7e-16; (2, 6) (three and three) 3e-13; four
+  layers ((1, 4); (2, 8) at D = 16) up to 7e-7. In a four-layer group the adapted weights
+  reach norms of ~1e8 while the group's product is the target weight, and what remains is
+  the float64 rounding of that cancellation in the forward pass, which the biases enlarge
+  in proportion to the activations they keep positive (hence ``fnn_construction``'s
+  smallest such biases).
+* FNN, (1, 8) (one group of eight layers): a product of 7 frozen layers has condition
+  number up to 5e11 and the adapted weights reach ~1e12. Below R = D the adapters
+  themselves are beyond float64: adapters computed with 60 digits and rounded to float64
+  leave the group's product off by a relative 1e-4 to 1e10 at R = 2..9 (D = 16, seeds
+  0-2; benchmarks/construction_precision.py --detail --exact-adapters). Exact from R = 7,
+  14 and 16 for those seeds; at R = D 2e-9 or less. The authors never ran the
+  construction beyond L = 4.
+* FNN, float32: (1, 2) and (2, 4) 2e-7 or less; groups of three or more layers are not
+  exact (relative MSE 1e-6 to 1e15).
 * TFN, depth 2: float64 ~1e-17; in float32 1e-7 to 4e-2 depending on the seed (the
   adapted weights reach ~1e5, and merely rounding the exact float64 adapted weights to
   float32 costs that much). The authors' float32 numbers: MSE ~1e-2 at R >= D/2
@@ -35,6 +51,7 @@ the FNN calibration inputs are passed in.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -89,6 +106,66 @@ def linear_construction(target: Tensor, frozen: Tensor, rank: Ranks, *, dtype: O
     return a.to(out_dtype), b.to(out_dtype)
 
 
+BIAS_RULES = ("per_unit", "scalar")
+# Standard deviations below the calibration mean that the per_unit rule keeps active.
+# Independent test inputs reach 6.6 on the threshold_law grid; each further one costs
+# precision in four-layer groups, whose float64 rounding grows with the activations.
+DEFAULT_MARGIN = 8.0
+
+
+def _linearising_bias(pre: Tensor, rule: str, margin: float) -> Tensor:
+    """The bias of a non-last layer of a group, from its pre-activations ``pre`` (n, D)
+    on the calibration inputs (fnn_construction's ``bias_rule``)."""
+    if rule == "scalar":
+        return -2 * torch.clamp(pre.min(), max=0) * torch.ones_like(pre[0])
+    # A standard deviation is a steadier scale than the range of a few hundred samples;
+    # the minimum keeps every calibration input active whatever its distribution.
+    floor = torch.minimum(pre.min(0).values, pre.mean(0) - margin * pre.std(0, correction=0))
+    return -floor
+
+
+# Double-word arithmetic (a value is an unevaluated sum hi + lo of two floats): error-free
+# transformations, exact in IEEE binary arithmetic with round-to-nearest.
+def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a: Tensor) -> tuple[Tensor, Tensor]:
+    digits = 1 - round(math.log2(torch.finfo(a.dtype).eps))  # 53 for float64
+    t = (2.0 ** -(-digits // 2) + 1) * a
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def _two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _dd_add(x: tuple[Tensor, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+    s, e = _two_sum(x[0], y)
+    return _two_sum(s, e + x[1])
+
+
+def _dd_neg(x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return -x[0], -x[1]
+
+
+def _dd_matvec(m: Tensor, x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """m (D, D) times the double-word vector x, as accurate as in twice the precision."""
+    p, e = _two_prod(m, x[0])
+    s = torch.zeros_like(x[0])
+    compensation = (e + m * x[1]).sum(-1)
+    for k in range(m.shape[-1]):
+        s, err = _two_sum(s, p[:, k])
+        compensation = compensation + err
+    return _two_sum(s, compensation)
+
+
 def fnn_construction(
     frozen: FNN,
     target: FNN,
@@ -96,27 +173,59 @@ def fnn_construction(
     calibration: Optional[Tensor],
     *,
     authors_bias_propagation: bool = False,
+    bias_rule: Optional[str] = None,
+    margin: float = DEFAULT_MARGIN,
     dtype: Optional[torch.dtype] = None,
 ) -> tuple[LoRA, Optional[Tensor]]:
     """Adapters and new frozen biases making ``frozen`` (depth L) represent ``target`` (Lbar).
 
     frozen: weights (L, D, D), biases (L, D) or None; target: weights (Lbar, D, D);
     rank: R per layer or per-layer ranks (length L); calibration: inputs (n, D) that choose
-    the "large" biases (the authors draw 256 N(0, I) samples), needed only for a ReLU
+    the linearising biases (the authors draw 256 N(0, I) samples), needed only for a ReLU
     model with biases and a group of more than one layer.
     Returns the adapters (key "weights": A, B (L, D, D), mask (L, D)) and the biases
     (L, D) that replace the frozen ones (None when the model has no biases).
 
     Group i (layers P_i of the uniform partition) gets the linear construction towards the
-    target weight W̄_i. Its non-last layers get the bias ``-2 min(0, min pre-activation)``
-    on the calibration inputs (a scalar times ones), which keeps their ReLUs active there;
-    its last layer gets b̄_i minus those biases carried through the later adapted layers,
-    so the group equals the target layer ReLU(W̄_i x + b̄_i) wherever the ReLUs stay
-    active. The calibration inputs are carried from group to group through the adapted
-    model; ``authors_bias_propagation`` instead carries them as the authors' code does,
-    without the last layer's bias and activation of each group (which leaves their residual
-    error of 1e-7 to 1e-9 above the threshold for Lbar >= 2).
+    target weight W̄_i. Its non-last layers get linearising biases (below); its last layer
+    gets b̄_i minus those biases carried through the later adapted layers, so that the
+    group equals the target layer ReLU(W̄_i x + b̄_i) (below the threshold: the adapted
+    group's linear map, then b̄_i and the ReLU) wherever its ReLUs are active. The
+    calibration inputs are carried from group to group through the adapted model;
+    ``authors_bias_propagation`` instead carries them as the authors' code does, without
+    the last layer's bias and activation of each group (which leaves their residual error
+    of 1e-7 to 1e-9 above the threshold for Lbar >= 2), and defaults to their bias rule.
+
+    ``bias_rule``, with a unit's pre-activation meaning its adapted layer's output before
+    its bias, on the calibration inputs carried through the adapted model:
+
+    * "per_unit" (default unless ``authors_bias_propagation``): each unit's bias moves its
+      floor, the lower of its calibration minimum and its calibration mean minus
+      ``margin`` calibration standard deviations (population standard deviation), to 0:
+      the smallest bias that keeps the unit active down to the floor. The float64 rounding
+      of a group grows with the activations the biases create, and the biases carried to
+      the last layer cancel there, so these are carried in double-word arithmetic.
+    * "scalar" (the authors' rule, computed as their code does): one constant per layer,
+      twice the most negative pre-activation over all its units (0 if none is negative).
+
+    Where the result is exact (in exact arithmetic; float64 adds the rounding that the
+    module docstring quantifies): on every input that keeps every ReLU of every non-last
+    layer of every group active, that is, whose pre-activation at each such unit, carried
+    through the returned model, is at least the unit's floor (per_unit), or twice the
+    layer's most negative calibration pre-activation (scalar). The calibration inputs
+    always qualify. Inputs drawn independently of them qualify with a probability that
+    the margin sets:
+    on the threshold_law grid (256 Gaussian calibration inputs, 10,000 test inputs per
+    seed) the deepest test pre-activation lay 6.6 standard deviations below its
+    calibration mean, in a skewed unit of a second group (Gaussian units: 6.0). Inputs
+    scaled up, such as the shifted test set (standard deviation 5), leave the region.
+    ``margin``: in standard deviations, per_unit rule only.
     """
+    rule = bias_rule or ("scalar" if authors_bias_propagation else "per_unit")
+    if rule not in BIAS_RULES:
+        raise ValueError(f"bias_rule must be one of {BIAS_RULES}, got {bias_rule!r}")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     groups = partition(frozen.depth, target.depth)
     ranks = _per_layer(rank, frozen.depth)
     out_dtype = frozen.weights.dtype
@@ -138,17 +247,28 @@ def fnn_construction(
         raise ValueError("a ReLU FNN with biases and groups of several layers needs calibration inputs")
     z = None if calibration is None else calibration.to(work)
     biases = torch.zeros(frozen.depth, frozen.width, dtype=work, device=weights.device)
+    precise = rule == "per_unit"
     for i, group in enumerate(groups):
-        carried = torch.zeros_like(biases[0])  # the group's biases so far, pushed through its layers
+        # The group's biases so far, pushed through its layers, as an unevaluated sum
+        # hi + lo: with adapted norms up to ~1e8 they reach ~1e12 and cancel at the
+        # last layer, where float64 alone would double the worst relative MSE of a
+        # four-layer group (lo stays zero for the authors' rule, computed as their code does).
+        carried = (torch.zeros_like(biases[0]), torch.zeros_like(biases[0]))
         for layer in group[:-1]:
             if relu:
                 pre = z @ adapted[layer].mT
-                # A linear activation needs no large bias; ReLU needs every pre-activation >= 0.
-                biases[layer] = -2 * torch.clamp(pre.min(), max=0)
+                biases[layer] = _linearising_bias(pre, rule, margin)
                 z = pre + biases[layer]  # the ReLU is the identity here
-            carried = adapted[layer] @ carried + biases[layer]
+            if precise:
+                carried = _dd_add(_dd_matvec(adapted[layer], carried), biases[layer])
+            else:
+                carried = (adapted[layer] @ carried[0] + biases[layer], carried[1])
         last = group[-1]
-        biases[last] = target.biases[i].to(work) - adapted[last] @ carried
+        if precise:
+            hi, _ = _dd_add(_dd_neg(_dd_matvec(adapted[last], carried)), target.biases[i].to(work))
+            biases[last] = hi
+        else:
+            biases[last] = target.biases[i].to(work) - adapted[last] @ carried[0]
         if z is not None:
             pre = z @ adapted[last].mT
             z = pre if authors_bias_propagation else activate(pre + biases[last], frozen.activation)

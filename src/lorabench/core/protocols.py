@@ -62,7 +62,7 @@ class Protocol:
         raise NotImplementedError
 
     def calibration_inputs(self, cfg: RunConfig) -> Tensor:
-        """Inputs that choose the construction's large biases (batch_size Gaussian samples)."""
+        """Inputs that choose the construction's linearising biases (batch_size Gaussian samples)."""
         raise NotImplementedError
 
     def training_set(self, models: list[Models]) -> Optional[Tensor]:

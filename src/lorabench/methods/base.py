@@ -148,7 +148,7 @@ class Method:
     def construct(self, cfg: RunConfig, models: Models, dtype: torch.dtype, calibration: Optional[Tensor],
                   authors_bias_propagation: bool) -> Model:
         """The adapted model of one configuration, in ``dtype``. ``calibration``: inputs
-        that may choose data-dependent quantities (the FNN construction's large biases);
+        that may choose data-dependent quantities (the FNN construction's linearising biases);
         raise torch.linalg.LinAlgError where no adapted model exists."""
         raise NotImplementedError
 
