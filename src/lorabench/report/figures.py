@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from matplotlib.ticker import NullFormatter
+
 from . import style
 from .analysis import (
     CLASSIFICATION_TASKS,
@@ -47,7 +49,7 @@ from .analysis import (
     theory_rows,
     threshold,
 )
-from .style import draw_curve, finish_panel
+from .style import draw_curve, finish_panel, g
 
 
 def _theory_overlay(ax, source: pd.DataFrame, label: str, log: bool) -> Optional[Curve]:
@@ -485,13 +487,39 @@ def fig_methods(selected, out_dir, *, protocol=None, checkpoint=DEFAULT_CHECKPOI
             for name, (cv, _) in curves.items():
                 key, override = style.method_series(name, users.get(name, 0))
                 drawn = draw_curve(ax, cv, key, log=True, **override) or drawn
+            floor, clipped = _floor_at_trained(curves) if drawn else (None, "")
             if drawn:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: the minor labels collide
                 _threshold_budget(ax, curves)
             finish_panel(ax, drawn, f"{title}, {style.FROZEN_LABEL[pre].lower()}", log=True,
                          xlabel="trainable parameters (incl. biases)", ylabel="test MSE (log)", integer_x=False,
-                         note=excluded_note({m: cv for m, (cv, _) in curves.items()}), legend=(r, c) == (0, 0))
+                         note="; ".join(filter(None, [clipped, excluded_note({m: cv for m, (cv, _) in curves.items()})])),
+                         legend=False)
+            if floor is not None:
+                ax.set_ylim(bottom=floor)
+    # one legend for the six panels, beside them: inside a panel it covers the curves
+    by_label = {label: handle for ax in (a for row in axes for a in row)
+                for handle, label in zip(*ax.get_legend_handles_labels())}
+    if by_label:
+        fig.legend(list(by_label.values()), list(by_label), loc="outside right upper", fontsize=7)
     return _save(fig, out_dir, "methods", "Methods against their parameter budget", p, checkpoint)
+
+
+def _floor_at_trained(curves: dict) -> tuple[Optional[float], str]:
+    """Keep the trained methods readable: an exact construction (~1e-25) would squash them
+    into one line at the top. (The axis' lower end, a decade below the lowest trained
+    median, and a note saying how far the constructions go below it), or (None, "")."""
+    trained = [cv.median for cv, df in curves.values() if not (df["checkpoint"] == "construction").all()]
+    built = [cv.median for cv, df in curves.values() if (df["checkpoint"] == "construction").all()]
+    positive = [v for m in trained for v in m if v > 0]
+    if not positive or not built:
+        return None, ""
+    floor = min(positive) / 10
+    below = [v for m in built for v in m if 0 <= v < floor]
+    if not below:
+        return None, ""
+    return floor, f"construction below the axis at {len(below)} budgets (to {g(min(below))})"
 
 
 def _threshold_budget(ax, curves: dict) -> None:
