@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from ..core.adapters import apply_lora, lora_parameter_count
+import torch
+
+from ..core.adapters import LoRA, apply_lora, lora_parameter_count
 from ..core.config import ConfigError, RunConfig
 from ..core.construction import fnn_construction, tfn_construction
 from ..core.models import FNN, map_tensors
@@ -44,11 +46,20 @@ class Construction(Method):
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)
 
     def construct(self, cfg, models, dtype, calibration, authors_bias_propagation):
-        frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
-        if isinstance(frozen, FNN):
-            calibration = calibration.to(dtype) if frozen.biases is not None else None
-            lora, biases = fnn_construction(frozen, target, cfg.rank, calibration,
-                                            authors_bias_propagation=authors_bias_propagation)
-            return apply_lora(replace(frozen, biases=biases), lora)
-        lora, b1, b2 = tfn_construction(frozen, target, cfg.rank)
-        return apply_lora(replace(frozen, b1=b1, b2=b2), lora)
+        frozen = map_tensors(models.frozen, lambda t: t.to(dtype))
+        lora, biases = constructed_adapters(cfg, models, dtype, calibration, authors_bias_propagation)
+        return apply_lora(replace(frozen, **biases), lora)
+
+
+def constructed_adapters(cfg: RunConfig, models, dtype: torch.dtype, calibration: Optional[torch.Tensor],
+                         authors_bias_propagation: bool) -> tuple[LoRA, dict[str, torch.Tensor]]:
+    """The construction's adapters and the biases it sets on the frozen model ({"biases"}
+    for the FNN, {"b1", "b2"} for the TFN), computed in ``dtype``."""
+    frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
+    if isinstance(frozen, FNN):
+        calibration = calibration.to(dtype) if frozen.biases is not None else None
+        lora, biases = fnn_construction(frozen, target, cfg.rank, calibration,
+                                        authors_bias_propagation=authors_bias_propagation)
+        return lora, ({} if biases is None else {"biases": biases})
+    lora, b1, b2 = tfn_construction(frozen, target, cfg.rank)
+    return lora, {"b1": b1, "b2": b2}

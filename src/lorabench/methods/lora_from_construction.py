@@ -19,30 +19,20 @@ import torch
 
 from ..core.adapters import LoRA, lora_parameter_count
 from ..core.config import RunConfig
-from ..core.construction import fnn_construction, tfn_construction
-from ..core.models import FNN, map_tensors
 from ..core.protocols import protocol_of
-from .base import Method, bias_parameter_count, device_of
-from .construction import Construction
+from .base import Method, adapted_matrices, bias_parameter_count, device_of
+from .construction import Construction, constructed_adapters
 
 
 def constructed_start(cfg: RunConfig, models) -> tuple[LoRA, dict]:
-    """The construction's adapters and biases of one configuration, in the frozen model's
-    dtype: (LoRA, {bias name: tensor})."""
+    """The construction's adapters and biases of one configuration, in the protocol's
+    construction precision, cast to the frozen model's dtype: (LoRA, {bias name: tensor})."""
     protocol = protocol_of(cfg)
-    dtype = protocol.construction_dtype
-    frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
-    like = models.frozen.weights if isinstance(models.frozen, FNN) else models.frozen.wq
-    if isinstance(frozen, FNN):
-        calibration = protocol.calibration_inputs(cfg).to(dtype) if frozen.biases is not None else None
-        lora, biases = fnn_construction(frozen, target, cfg.rank, calibration,
-                                        authors_bias_propagation=protocol.authors_bias_propagation)
-        new_biases = {} if biases is None else {"biases": biases}
-    else:
-        lora, b1, b2 = tfn_construction(frozen, target, cfg.rank)
-        new_biases = {"b1": b1, "b2": b2}
-    cast = lambda d: {k: v.to(like.dtype) for k, v in d.items()}  # noqa: E731
-    return LoRA(cast(lora.a), cast(lora.b), cast(lora.mask)), cast(new_biases)
+    lora, biases = constructed_adapters(cfg, models, protocol.construction_dtype, protocol.calibration_inputs(cfg),
+                                        protocol.authors_bias_propagation)
+    dtype = next(iter(adapted_matrices(models.frozen).values())).dtype
+    cast = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
+    return LoRA(cast(lora.a), cast(lora.b), cast(lora.mask)), cast(biases)
 
 
 class LoRAFromConstruction(Method):
