@@ -113,6 +113,14 @@ BIAS_RULES = ("per_unit", "scalar")
 DEFAULT_MARGIN = 8.0
 
 
+def _default_rule(group_size: int, authors_bias_propagation: bool) -> str:
+    """The authors' rule where it is exact to float64 round-off: with their propagation,
+    and in groups of two layers (one ReLU layer to keep active, its bias carried through
+    one adapted layer). Groups of three or more carry their biases through products of
+    adapted layers whose norms reach ~1e8: there only the per-unit rule stays exact."""
+    return "scalar" if authors_bias_propagation or group_size <= 2 else "per_unit"
+
+
 def _linearising_bias(pre: Tensor, rule: str, margin: float) -> Tensor:
     """The bias of a non-last layer of a group, from its pre-activations ``pre`` (n, D)
     on the calibration inputs (fnn_construction's ``bias_rule``)."""
@@ -199,14 +207,19 @@ def fnn_construction(
     ``bias_rule``, with a unit's pre-activation meaning its adapted layer's output before
     its bias, on the calibration inputs carried through the adapted model:
 
-    * "per_unit" (default unless ``authors_bias_propagation``): each unit's bias moves its
+    * "per_unit" (the default for groups of three or more layers, unless
+      ``authors_bias_propagation``): each unit's bias moves its
       floor, the lower of its calibration minimum and its calibration mean minus
       ``margin`` calibration standard deviations (population standard deviation), to 0:
       the smallest bias that keeps the unit active down to the floor. The float64 rounding
       of a group grows with the activations the biases create, and the biases carried to
       the last layer cancel there, so these are carried in double-word arithmetic.
-    * "scalar" (the authors' rule, computed as their code does): one constant per layer,
-      twice the most negative pre-activation over all its units (0 if none is negative).
+    * "scalar" (the authors' rule, computed as their code does; the default for groups of
+      two layers and with ``authors_bias_propagation``): one constant per layer, twice the
+      most negative pre-activation over all its units (0 if none is negative).
+
+    ``bias_rule`` None chooses per group (``_default_rule``); a rule given applies to every
+    group.
 
     Where the result is exact (in exact arithmetic; float64 adds the rounding that the
     module docstring quantifies): on every input that keeps every ReLU of every non-last
@@ -221,8 +234,7 @@ def fnn_construction(
     scaled up, such as the shifted test set (standard deviation 5), leave the region.
     ``margin``: in standard deviations, per_unit rule only.
     """
-    rule = bias_rule or ("scalar" if authors_bias_propagation else "per_unit")
-    if rule not in BIAS_RULES:
+    if bias_rule is not None and bias_rule not in BIAS_RULES:
         raise ValueError(f"bias_rule must be one of {BIAS_RULES}, got {bias_rule!r}")
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -247,8 +259,9 @@ def fnn_construction(
         raise ValueError("a ReLU FNN with biases and groups of several layers needs calibration inputs")
     z = None if calibration is None else calibration.to(work)
     biases = torch.zeros(frozen.depth, frozen.width, dtype=work, device=weights.device)
-    precise = rule == "per_unit"
     for i, group in enumerate(groups):
+        rule = bias_rule or _default_rule(len(group), authors_bias_propagation)
+        precise = rule == "per_unit"
         # The group's biases so far, pushed through its layers, as an unevaluated sum
         # hi + lo: with adapted norms up to ~1e8 they reach ~1e12 and cancel at the
         # last layer, where float64 alone would double the worst relative MSE of a
