@@ -5,10 +5,11 @@ Inside a group of frozen layers, the construction's biases keep every ReLU activ
 that the group is the linear map the adapters build. Two rules (``fnn_construction``'s
 ``bias_rule``), both with the paper protocol's propagation:
 
-* ``per_unit`` (the default): each unit gets the smallest bias that keeps it active down
-  to ``margin`` calibration standard deviations below its calibration mean (and on every
-  calibration input); the biases carried to a group's last layer are summed in
-  double-word arithmetic;
+* ``default``: the construction's own choice per group: in groups of three or more
+  layers ``per_unit``, each unit the smallest bias that keeps it active down to
+  ``margin`` calibration standard deviations below its calibration mean (and on every
+  calibration input), the biases carried to the group's last layer summed in double-word
+  arithmetic; in groups of two, where it is exact to round-off, the authors' rule;
 * ``scalar`` (the authors' rule): one constant per layer, twice the most negative
   pre-activation. Carried through adapted layers with condition numbers up to ~1e11, it
   lets the activations inside a four-layer group reach 1e7 to 1e15 while the output's rms
@@ -55,7 +56,7 @@ EXACT = 1e-6
 # The threshold_law experiment's FNN depth pairs (config.yaml), then deeper groups at D = 16.
 PAIRS = [(1, 2), (1, 4), (2, 4), (2, 5), (2, 6)]
 DEEP = [(16, 1, 8), (16, 2, 8)]
-RULES = ("scalar", "per_unit")
+RULES = ("scalar", "default")  # "default": fnn_construction's own choice per group
 CALIBRATION = 256  # config.yaml's batch_size: the paper protocol's calibration inputs
 
 
@@ -72,7 +73,8 @@ def setting(width: int, target_depth: int, frozen_depth: int, seed: int, n_test:
 
 
 def constructed(frozen, target, rank, calibration, rule: str, margin: float):
-    lora, biases = fnn_construction(frozen, target, rank, calibration, bias_rule=rule, margin=margin)
+    lora, biases = fnn_construction(frozen, target, rank, calibration, bias_rule=None if rule == "default" else rule,
+                                    margin=margin)
     return apply_lora(replace(frozen, biases=biases), lora)
 
 
@@ -120,7 +122,7 @@ def sweep(width: int, target_depth: int, frozen_depth: int, seed: int, n_test: i
                 depth = max(depth, deepest(model, target_depth, calibration, test))
         out[rule] = dict(errors=errors, smallest=smallest_exact_rank(errors), deepest=depth,
                          worst=max(errors[r] for r in errors if r >= threshold), worst_shift=max(shift.values()))
-    old, new = out["scalar"]["errors"], out["per_unit"]["errors"]
+    old, new = out["scalar"]["errors"], out["default"]["errors"]
     out["below_change"] = max((abs(new[r] / old[r] - 1) for r in range(1, threshold)), default=0.0)
     out["below_difference"] = max((abs(new[r] - old[r]) for r in range(1, threshold)), default=0.0)
     out["threshold"] = threshold
@@ -135,23 +137,23 @@ def grid(widths: list[int], seeds: int, n_test: int, margin: float) -> None:
     settings = [(w, lb, l) for w in widths for lb, l in PAIRS] + [s for s in DEEP if s[0] in widths]
     print(f"paper protocol, float64, {n_test} test samples; per_unit margin {margin:g}; exact: relative MSE <= {EXACT:g}")
     print("   D (Lbar, L) seed R* | smallest exact rank  | worst rel. MSE at R >= R* | shifted x5, R >= R*  | below R*: largest     | deepest")
-    print("                       |   scalar   per_unit  |    scalar      per_unit   |  scalar    per_unit  | ratio - 1  difference | (std)")
+    print("                       |   scalar   default   |    scalar      default    |  scalar    default   | ratio - 1  difference | (std)")
     summary = []
     for width, lbar, depth in settings:
         per_seed = []
         for seed in range(seeds):
             m = sweep(width, lbar, depth, seed, n_test, margin)
             per_seed.append(m)
-            s, p = m["scalar"], m["per_unit"]
+            s, p = m["scalar"], m["default"]
             print(f"{width:4d} ({lbar}, {depth})   {seed:4d} {m['threshold']:2d} |   {fmt_rank(s['smallest']):>6}   {fmt_rank(p['smallest']):>6}"
                   f"    |   {s['worst']:8.1e}    {p['worst']:8.1e}    | {s['worst_shift']:8.1e}  {p['worst_shift']:8.1e} |  {m['below_change']:.1e}   "
                   f"{m['below_difference']:.1e}  |  {p['deepest']:.1f}")
         median = lambda rule: statistics.median(m[rule]["smallest"] for m in per_seed)
-        summary.append((width, lbar, depth, per_seed[0]["threshold"], median("scalar"), median("per_unit"),
-                        max(m["scalar"]["worst"] for m in per_seed), max(m["per_unit"]["worst"] for m in per_seed),
+        summary.append((width, lbar, depth, per_seed[0]["threshold"], median("scalar"), median("default"),
+                        max(m["scalar"]["worst"] for m in per_seed), max(m["default"]["worst"] for m in per_seed),
                         max(m["below_change"] for m in per_seed), max(m["below_difference"] for m in per_seed)))
     print(f"\nmedian over seeds 0-{seeds - 1} of the smallest exact rank; worst relative MSE at R >= R* over seeds")
-    print("   D (Lbar, L)  R* | scalar  per_unit |  worst scalar  worst per_unit | below R*: ratio - 1  difference")
+    print("   D (Lbar, L)  R* | scalar  default  |  worst scalar  worst default  | below R*: ratio - 1  difference")
     for width, lbar, depth, threshold, old, new, worst_old, worst_new, change, difference in summary:
         print(f"{width:4d} ({lbar}, {depth})   {threshold:3d} |  {fmt_rank(old):>5}   {fmt_rank(new):>5}   |    {worst_old:8.1e}"
               f"      {worst_new:8.1e}   |            {change:.1e}     {difference:.1e}")
