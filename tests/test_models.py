@@ -53,8 +53,9 @@ def test_prenorm_trains_on_torch_and_the_construction_does_not_apply():
     cfg = validated(RunConfig(**plain, prenorm=1))
     assert not applies(cfg, torch.device("cpu"))
     assert applies(cfg.replace(prenorm=0), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="defined for the plain TFN.*prenorm 0"):
-        validated(cfg.replace(method="ours"))
+    for method in ("ours", "lora_from_construction"):
+        with pytest.raises(ConfigError, match="defined for the plain TFN.*prenorm 0"):
+            validated(cfg.replace(method=method))
     with pytest.raises(ConfigError, match="prenorm .* exists only for exp 'tfn'"):
         validated(RunConfig(prenorm=1))
     with pytest.raises(ConfigError, match="choose one"):

@@ -37,10 +37,7 @@ class Construction(Method):
                 f"TFN construction needs target_depth == frozen_depth, got {cfg.target_depth} and {cfg.frozen_depth}")
 
     def not_applicable(self, cfg: RunConfig) -> Optional[str]:
-        if cfg.exp == "tfn" and (cfg.better_optim or cfg.prenorm):
-            return ("the TFN construction is defined for the plain TFN, without residual connections or LayerNorm: "
-                    f"method {self.name!r} needs better_optim 0 and prenorm 0")
-        return super().not_applicable(cfg)
+        return residual_blocks(cfg) or super().not_applicable(cfg)
 
     def parameter_count(self, cfg: RunConfig) -> int:
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)
@@ -49,6 +46,14 @@ class Construction(Method):
         frozen = map_tensors(models.frozen, lambda t: t.to(dtype))
         lora, biases = constructed_adapters(cfg, models, dtype, calibration, authors_bias_propagation)
         return apply_lora(replace(frozen, **biases), lora)
+
+
+def residual_blocks(cfg: RunConfig) -> Optional[str]:
+    """Why the paper's construction does not cover ``cfg``'s transformer (None: it does)."""
+    if cfg.exp == "tfn" and (cfg.better_optim or cfg.prenorm):
+        return ("the TFN construction is defined for the plain TFN, without residual connections or LayerNorm: "
+                "it needs better_optim 0 and prenorm 0")
+    return None
 
 
 def constructed_adapters(cfg: RunConfig, models, dtype: torch.dtype, calibration: Optional[torch.Tensor],

@@ -14,6 +14,7 @@ measures.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -21,7 +22,7 @@ from ..core.adapters import LoRA, lora_parameter_count
 from ..core.config import RunConfig
 from ..core.protocols import protocol_of
 from .base import Method, adapted_matrices, bias_parameter_count, device_of
-from .construction import Construction, constructed_adapters
+from .construction import Construction, constructed_adapters, residual_blocks
 
 
 def constructed_start(cfg: RunConfig, models) -> tuple[LoRA, dict]:
@@ -44,6 +45,9 @@ class LoRAFromConstruction(Method):
 
     def check(self, cfg: RunConfig) -> None:
         Construction().check(cfg)
+
+    def not_applicable(self, cfg: RunConfig) -> Optional[str]:
+        return residual_blocks(cfg) or super().not_applicable(cfg)
 
     def parameter_count(self, cfg: RunConfig) -> int:
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)
