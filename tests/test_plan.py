@@ -366,3 +366,8 @@ def test_bad_pieces_budget_is_a_one_line_error(capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "--pieces" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_preview_of_nothing_to_run_is_silent(smoke):
+    wf, _ = smoke
+    assert plan.preview(wf, [], 2) is None

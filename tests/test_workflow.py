@@ -144,6 +144,33 @@ def test_shared_configs_are_trained_once_and_copied(smoke_run, tmp_path, protoco
 def test_second_invocation_has_nothing_to_do(smoke_run):
     proc = snakemake(smoke_run, "-n", "all_figures", "--config", "preset=smoke")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert "lorabench: preset" not in proc.stdout + proc.stderr  # nothing to train: no cost block
+
+
+def test_a_run_says_what_its_jobs_will_cost_before_the_first(tmp_path, monkeypatch):
+    """A dry run prints the preset, the jobs still to run and, from a cached calibration,
+    their projected core-hours and wall time on the given cores; without one it says so
+    and names the command that measures it. A figure target counts its experiment's jobs."""
+    import json
+
+    from lorabench.runs import plan
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORABENCH_CACHE_DIR", str(cache))
+    workdir = make_workdir(tmp_path / "work", tiny_config(experiments=("fnn", "bias")))
+    text = "\n".join(snakemake(workdir, "-n", "all_figures").stderr.splitlines())
+    assert re.search(r"lorabench: preset smoke, \d+ jobs to run; no projection: this machine has no cached "
+                     r"calibration of '\w+'\. `lorabench plan --preset smoke` measures one", text), text[-2000:]
+    assert not cache.exists() or not any(cache.iterdir())  # it never calibrates (nor builds) silently
+    rate = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
+    entries = {plan.cache_key(e): ({"seconds": 1.0} if e == plan.STARTUP else rate) for e in (plan.STARTUP, *plan.ENGINES)}
+    cache.mkdir()
+    (cache / plan.CACHE_NAME).write_text(json.dumps(entries))
+    every = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected [\d.e-]+ core-hours, about [\d.]+ "
+                      r"(s|min|h) on 2 cores", snakemake(workdir, "-n", "all_figures").stderr)
+    fnn = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected",
+                    snakemake(workdir, "-n", "results/figures/fnn.png").stderr)
+    assert every and fnn and int(fnn.group(1)) < int(every.group(1))  # fnn's jobs alone (bias reuses fnn's)
 
 
 def test_report_embeds_every_figure_with_a_caption(smoke_report):

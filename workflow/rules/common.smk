@@ -100,6 +100,49 @@ RUN_JOBS = WF.run_jobs()  # the selection's jobs and the other experiments' trai
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 
+
+def command_targets():
+    """The targets on the command line: Snakemake hands them to the workflow only after it
+    is parsed, so they are read from the arguments (paths under results/, and this
+    workflow's target rules). Empty: the default target."""
+    rules = {"all_figures", "all_runs", "all_results", "claims", "paper_tables", "costs", "aggregate"}
+    return [arg for arg in sys.argv[1:] if arg.startswith("results/") or arg in rules]
+
+
+def targeted_experiments():
+    """The selected experiments the command's targets need: a figure's, a per-experiment
+    file's, or all of them (the target rules, the joined files, or no target)."""
+    needed = set()
+    for target in command_targets():
+        parts = target.split("/")
+        if len(parts) >= 3 and parts[:2] == ["results", "figures"]:
+            needed.update(catalog.FIGURE_EXPERIMENTS.get(parts[2].rsplit(".", 1)[0], SELECTED))
+        elif len(parts) >= 3 and parts[0] == "results" and parts[2].split(".")[0] in SELECTED:
+            needed.add(parts[2].split(".")[0])
+        else:
+            return SELECTED
+    return [name for name in SELECTED if name in needed] or SELECTED
+
+
+def print_preview():
+    """Before the first job (dry runs too): what the jobs still to run will cost, from the
+    cached calibration (lorabench.runs.plan.preview); nothing when they train nothing."""
+    from lorabench.runs import plan
+
+    needed = targeted_experiments()
+    jobs = RUN_JOBS if needed == SELECTED else WF.select(needed).run_jobs()
+    to_run = [j for j in jobs if not os.path.exists(job_path(j))]
+    try:
+        cores = int(workflow.cores)
+    except (WorkflowError, TypeError, ValueError):
+        cores = 1
+    try:
+        block = plan.preview(WF, to_run, cores)
+    except Exception as error:  # noqa: BLE001 (a projection must never stop a run: e.g. device cuda on a login node)
+        block = f"lorabench: preset {WF.preset}, {len(to_run)} jobs to run; no projection ({error})" if to_run else None
+    if block:
+        print(block, file=sys.stderr)
+
 # Figures whose experiments all run; each reads only its experiments' results.
 FIGURE_NAMES = catalog.drawn_figures(SELECTED)
 FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=("png", "pdf"))
@@ -205,3 +248,7 @@ def benchmark_files():
             "logs/benchmarks/paper_tables/all/all/paper_tables.tsv"]
     out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv" for name in FIGURE_NAMES]
     return sorted(out)
+
+
+if workflow.is_main_process:  # not in a job's own Snakemake process (cluster execution)
+    print_preview()

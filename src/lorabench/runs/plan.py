@@ -697,6 +697,37 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     return out
 
 
+class NotCalibrated(LookupError):
+    """An engine without a cached calibration, where measuring one is not allowed."""
+
+
+def preview(wf, jobs: Sequence, cores: int) -> Optional[str]:
+    """The block a workflow run prints before its first job: the preset, the jobs to run,
+    their projected core-hours and wall time on ``cores``, from the cached calibration
+    alone (it never calibrates, and never builds the native library: the engine decision
+    is ``native.applies``). Without a cached calibration it says so, with the command that
+    measures one. None when ``jobs`` (the jobs still to run) is empty."""
+    from ..training import native
+    from .runner import resolve_device
+
+    if not jobs:
+        return None
+    device = resolve_device(wf.device)
+
+    def uncached(engine: str) -> dict:
+        raise NotCalibrated(engine)
+
+    head = f"lorabench: preset {wf.preset}, {len(jobs)} jobs to run"
+    try:
+        plan = make_plan(wf, jobs, [cores], calibrate=uncached, native=lambda cfg: native.applies(cfg, device))
+    except NotCalibrated as missing:
+        return (f"{head}; no projection: this machine has no cached calibration of '{missing}'. "
+                f"`lorabench plan --preset {wf.preset}` measures one (minutes) and caches it.")
+    return (f"{head}: projected {_hours(plan['total']['core_s'])} core-hours, about "
+            f"{_duration(plan['wall_s'][str(cores)])} on {cores} cores (`lorabench plan --preset {wf.preset}` "
+            "for the details).")
+
+
 def _hours(seconds: float) -> str:
     h = seconds / 3600
     return f"{h:.3g}" if h < 100 else f"{h:.0f}"
