@@ -57,6 +57,11 @@ class FNN:
         return map_tensors(self, lambda t: t.to(device))
 
 
+def device_of(model) -> torch.device:
+    """Where a model's weights live (either family, stacked or not)."""
+    return (model.weights if isinstance(model, FNN) else model.wq).device
+
+
 def map_tensors(model, fn: Callable[[Tensor], Tensor]):
     """The model with ``fn`` applied to every weight and bias (cast, move, slice)."""
     if isinstance(model, FNN):

@@ -188,10 +188,6 @@ def adapted_matrices(model: Model) -> dict[str, Tensor]:
     return out
 
 
-def device_of(model: Model) -> torch.device:
-    return next(iter(adapted_matrices(model).values())).device
-
-
 def with_matrices(model: Model, matrices: Mapping[str, Tensor]) -> Model:
     """``model`` with its adapted matrices replaced (inverse of ``adapted_matrices``)."""
     if isinstance(model, FNN):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from ..core.adapters import lora_parameter_count
 from ..core.config import RunConfig
-from .base import Method, bias_parameter_count, device_of
+from ..core.models import device_of
+from .base import Method, bias_parameter_count
 
 
 class LoRAGradient(Method):

@@ -20,8 +20,9 @@ import torch
 
 from ..core.adapters import LoRA, lora_parameter_count
 from ..core.config import RunConfig
+from ..core.models import device_of
 from ..core.protocols import protocol_of
-from .base import Method, adapted_matrices, bias_parameter_count, device_of
+from .base import Method, adapted_matrices, bias_parameter_count
 from .construction import Construction, constructed_adapters, residual_blocks
 
 

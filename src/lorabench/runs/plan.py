@@ -140,13 +140,6 @@ def trains_natively(cfg: RunConfig, native: Callable[[RunConfig], bool]) -> bool
     return method_of(cfg).native and native(cfg)
 
 
-def native_decision(device) -> Callable[[RunConfig], bool]:
-    """Where the native step trains a method that has one (the trainer's decision)."""
-    from ..training.native import use_native
-
-    return lambda cfg: use_native(cfg, device)
-
-
 def eval_points(cfg: RunConfig) -> int:
     return 2 * cfg.n_test + cfg.n_val  # test, shifted test, validation
 
@@ -654,7 +647,9 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
 
     device = resolve_device(wf.device)
     if native is None:
-        native = native_decision(device)
+        from ..training.native import use_native
+
+        native = lambda cfg: use_native(cfg, device)  # noqa: E731
     if calibrate is None:
         calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
     needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs}

@@ -21,7 +21,7 @@ from . import native
 from ..core import data
 from ..core.adapters import LoRA, apply_lora
 from ..core.config import RunConfig
-from ..core.models import FNN, TFN, forward, shared_input_layer
+from ..core.models import FNN, TFN, device_of, forward, shared_input_layer
 from ..core.protocols import protocol_of
 from .optimiser import Layout
 
@@ -220,7 +220,7 @@ def tfn_lora_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Traina
 def generic_trainable(method, cfgs: list[RunConfig], frozen: Model, models: list) -> Trainable:
     """A gradient method's cell from its ``start`` and ``adapt`` (methods/base.py): the
     configurations' starting points stacked along C, trained with autograd on torch."""
-    device = frozen.weights.device if isinstance(frozen, FNN) else frozen.wq.device
+    device = device_of(frozen)
     starts = [method.start(c, m) for c, m in zip(cfgs, models)]
 
     def stacked(part: str) -> dict[str, Tensor]:
