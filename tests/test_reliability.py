@@ -333,10 +333,15 @@ def test_second_snakemake_on_the_same_directory_is_refused_by_the_lock(tmp_path)
     assert (tmp_path / "done.txt").exists()
 
 
-def test_readme_says_how_to_recover_from_a_stale_lock():
+def test_the_docs_say_how_to_recover_from_a_stale_lock():
+    """The README names the two commands and links the section of docs/workflow.md that
+    gives them in full."""
     readme = (ROOT / "README.md").read_text()
-    assert "### Interrupted runs and stale locks" in readme
-    section = readme.split("### Interrupted runs and stale locks", 1)[1]
+    assert "snakemake --unlock" in readme and "--rerun-incomplete" in readme
+    assert "docs/workflow.md#interrupted-runs-and-stale-locks" in readme
+    workflow = (ROOT / "docs" / "workflow.md").read_text()
+    assert "## Interrupted runs and stale locks" in workflow
+    section = workflow.split("## Interrupted runs and stale locks", 1)[1]
     assert "snakemake --unlock" in section and "--rerun-incomplete" in section
 
 
