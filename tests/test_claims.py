@@ -252,18 +252,23 @@ def test_pieces_of_a_run_combine_into_one_report_and_never_overlap(tmp_path):
 
     to_frames(synthetic_runs(["fnn"], metrics=built_metrics, lrs=LRS[:1], base=CLAIM_BASE), tmp_path, select=False)
     whole = pd.read_parquet(tmp_path / "selected.parquet")
-    pieces = []
+    pieces, by_seed = [], []  # one piece per protocol; one per seed (some of an experiment's jobs)
     for protocol, part in whole.groupby("protocol"):
         pieces.append(tmp_path / f"piece_{protocol}.parquet")
         atomic_write_table(pa.Table.from_pandas(part, schema=SELECTED_SCHEMA, preserve_index=False), pieces[-1])
-    assert len(pieces) == 2
-    for name, selected in (("whole", [tmp_path / "selected.parquet"]), ("pieces", pieces)):
+    for seed, part in whole.groupby("seed"):
+        by_seed.append(tmp_path / f"piece_seed{seed}.parquet")
+        atomic_write_table(pa.Table.from_pandas(part, schema=SELECTED_SCHEMA, preserve_index=False), by_seed[-1])
+    assert len(pieces) == 2 and len(by_seed) > 1
+    for name, selected in (("whole", [tmp_path / "selected.parquet"]), ("pieces", pieces), ("by_seed", by_seed)):
         assert main(["paper-tables", "--selected", *map(str, selected), "--out", str(tmp_path / name / "tables.md")]) == 0
         assert main(["claims", "--selected", *map(str, selected), "--out", str(tmp_path / name)]) == 0
-    assert (tmp_path / "pieces" / "tables.md").read_text() == (tmp_path / "whole" / "tables.md").read_text()
+    for name in ("pieces", "by_seed"):
+        assert (tmp_path / name / "tables.md").read_text() == (tmp_path / "whole" / "tables.md").read_text()
     statuses = [pd.read_csv(tmp_path / name / "claims.csv").sort_values(["protocol", "id"]).reset_index(drop=True)
-                for name in ("whole", "pieces")]
-    pd.testing.assert_frame_equal(*statuses)
+                for name in ("whole", "pieces", "by_seed")]
+    pd.testing.assert_frame_equal(statuses[0], statuses[1])
+    pd.testing.assert_frame_equal(statuses[0], statuses[2])
 
     with pytest.raises(SystemExit) as error:
         main(["claims", "--selected", str(pieces[0]), str(tmp_path / "selected.parquet"), "--out", str(tmp_path / "bad")])

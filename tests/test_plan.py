@@ -342,6 +342,28 @@ def test_pieces_keep_both_protocols_together_when_they_fit_and_pack_first_fit():
     assert pieces[0].wall_s == pytest.approx(64.0) and pieces[0].core_s == pytest.approx(64.0)
 
 
+def test_an_experiment_above_the_budget_is_cut_into_its_jobs():
+    # a (paper only, linked to b) is above the 100 s budget: its jobs go to pieces of their own;
+    # b's train job copies rows from a's first train job, so it never runs before it
+    jobs = [FakeJob("a", "paper", "models", 0), FakeJob("a", "paper", "train", 0), FakeJob("a", "paper", "train", 0),
+            FakeJob("a", "paper", "models", 1), FakeJob("a", "paper", "train", 1),
+            FakeJob("b", "paper", "models", 0), FakeJob("b", "paper", "train", 0),
+            FakeJob("c", "paper", "models", 0), FakeJob("c", "paper", "train", 0)]
+    costs = [5.0, 60.0, 50.0, 5.0, 90.0, 1.0, 30.0, 1.0, 20.0]
+    paths = [f"results/job{i}" for i in range(len(jobs))]
+    pieces = plan.make_pieces(jobs, costs, 1, 100.0, ["paper"], linked=[("b", "a")], sources={6: [1]}, paths=paths)
+    assert [(p.experiments, p.targets) for p in pieces] == [
+        (["c"], []),  # whole experiments first
+        (["a"], ["results/job4"]),  # 90 s and its models job
+        (["a", "b"], ["results/job1", "results/job6"]),  # b with (or after) its source: 60 + 30 + models jobs
+        (["a"], ["results/job2"]),  # 50 s: its seed's models job ran in the piece before
+    ]
+    assert [p.core_s for p in pieces] == [21.0, 95.0, 96.0, 50.0]  # each models job counted once, where it runs
+    assert not any(p.over_budget for p in pieces)
+    one = plan.Piece(["a"], ["paper"], targets=["results/job4"])
+    assert plan.piece_command(one, "paper", 2) == "snakemake --cores 2 results/job4 --config preset=paper"
+
+
 def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):
     wf, jobs = smoke
     result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json",

@@ -97,8 +97,6 @@ JOB_BY_ID = lbx.job_index(DEFINED_JOBS)
 MODELS_JOB = lbx.models_jobs(DEFINED_JOBS)
 SHARED = WF.shared
 RUN_JOBS = WF.run_jobs()  # the selection's jobs and the other experiments' train jobs it reuses
-STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
-SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 
 
 def command_targets():
@@ -131,7 +129,7 @@ def print_preview():
 
     needed = targeted_experiments()
     jobs = RUN_JOBS if needed == SELECTED else WF.select(needed).run_jobs()
-    to_run = [j for j in jobs if not os.path.exists(job_path(j))]
+    to_run = [j for j in jobs if not os.path.exists(j.path)]
     try:
         cores = int(workflow.cores)
     except (WorkflowError, TypeError, ValueError):
@@ -165,10 +163,6 @@ wildcard_constraints:
     job=r"(s\d+|all)-[0-9a-f]{16}",
 
 
-def job_path(job):
-    return f"results/{STAGE_DIR[job.kind]}/{job.experiment}/{job.protocol}/{job.id}.{SUFFIX[job.kind]}"
-
-
 def find_job(wildcards, kind):
     key = (wildcards.experiment, wildcards.protocol, kind, wildcards.job)
     if key not in JOB_BY_ID:
@@ -183,7 +177,7 @@ def models_of(kind):
 
     def inputs(wildcards):
         job = find_job(wildcards, kind)
-        return job_path(MODELS_JOB[(job.experiment, job.protocol, job.seed)])
+        return MODELS_JOB[(job.experiment, job.protocol, job.seed)].path
 
     return inputs
 
@@ -192,7 +186,7 @@ def reused_outputs(wildcards):
     """Input function: the outputs of the other experiments' train jobs whose configs a
     train job shares (it copies their rows instead of training them)."""
     job = find_job(wildcards, "train")
-    return [job_path(JOB_BY_ID[source]) for source in SHARED.get(lbx.job_key(job), {})]
+    return [JOB_BY_ID[source].path for source in SHARED.get(lbx.job_key(job), {})]
 
 
 def job_ref(kind):
@@ -203,7 +197,7 @@ def job_ref(kind):
 
 def result_files(experiment=None, protocol=None):
     """The construction and training result files of one experiment and protocol (or every one)."""
-    return sorted(job_path(j) for j in JOBS
+    return sorted(j.path for j in JOBS
                   if j.kind != "models" and experiment in (None, j.experiment) and protocol in (None, j.protocol))
 
 

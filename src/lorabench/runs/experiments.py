@@ -60,6 +60,8 @@ from .dispatch import DISPATCHES, SlurmSettings
 
 PRESETS = ("paper", "full_length", "quick", "smoke")
 JOB_KINDS = ("models", "construct", "train")
+STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
+STAGE_SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
 _FIELDS = set(RunConfig.__dataclass_fields__)
 _SETTING = "\0setting:"  # marks a method's own settings while a block's values are swept
@@ -77,6 +79,11 @@ class Job:
     def id(self) -> str:
         prefix = "all" if self.seed is None else f"s{self.seed}"
         return f"{prefix}-{configs_hash(self.configs)}"
+
+    @property
+    def path(self) -> str:
+        """The job's output in the workflow (results/<stage>/<experiment>/<protocol>/<id>.<suffix>)."""
+        return f"results/{STAGE_DIR[self.kind]}/{self.experiment}/{self.protocol}/{self.id}.{STAGE_SUFFIX[self.kind]}"
 
     def spec(self) -> dict:
         return {

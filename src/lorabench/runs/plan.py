@@ -534,24 +534,33 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class Piece:
-    """One Snakemake run of the plan: these experiments under these protocols."""
+    """One Snakemake run of the plan: these experiments under these protocols, or, for an
+    experiment too long for one piece, these jobs (``targets``: their output files)."""
 
     experiments: list
     protocols: list
     wall_s: float = 0.0
     core_s: float = 0.0
-    over_budget: bool = False  # a single experiment and protocol projected above the budget
+    over_budget: bool = False  # a single job projected above the budget
+    targets: list = field(default_factory=list)  # job outputs; empty: whole experiments
 
 
 def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: float,
-                protocols: Sequence[str], linked: Iterable[tuple[str, str]] = ()) -> list[Piece]:
-    """The jobs' experiments and protocols cut into pieces each projected to take at most
-    ``budget_s`` on ``cores`` (``wall_time``). An experiment keeps both protocols in one
-    piece when they fit together; otherwise each protocol is its own unit. Experiments
-    ``linked`` (one reuses the other's training of shared configs) stay in one unit, so
-    a piece's projection is what its run trains. Units of the same protocols are packed
-    first-fit, longest first; a piece is a product of experiments and protocols, so one
-    ``--config experiments=[...] protocols=[...]`` names it."""
+                protocols: Sequence[str], linked: Iterable[tuple[str, str]] = (),
+                sources: Optional[Mapping[int, Sequence[int]]] = None,
+                paths: Optional[Sequence[str]] = None) -> list[Piece]:
+    """The jobs cut into pieces each projected to take at most ``budget_s`` on ``cores``
+    (``wall_time``). An experiment keeps both protocols in one piece when they fit
+    together; otherwise each protocol is its own unit. Experiments ``linked`` (one reuses
+    the other's training of shared configs) stay in one unit, so a piece's projection is
+    what its run trains. Units of the same protocols are packed first-fit, longest first;
+    such a piece is a product of experiments and protocols, so one ``--config
+    experiments=[...] protocols=[...]`` names it.
+
+    A unit above the budget is cut into its jobs instead (``paths``: their outputs), each
+    job with its seed's models job; ``sources``: job index -> the indices of the train
+    jobs whose rows it copies, which go to the same or an earlier piece. Those pieces
+    come after the others, in the order they must run."""
     order = list(dict.fromkeys(job.experiment for job in jobs))
     lead = {name: name for name in order}  # each experiment's unit, named by its first experiment
     for a, b in linked:
@@ -567,12 +576,16 @@ def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: fl
         return wall_time([jobs[i] for i in indices], [costs[i] for i in indices], cores)
 
     units: list[tuple[tuple[str, ...], str, list[int]]] = []  # (protocols, experiment, job indices)
+    too_long: list[int] = []  # jobs of units above the budget, cut job by job
     for name in members:
         together = [i for p in protocols for i in by_unit.get((name, p), [])]
         if len(protocols) == 1 or wall(together) <= budget_s:
             units.append((tuple(protocols), name, together))
         else:
             units.extend(((p,), name, by_unit[(name, p)]) for p in protocols if by_unit.get((name, p)))
+    if paths is not None:
+        too_long = [i for u in units if wall(u[2]) > budget_s for i in u[2]]
+        units = [u for u in units if wall(u[2]) <= budget_s]
     groups = list(dict.fromkeys(u[0] for u in units))
     pieces: list[tuple[tuple[str, ...], list[str], list[int]]] = []
     for group in sorted(groups, key=len, reverse=True):  # both protocols first, then each
@@ -592,12 +605,54 @@ def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: fl
         seconds = wall(held)
         out.append(Piece(sorted(names, key=order.index), list(group), seconds, sum(costs[i] for i in held),
                          seconds > budget_s))
+    if too_long:
+        out.extend(_job_pieces(jobs, costs, too_long, wall, budget_s, sources or {}, paths, order))
+    return out
+
+
+def _job_pieces(jobs, costs, indices, wall, budget_s, sources, paths, order) -> list[Piece]:
+    """Pieces of single jobs (see make_pieces), packed first-fit, longest first, a job
+    copying rows never before the piece of a job it copies them from."""
+    models = {(jobs[i].experiment, jobs[i].protocol, jobs[i].seed): i for i in indices if jobs[i].kind == "models"}
+    level: dict[int, int] = {}
+    for i in indices:  # a source precedes the jobs that copy from it in ``jobs``
+        level[i] = 1 + max((level.get(s, 0) for s in sources.get(i, ())), default=-1)
+    work = sorted((i for i in indices if jobs[i].kind != "models"), key=lambda i: (level[i], -costs[i]))
+    placed: dict[int, int] = {}
+    held: list[list[int]] = []
+
+    def with_models(members: list[int]) -> list[int]:
+        seeds = dict.fromkeys((jobs[i].experiment, jobs[i].protocol, jobs[i].seed) for i in members)
+        return [models[k] for k in seeds if k in models] + members
+
+    for i in work:
+        first = max((placed[s] for s in sources.get(i, ()) if s in placed), default=0)
+        for k in range(first, len(held)):
+            if wall(with_models(held[k] + [i])) <= budget_s:
+                break
+        else:
+            k = len(held)
+            held.append([])
+        held[k].append(i)
+        placed[i] = k
+    out, built = [], set()
+    for members in held:
+        # a models job runs in the first piece that needs it; later pieces read its output
+        need = [m for m in with_models(members) if m not in built]
+        built.update(need)
+        seconds = wall(need)
+        out.append(Piece(sorted({jobs[i].experiment for i in need}, key=order.index),
+                         sorted({jobs[i].protocol for i in need}), seconds, sum(costs[i] for i in need),
+                         seconds > budget_s, [paths[i] for i in members]))
     return out
 
 
 def piece_command(piece: Piece, preset: str, cores: int, configfile: str = "config.yaml") -> str:
-    """The Snakemake command of one piece: its training and its per-protocol results only."""
+    """The Snakemake command of one piece: its training and its per-protocol results, or
+    its jobs' outputs alone."""
     config = "" if configfile == "config.yaml" else f"--configfile {configfile} "
+    if piece.targets:
+        return f"snakemake --cores {cores} {' '.join(piece.targets)} {config}--config preset={preset}"
     return (f"snakemake --cores {cores} all_runs {config}--config preset={preset} "
             f"experiments=[{','.join(piece.experiments)}] protocols=[{','.join(piece.protocols)}]")
 
@@ -642,7 +697,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     """The plan as a JSON-able dict: rows, total, wall times, calibration; with
     ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
     commands."""
-    from .experiments import shared_configs
+    from .experiments import job_key, shared_configs
     from .runner import resolve_device
 
     device = resolve_device(wf.device)
@@ -661,6 +716,10 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     rates = {e: Rate.from_dict(measured[e]) for e in needed}
     shared = shared_configs(list(jobs))
     linked = {(key[0], source[0]) for key, by_source in shared.items() for source in by_source}
+    paths = [job.path for job in jobs]  # before own_work: a job's id names all its configs
+    index = {job_key(job): i for i, job in enumerate(jobs)}
+    sources = {index[key]: [index[s] for s in by_source if s in index] for key, by_source in shared.items()
+               if key in index}
     jobs, reused = own_work(jobs, shared)
     costs = job_costs(jobs, rates, startup_s, native)
     rows = count(jobs, costs, startup_s, native, rates, reused)
@@ -686,7 +745,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         out["pieces"] = {
             "budget_s": pieces_s, "cores": n,
             "runs": [{**asdict(p), "command": piece_command(p, wf.preset, n, configfile)}
-                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols, linked)],
+                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols, linked, sources, paths)],
             "combine": combine_command(wf.preset, n, configfile),
         }
     return out
@@ -783,11 +842,12 @@ def format_plan(plan: dict) -> str:
 def format_pieces(pieces: dict) -> list[str]:
     runs = pieces["runs"]
     out = [f"{len(runs)} piece(s) of at most {_duration(pieces['budget_s'])} on {pieces['cores']} core(s), "
-           "in any order (each trains only its experiments and protocols):"]
+           "in this order (each trains only its experiments and protocols, or its jobs):"]
     for i, run in enumerate(runs, 1):
-        over = "  ABOVE THE BUDGET: one experiment and protocol alone" if run["over_budget"] else ""
+        over = "  ABOVE THE BUDGET: one job alone" if run["over_budget"] else ""
+        what = f"{len(run['targets'])} job(s) of " if run["targets"] else ""
         out.append(f"  {i}. {_duration(run['wall_s'])} ({_hours(run['core_s'])} core-h): "
-                   f"{', '.join(run['experiments'])} [{', '.join(run['protocols'])}]{over}")
+                   f"{what}{', '.join(run['experiments'])} [{', '.join(run['protocols'])}]{over}")
         out.append(f"     {run['command']}")
     out.append("then, to aggregate and draw (no training):")
     out.append(f"     {pieces['combine']}")

@@ -209,17 +209,20 @@ def read_rows(path: Union[str, os.PathLike], schema: pa.Schema = RUNS_SCHEMA) ->
 
 
 def read_pieces(paths: "Iterable[Union[str, os.PathLike]]", schema: pa.Schema = SELECTED_SCHEMA) -> "pd.DataFrame":
-    """The rows of a run made in pieces, one results file per piece. Each experiment and
-    protocol must come from one piece only, so that no part of the run is counted twice."""
+    """The rows of a run made in pieces, one results file per piece (whole experiments, or
+    some of an experiment's jobs). A row (experiment, protocol, config, checkpoint) must
+    come from one piece only, so that no part of the run is counted twice."""
     import pandas as pd
 
     frames, source = [], {}
+    identity = ["experiment", "protocol", "config_hash", "checkpoint"]
     for path in paths:
         frame = read_rows(path, schema)
-        for key in frame[["experiment", "protocol"]].drop_duplicates().itertuples(index=False):
+        for key in frame[identity].drop_duplicates().itertuples(index=False):
             if tuple(key) in source:
-                raise ResultsError(f"{path}: experiment {key[0]!r} under protocol {key[1]!r} is also in {source[tuple(key)]}; "
-                                   "each piece must hold different experiments or protocols")
+                raise ResultsError(f"{path}: experiment {key[0]!r} under protocol {key[1]!r} (config {key[2]}, "
+                                   f"checkpoint {key[3]!r}) is also in {source[tuple(key)]}; "
+                                   "each piece must hold different rows")
             source[tuple(key)] = path
         frames.append(frame)
     if not frames:
