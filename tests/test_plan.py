@@ -8,7 +8,7 @@ import torch
 from lorabench.cli import main
 from lorabench.core.config import ConfigError, RunConfig
 from lorabench.training import native
-from lorabench.runs import plan
+from lorabench.runs import experiments as lbx, plan
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
 RATE = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
@@ -362,6 +362,33 @@ def test_an_experiment_above_the_budget_is_cut_into_its_jobs():
     assert not any(p.over_budget for p in pieces)
     one = plan.Piece(["a"], ["paper"], targets=["results/job4"])
     assert plan.piece_command(one, "paper", 2) == "snakemake --cores 2 results/job4 --config preset=paper"
+
+
+def test_plan_sets_its_projection_against_the_jobs_that_ran(smoke, tmp_path):
+    wf, jobs = smoke
+    train = [next(j for j in jobs if j.kind == "train" and j.experiment == "fnn" and j.protocol == p)
+             for p in ("paper", "reference")]
+    records = tmp_path / "benchmarks"
+    for job, cpu in zip(train, (3.0, 5.0)):
+        record = records / "train" / job.experiment / job.protocol / f"{job.id}.tsv"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"s\tcpu_time\n{cpu + 1}\t{cpu}\n")
+    result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json",
+                            records=records)
+    baseline = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
+    rows = result["measured"]["rows"]
+    assert [(r["experiment"], r["protocol"], r["jobs"], r["measured_cpu_s"]) for r in rows] == [
+        ("fnn", "paper", 1, 3.0), ("fnn", "reference", 1, 5.0)]
+    own, _ = plan.own_work(jobs, lbx.shared_configs(list(jobs)))
+    rates = {e: plan.Rate.from_dict(c) for e, c in baseline["calibration"].items() if e != plan.STARTUP}
+    costs = plan.job_costs(own, rates, baseline["startup_s"], default_native)
+    for row, job in zip(rows, train):
+        assert row["projected_cpu_s"] == pytest.approx(costs[jobs.index(job)])
+        assert row["ratio"] == pytest.approx(row["measured_cpu_s"] / row["projected_cpu_s"])
+    assert "projected against measured CPU time" in plan.format_plan(result)
+    empty = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json",
+                           records=tmp_path / "none")
+    assert empty["measured"]["rows"] == [] and "no job of this plan" in plan.format_plan(empty)
 
 
 def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):

@@ -239,6 +239,8 @@ def _add_plan(sub) -> None:
     _option(p, "recalibrate", action="store_true", help="measure every engine again (ignore the cache)")
     _option(p, "pieces", help="group the run into pieces of at most this long on the first --cores value "
             "(e.g. 2h, 90min) and print each piece's snakemake command")
+    _option(p, "measured", help="compare the projection with the CPU time of the jobs that ran "
+            "(Snakemake's benchmark records, e.g. logs/benchmarks)")
 
 
 SELECTED_HELP = ("selected.parquet (default: selected from --runs); several files: the pieces of one run, "
@@ -456,8 +458,10 @@ def plan_command(args: argparse.Namespace) -> int:
     chosen = [e.strip() for e in args.experiments.split(",") if e.strip()] if args.experiments else None
     pieces_s = plan.parse_duration(args.pieces) if args.pieces else None
     wf, jobs = plan.load_workflow(args.configfile, args.preset, chosen)
-    projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate,
-                               pieces_s=pieces_s, configfile=args.configfile)
+    if args.measured and not Path(args.measured).is_dir():
+        raise ConfigError(f"--measured: {args.measured} is not a folder of benchmark records")
+    projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate, pieces_s=pieces_s,
+                               configfile=args.configfile, records=Path(args.measured) if args.measured else None)
     print(json.dumps(projected, indent=1) if args.json else plan.format_plan(projected))
     return 0
 

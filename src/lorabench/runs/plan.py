@@ -520,6 +520,33 @@ def _startup_seconds(repeats: int = 3) -> float:
     return best
 
 
+# ------------------------------------------------------------------ against a run
+BENCHMARK_RULE = {"models": "generate_models", "construct": "construct", "train": "train"}
+
+
+def measured_against(jobs: Sequence, costs: Sequence[float], paths: Sequence[str], records: Path) -> list[dict]:
+    """Per (experiment, protocol): the projected and the measured CPU seconds of the jobs
+    that have a benchmark record under ``records`` (Snakemake's ``logs/benchmarks``, one
+    file per job that ran, ``<rule>/<experiment>/<protocol>/<job id>.tsv``); rows without
+    any record are left out. ``paths``: the jobs' output paths, whose file name is the id."""
+    from .costs import read_record
+
+    out: dict[tuple[str, str], dict] = {}
+    for job, cost, path in zip(jobs, costs, paths):
+        record = records / BENCHMARK_RULE[job.kind] / job.experiment / job.protocol / f"{Path(path).name.split('.')[0]}.tsv"
+        if not record.exists():
+            continue
+        row = out.setdefault((job.experiment, job.protocol), {
+            "experiment": job.experiment, "protocol": job.protocol, "jobs": 0, "projected_cpu_s": 0.0,
+            "measured_cpu_s": 0.0})
+        row["jobs"] += 1
+        row["projected_cpu_s"] += cost
+        row["measured_cpu_s"] += read_record(record)["cpu_s"]
+    for row in out.values():
+        row["ratio"] = row["measured_cpu_s"] / row["projected_cpu_s"] if row["projected_cpu_s"] else float("nan")
+    return list(out.values())
+
+
 # ------------------------------------------------------------------ pieces
 DURATION_UNITS = {"h": 3600.0, "min": 60.0, "m": 60.0, "s": 1.0}
 
@@ -693,10 +720,11 @@ def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Op
 def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
               recalibrate: bool = False, native: Optional[Callable[[RunConfig], bool]] = None,
               path: Optional[Path] = None, pieces_s: Optional[float] = None,
-              configfile: str = "config.yaml") -> dict:
+              configfile: str = "config.yaml", records: Optional[Path] = None) -> dict:
     """The plan as a JSON-able dict: rows, total, wall times, calibration; with
     ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
-    commands."""
+    commands; with ``records`` (a benchmark records folder), the projection against the
+    CPU time of the jobs that ran (``measured_against``)."""
     from .experiments import job_key, shared_configs
     from .runner import resolve_device
 
@@ -740,6 +768,8 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "calibration": {e: {**measured[e], "source": source[e], "key": key(e)} for e in [STARTUP, *needed]},
         "cache": str(path or cache_path()),
     }
+    if records is not None:
+        out["measured"] = {"records": str(records), "rows": measured_against(jobs, costs, paths, Path(records))}
     if pieces_s is not None:
         n = cores[0]
         out["pieces"] = {
@@ -819,6 +849,8 @@ def format_plan(plan: dict) -> str:
     out.append("core-h by engine: " + ", ".join(f"{e} {_hours(s)}" for e, s in sorted(engines.items(), key=lambda x: -x[1])))
     for n, s in plan["wall_s"].items():
         out.append(f"projected wall time on {n} core(s), one job per core: {_duration(s)}")
+    if "measured" in plan:
+        out += ["", *format_measured(plan["measured"])]
     if "pieces" in plan:
         out += ["", *format_pieces(plan["pieces"])]
     out.append("")
@@ -837,6 +869,21 @@ def format_plan(plan: dict) -> str:
         out.append(f"  {'':<14} ({c.get('measured', '')})")
     out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
     return "\n".join(out)
+
+
+def format_measured(measured: dict) -> list[str]:
+    rows = measured["rows"]
+    if not rows:
+        return [f"no job of this plan has a benchmark record under {measured['records']}"]
+    out = [f"projected against measured CPU time (the jobs with a record under {measured['records']}):"]
+    for r in rows:
+        out.append(f"  {r['experiment']:<16} {r['protocol']:<10} {r['jobs']:>4} jobs  projected {r['projected_cpu_s']:>9,.0f} s"
+                   f"  measured {r['measured_cpu_s']:>9,.0f} s  x{r['ratio']:.2f}")
+    projected = sum(r["projected_cpu_s"] for r in rows)
+    spent = sum(r["measured_cpu_s"] for r in rows)
+    out.append(f"  {'total':<16} {'':<10} {sum(r['jobs'] for r in rows):>4} jobs  projected {projected:>9,.0f} s"
+               f"  measured {spent:>9,.0f} s  x{spent / projected if projected else float('nan'):.2f}")
+    return out
 
 
 def format_pieces(pieces: dict) -> list[str]:
