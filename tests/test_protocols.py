@@ -92,7 +92,7 @@ def test_reference_tfn_stream_shares_positions_and_equals_per_config_streams(n_t
     kept positions."""
     from lorabench.core import streams
 
-    monkeypatch.setattr(streams.ReferenceTFNStream, "KEPT_POSITIONS", 4)
+    monkeypatch.setattr(streams.ReferenceTFNStream, "KEPT_BYTES", 4 * 2 * 2 * 16 * 16 * 10 * 4)  # 4 positions
     cfg = RunConfig(exp="tfn", width=16, n_head=2, seq_length=10, target_depth=1, frozen_depth=1, rank=2,
                     method="sgd", batch_size=16, n_test=32, n_train=n_train, protocol="reference").validated()
     models = protocol_of(cfg).generate_models(cfg)
@@ -110,3 +110,18 @@ def test_reference_tfn_stream_shares_positions_and_equals_per_config_streams(n_t
         improved = torch.rand(C, generator=gen) < (0.8 if step < 20 else 0.1)
         shared.observe(improved)
         apart.observe(improved)
+        assert len(shared.kept) <= (4 if n_train is None else 8)
+
+
+def test_the_reference_tfn_stream_keeps_the_positions_asked_for_soonest():
+    """Configs at steps 0, 3 and 9 since their last improvement, and one still at the
+    seed's step 5: a kept position is next asked for by the nearest config at or below
+    it; after the test sets also by a config improving now (k + 1 steps); never where no
+    config will reach it."""
+    from lorabench.core.streams import next_use
+
+    origin = torch.tensor([1, 1, 1, 0])
+    since = torch.tensor([0, 3, 9, 5])
+    positions = [(1, 0), (1, 2), (1, 3), (1, 8), (1, 20), (0, 4), (0, 7)]
+    ahead = next_use(positions, origin, since, restart=1)
+    assert ahead.tolist() == [0, 2, 0, 5, 11, float("inf"), 2]

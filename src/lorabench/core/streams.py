@@ -154,13 +154,13 @@ class ReferenceTFNStream:
 
     A config's batches are therefore fixed by its origin (the seed, until its first
     improvement, or the position after the test sets) and the steps since it: configs
-    at the same position share the batch and its target outputs, drawn once. The most
-    recently used positions are kept; others are drawn again from their saved generator
-    state.
+    at the same position share the batch and its target outputs, drawn once. Drawn
+    positions are kept, up to KEPT_BYTES, for the configs that reach them later (see
+    _evict); others are drawn again from their saved generator state.
     """
 
     SEED, AFTER_TEST = 0, 1
-    KEPT_POSITIONS = 64  # ~0.7 MB each at the paper's sizes
+    KEPT_BYTES = 512 * 2**20  # ~800 positions at the paper's sizes (0.65 MB each)
 
     def __init__(self, cfg: RunConfig, target, x_train: Optional[Tensor], C: int, device,
                  target_outputs: Optional[TargetOutputs] = None):
@@ -174,13 +174,13 @@ class ReferenceTFNStream:
         origins = (rng.global_stream(cfg.seed).get_state(), reference_tfn_state_after_test(cfg))
         self.states = [[state] for state in origins]  # generator state at each position
         self.kept: dict[tuple[int, int], tuple] = {}
+        self.drawn = 0  # positions drawn (and evaluated), a measure of the stream's cost
         self.origin = torch.full((C,), self.SEED, dtype=torch.long)
         self.since = torch.zeros(C, dtype=torch.long)
 
     def _draws(self, position: tuple[int, int]):
         """(training batch or None, validation batch), inputs with their targets, at a position."""
         if position in self.kept:
-            self.kept[position] = self.kept.pop(position)  # now the most recently used
             return self.kept[position]
         origin, k = position
         states = self.states[origin]
@@ -193,10 +193,26 @@ class ReferenceTFNStream:
         if len(states) == k + 1:
             states.append(gen.get_state())
         draws = tuple(None if x is None else (x, self.target_outputs(x)) for x in inputs)
-        if len(self.kept) >= self.KEPT_POSITIONS:
-            self.kept.pop(next(iter(self.kept)))  # the least recently used
         self.kept[position] = draws
+        self.drawn += 1
         return draws
+
+    def _evict(self) -> None:
+        """Drop the kept positions asked for farthest ahead until KEPT_BYTES hold the rest.
+        A config at step k of an origin asks for k + 1 next unless its validation
+        improves, so a kept position is next asked for by the nearest config at or below
+        it, or, after the test sets, by a config improving from now on, k + 1 steps
+        ahead at most (Belady's rule, with improvements taken as they come)."""
+        if not self.kept:
+            return
+        each = sum(t.nelement() * t.element_size() for draw in next(iter(self.kept.values())) if draw for t in draw)
+        excess = len(self.kept) - max(1, self.KEPT_BYTES // max(each, 1))
+        if excess <= 0:
+            return
+        positions = list(self.kept)
+        ahead = next_use(positions, self.origin, self.since, restart=self.AFTER_TEST)
+        for i in torch.argsort(ahead, descending=True, stable=True)[:excess].tolist():
+            del self.kept[positions[i]]
 
     def _draw_inputs(self, gen: torch.Generator):
         train = None if self.fixed is not None else data.draw(self.cfg, self.cfg.batch_size, gen)
@@ -227,6 +243,28 @@ class ReferenceTFNStream:
         improved = improved.cpu()
         self.origin = torch.where(improved, self.AFTER_TEST, self.origin)
         self.since = torch.where(improved, 0, self.since)
+        self._evict()
+
+
+def next_use(positions: list[tuple[int, int]], origin: Tensor, since: Tensor, restart: int) -> Tensor:
+    """Steps until a config next asks for each (origin, k) position, configs being at
+    (origin[c], since[c]) and each moving one step on per step: k minus the largest
+    since <= k among the configs of that origin; for the ``restart`` origin (where an
+    improving config starts again) at most k + 1; inf where no config will ask."""
+    at = torch.tensor([o for o, _ in positions], dtype=torch.long)
+    k = torch.tensor([step for _, step in positions], dtype=torch.long)
+    ahead = torch.full((len(positions),), float("inf"), dtype=torch.float64)
+    for o in at.unique().tolist():
+        mine = at == o
+        ks = k[mine]
+        steps = (ks + 1).double() if o == restart else torch.full(ks.shape, float("inf"), dtype=torch.float64)
+        walkers = since[origin == o].unique()  # sorted
+        if len(walkers):
+            i = torch.searchsorted(walkers, ks, right=True)  # walkers at or below k
+            below = walkers[(i - 1).clamp(min=0)]
+            steps = torch.where(i > 0, torch.minimum(steps, (ks - below).double()), steps)
+        ahead[mine] = steps
+    return ahead
 
 
 class ReferenceTFNDropoutStream:
