@@ -215,3 +215,22 @@ def test_an_extra_metric_column_selects_identically(rows):
     extra = frame.assign(new_metric=range(len(frame)))  # differs on every row, like a metric
     assert group_columns(extra) == group_columns(frame)
     pd.testing.assert_frame_equal(select_by_validation(extra).drop(columns="new_metric"), select_by_validation(frame))
+
+
+def test_rows_name_the_commit_and_the_cpu_that_computed_them():
+    """In a git checkout the version names the commit; the CPU is named by its model."""
+    import re
+    import subprocess
+
+    from lorabench import __version__
+    from lorabench.runs import provenance
+
+    version = provenance.code_version()
+    commit = subprocess.run(["git", "-C", str(provenance.PACKAGE), "rev-parse", "--short=12", "HEAD"],
+                            capture_output=True, text=True)
+    if commit.returncode:
+        assert version == __version__
+    else:
+        assert re.fullmatch(re.escape(__version__) + r"\+g[0-9a-f]{12}(\.dirty)?", version)
+        assert version.split("+g")[1].startswith(commit.stdout.strip())
+    assert provenance.cpu_model()

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from ..core.config import ConfigError, RunConfig
+from .provenance import cpu_model
 
 STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
 VALIDATION = {"fnn": "validation-fnn", "tfn": "validation-tfn"}  # one native validation: see validation_saving
@@ -299,16 +300,6 @@ def parse_cores(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------ cache
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() == "model name":
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cache_key(engine: str, device: str = "cpu") -> str:
     """Version, CPU model, torch version and engine (and the GPU, when training runs on one)."""
     import torch

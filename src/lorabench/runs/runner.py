@@ -10,7 +10,6 @@ construction yields one row, ``checkpoint = construction``.
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -19,7 +18,6 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .. import __version__
 from ..core import data, theory
 from ..core.config import RunConfig
 from ..core.generation import Models
@@ -28,6 +26,7 @@ from ..core.protocols import generate_models, protocol_of
 from ..methods import method_of, validated
 from ..training.loop import evaluate, outputs_in_chunks, train_cell
 from ..training.trainables import stack_models, target_outputs_for
+from .provenance import code_version, cpu_model
 
 # Configurations of one cell may differ only in these settings.
 CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
@@ -86,9 +85,9 @@ class ModelCache:
 
 
 def provenance(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
-        "lorabench_version": __version__,
+        "lorabench_version": code_version(),
         "torch_version": torch.__version__,
         "device": device.type,
         "device_name": name,
