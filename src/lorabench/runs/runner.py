@@ -10,6 +10,7 @@ construction yields one row, ``checkpoint = construction``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -206,6 +207,9 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
                              target_outputs_for(trainable, target))
     result = train_cell(cell, trainable, stream, progress)
     train_seconds = time.perf_counter() - start
+    if hasattr(stream, "drawn"):  # the reference transformer's own batches: what `lorabench plan` projects
+        print(f"reference stream: {stream.drawn} positions drawn for {len(cell)} configs x {cfg.n_epochs} steps "
+              f"({stream.drawn / (len(cell) * cfg.n_epochs):.3f} per config-step)", file=sys.stderr)
 
     rows = []
     target_scale = theory.mean_squared_output(all_models[0].target, sets.test)
