@@ -351,3 +351,20 @@ def test_split_by_names_runconfig_fields():
     config["preset"] = "smoke"
     with pytest.raises(ConfigError, match="split_by.*depht"):
         lbx.load(config)
+
+
+def test_a_piece_of_job_outputs_runs_those_jobs_their_sources_and_models(paper):
+    """What a run naming job outputs runs (and what its preview projects): the jobs, the
+    train jobs whose rows they copy, and their seeds' models jobs; None for other targets."""
+    jobs = paper.jobs(defined=True)
+    shared = paper.shared
+    index = lbx.job_index(jobs)
+    copier = index[next(key for key in shared if key[0] == "bias")]
+    [source_key] = shared[lbx.job_key(copier)]
+    got = lbx.jobs_for_outputs([copier.path], jobs, shared)
+    assert {lbx.job_key(j) for j in got if j.kind != "models"} == {lbx.job_key(copier), source_key}
+    assert {(j.experiment, j.seed) for j in got if j.kind == "models"} == {
+        ("bias", copier.seed), (source_key[0], index[source_key].seed)}
+    assert {j.protocol for j in got} == {copier.protocol}
+    assert lbx.jobs_for_outputs(["results/figures/fnn.png"], jobs, shared) is None
+    assert lbx.jobs_for_outputs([], jobs, shared) is None

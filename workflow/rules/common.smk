@@ -127,8 +127,10 @@ def print_preview():
     cached calibration (lorabench.runs.plan.preview); nothing when they train nothing."""
     from lorabench.runs import plan
 
-    needed = targeted_experiments()
-    jobs = RUN_JOBS if needed == SELECTED else WF.select(needed).run_jobs()
+    jobs = lbx.jobs_for_outputs(command_targets(), DEFINED_JOBS, SHARED)  # a piece of jobs
+    if jobs is None:
+        needed = targeted_experiments()
+        jobs = RUN_JOBS if needed == SELECTED else WF.select(needed).run_jobs()
     to_run = [j for j in jobs if not os.path.exists(j.path)]
     try:
         cores = int(workflow.cores)

@@ -434,6 +434,21 @@ def shared_configs(jobs: list[Job]) -> dict[JobKey, dict[JobKey, tuple[RunConfig
     return {key: {source: tuple(cfgs) for source, cfgs in by_source.items()} for key, by_source in out.items()}
 
 
+def jobs_for_outputs(paths: list[str], jobs: list[Job],
+                     shared: Mapping[JobKey, Mapping[JobKey, tuple]]) -> Optional[list[Job]]:
+    """The jobs a run of these job outputs (a piece of jobs) runs: theirs, the train jobs
+    whose rows they copy, and those jobs' models jobs, in the order of ``jobs``; None when
+    a path is not a job's output."""
+    by_path = {j.path: j for j in jobs}
+    if not paths or any(p not in by_path for p in paths):
+        return None
+    index = job_index(jobs)
+    wanted = {job_key(by_path[p]) for p in paths}
+    wanted |= {source for key in list(wanted) for source in shared.get(key, {})}
+    seeds = {(k[0], k[1], index[k].seed) for k in wanted}
+    return [j for j in jobs if job_key(j) in wanted or (j.kind == "models" and (j.experiment, j.protocol, j.seed) in seeds)]
+
+
 def models_jobs(jobs: list[Job]) -> dict[tuple[str, str, Optional[int]], Job]:
     """(experiment, protocol, seed) -> the models job the other jobs of that seed read."""
     return {(j.experiment, j.protocol, j.seed): j for j in jobs if j.kind == "models"}
