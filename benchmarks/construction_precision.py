@@ -1,5 +1,7 @@
-"""The FNN construction's precision in float64: its smallest exact rank per setting, for
-the linearising-bias rule of core/construction.py and for the authors' scalar rule.
+"""The FNN construction's precision: its smallest exact rank per setting, per bias rule.
+
+In float64, for the linearising-bias rule of core/construction.py and for the authors'
+scalar rule; with ``--deep``, in float64 against extended precision.
 
 Inside a group of frozen layers, the construction's biases keep every ReLU active, so
 that the group is the linear map the adapters build. Two rules (``fnn_construction``'s
@@ -23,12 +25,19 @@ R >= R* (the theorem's threshold), on the test and on the shifted test inputs (x
 R* the largest change of the relative MSE between the rules (ratio - 1 and difference);
 at R = R* and D the deepest test pre-activation inside a group, in calibration standard
 deviations below the calibration mean (per_unit keeps units active down to ``--margin``
-of them). Then the medians over seeds. ``--detail`` separates, for one setting, the
-linear part from the biases.
+of them). Then the medians over seeds. ``--deep`` compares, for (Lbar, L) = (1, 8) (one
+group of eight layers) and (2, 8) (two of four), the construction in float64 throughout
+with the default, which extends the precision of groups of more than four layers
+(``fnn_construction``'s ``extended_precision``): the smallest exact rank, the worst
+relative MSE at R >= R*, and at how many ranks the two give bit-identical outputs.
+``--detail`` separates, for one setting, the linear part from the biases (of the
+construction in float64).
 
     python benchmarks/construction_precision.py                         # D = 8, 16: seconds
     python benchmarks/construction_precision.py --widths 8 16 32 64      # the threshold_law grid: minutes
     python benchmarks/construction_precision.py --widths 8 16 32 64 --n-test 10000
+    python benchmarks/construction_precision.py --deep                  # D = 8, 16: a few minutes
+    python benchmarks/construction_precision.py --deep --widths 8 16 32 --n-test 1000
     python benchmarks/construction_precision.py --detail --width 32 --target-depth 1 --frozen-depth 4
     python benchmarks/construction_precision.py --detail --exact-adapters --width 16 --frozen-depth 8
 """
@@ -41,21 +50,21 @@ import math
 import statistics
 from dataclasses import replace
 
+import mpmath  # installed with torch (through sympy)
 import torch
 
-from lorabench.core.adapters import apply_lora
 from lorabench.core.config import RunConfig
-from lorabench.core.construction import DEFAULT_MARGIN, fnn_construction, linear_construction
+from lorabench.core.construction import DEFAULT_MARGIN, fnn_adapted, linear_construction
 from lorabench.core.generation import group_product, partition
-from lorabench.core.models import fnn_forward
+from lorabench.core.models import DoubleWordFNN, fnn_forward, forward
 from lorabench.core.protocols import generate_models, protocol_of
 from lorabench.core.theory import fnn_threshold_rank, mean_squared_output
 
 EPS64 = torch.finfo(torch.float64).eps
 EXACT = 1e-6
-# The threshold_law experiment's FNN depth pairs (config.yaml), then deeper groups at D = 16.
+# The threshold_law experiment's FNN depth pairs (config.yaml), and deeper groups.
 PAIRS = [(1, 2), (1, 4), (2, 4), (2, 5), (2, 6)]
-DEEP = [(16, 1, 8), (16, 2, 8)]
+DEEP = [(1, 8), (2, 8)]
 RULES = ("scalar", "default")  # "default": fnn_construction's own choice per group
 CALIBRATION = 256  # config.yaml's batch_size: the paper protocol's calibration inputs
 
@@ -72,15 +81,14 @@ def setting(width: int, target_depth: int, frozen_depth: int, seed: int, n_test:
             sets.test.double(), sets.test_shift.double(), mean_squared_output(models.target, sets.test))
 
 
-def constructed(frozen, target, rank, calibration, rule: str, margin: float):
-    lora, biases = fnn_construction(frozen, target, rank, calibration, bias_rule=None if rule == "default" else rule,
-                                    margin=margin)
-    return apply_lora(replace(frozen, biases=biases), lora)
+def constructed(frozen, target, rank, calibration, rule: str, margin: float, extended_precision: bool = True):
+    return fnn_adapted(frozen, target, rank, calibration, bias_rule=None if rule == "default" else rule,
+                       margin=margin, extended_precision=extended_precision)
 
 
 def relative_mse(model, target, x, scale=None) -> float:
     y = fnn_forward(target, x)
-    return float((fnn_forward(model, x) - y).pow(2).mean()) / (float(y.pow(2).mean()) if scale is None else scale)
+    return float((forward(model, x) - y).pow(2).mean()) / (float(y.pow(2).mean()) if scale is None else scale)
 
 
 def deepest(model, target_depth: int, calibration, test) -> float:
@@ -134,7 +142,7 @@ def fmt_rank(r: float) -> str:
 
 
 def grid(widths: list[int], seeds: int, n_test: int, margin: float) -> None:
-    settings = [(w, lb, l) for w in widths for lb, l in PAIRS] + [s for s in DEEP if s[0] in widths]
+    settings = [(w, lb, l) for w in widths for lb, l in PAIRS]
     print(f"paper protocol, float64, {n_test} test samples; per_unit margin {margin:g}; exact: relative MSE <= {EXACT:g}")
     print("   D (Lbar, L) seed R* | smallest exact rank  | worst rel. MSE at R >= R* | shifted x5, R >= R*  | below R*: largest     | deepest")
     print("                       |   scalar   default   |    scalar      default    |  scalar    default   | ratio - 1  difference | (std)")
@@ -159,6 +167,51 @@ def grid(widths: list[int], seeds: int, n_test: int, margin: float) -> None:
               f"      {worst_new:8.1e}   |            {change:.1e}     {difference:.1e}")
 
 
+# ------------------------------------------------------------------------- deep
+def precision_sweep(width: int, target_depth: int, frozen_depth: int, seed: int, n_test: int, margin: float) -> dict:
+    """Per rank 1..D, the float64 construction against the default (extended precision
+    where a group has more than four layers)."""
+    frozen, target, calibration, test, _, scale = setting(width, target_depth, frozen_depth, seed, n_test)
+    threshold = fnn_threshold_rank(width, frozen_depth, target_depth)
+    errors, identical, extended = {"float64": {}, "default": {}}, 0, False
+    for rank in range(1, width + 1):
+        outputs = {}
+        for name in errors:
+            model = constructed(frozen, target, rank, calibration, "default", margin, name == "default")
+            extended |= isinstance(model, DoubleWordFNN)
+            outputs[name] = forward(model, test)
+            errors[name][rank] = relative_mse(model, target, test, scale)
+        identical += torch.equal(outputs["float64"], outputs["default"])
+    out = {name: dict(smallest=smallest_exact_rank(e), worst=max(e[r] for r in e if r >= threshold))
+           for name, e in errors.items()}
+    return dict(out, threshold=threshold, identical=identical, extended=extended)
+
+
+def deep(widths: list[int], seeds: int, n_test: int, margin: float) -> None:
+    print(f"paper protocol, {n_test} test samples; exact: relative MSE <= {EXACT:g}; default: groups of more than "
+          "four layers in extended precision")
+    print("   D (Lbar, L) seed R* | smallest exact rank | worst rel. MSE at R >= R* | extended | ranks with")
+    print("                       |  float64   default  |   float64      default    |          | identical outputs")
+    summary = []
+    for width in widths:
+        for lbar, depth in DEEP:
+            per_seed = [precision_sweep(width, lbar, depth, seed, n_test, margin) for seed in range(seeds)]
+            for seed, m in enumerate(per_seed):
+                f, d = m["float64"], m["default"]
+                print(f"{width:4d} ({lbar}, {depth})   {seed:4d} {m['threshold']:2d} |   {fmt_rank(f['smallest']):>5}    "
+                      f"{fmt_rank(d['smallest']):>5}    |   {f['worst']:8.1e}    {d['worst']:8.1e}    |   {'yes' if m['extended'] else 'no':>3}"
+                      f"    | {m['identical']:3d} of {width}")
+            median = lambda name: statistics.median(m[name]["smallest"] for m in per_seed)
+            worst = lambda name: max(m[name]["worst"] for m in per_seed)
+            summary.append((width, lbar, depth, per_seed[0]["threshold"], median("float64"), median("default"),
+                            worst("float64"), worst("default")))
+    print(f"\nmedian over seeds 0-{seeds - 1} of the smallest exact rank; worst relative MSE at R >= R* over seeds")
+    print("   D (Lbar, L)  R* | float64  default  |  worst float64  worst default")
+    for width, lbar, depth, threshold, old, new, worst_old, worst_new in summary:
+        print(f"{width:4d} ({lbar}, {depth})   {threshold:3d} |  {fmt_rank(old):>5}    {fmt_rank(new):>5}   |    {worst_old:8.1e}"
+              f"       {worst_new:8.1e}")
+
+
 # ------------------------------------------------------------------------- detail
 def linear_error(target: torch.Tensor, frozen: torch.Tensor, rank: int) -> float:
     a, b = linear_construction(target, frozen, [rank] * len(frozen))
@@ -167,13 +220,11 @@ def linear_error(target: torch.Tensor, frozen: torch.Tensor, rank: int) -> float
     return float(torch.linalg.norm(product - target.double()) / torch.linalg.norm(target.double()))
 
 
-def exact_adapter_error(target: torch.Tensor, frozen: torch.Tensor, rank: int, digits: int = 60) -> float:
+def exact_adapter_error(target: torch.Tensor, frozen: torch.Tensor, rank: int, digits: int = 60) -> tuple[float, float]:
     """The linear part's relative Frobenius error when the adapters are computed with
     ``digits`` decimal digits (Lemma 1 as linear_construction computes it), the adapted
-    weights rounded to float64 and multiplied out with those digits: the error that no
-    float64 computation of these adapters avoids."""
-    import mpmath  # installed with torch (through sympy)
-
+    weights rounded to float64, or to double words (hi + lo), and multiplied out with
+    those digits: the error that no computation of these adapters in that precision avoids."""
     with mpmath.workdps(digits):
         m = lambda t: mpmath.matrix(t.tolist())
         depth, width = frozen.shape[0], frozen.shape[-1]
@@ -181,18 +232,23 @@ def exact_adapter_error(target: torch.Tensor, frozen: torch.Tensor, rank: int, d
         product = lambda ws: functools.reduce(lambda acc, w: w * acc, ws, mpmath.eye(width))
         error = m(target) - product(weights)
         directions = mpmath.svd_r(error)[2].T  # columns: right singular vectors, by decreasing sigma
-        adapted, below, start = [], mpmath.eye(width), 0
+        as_float = lambda a: torch.tensor([[float(x) for x in row] for row in a.tolist()], dtype=torch.float64)
+        rounded = {"float64": [], "double word": []}
+        below, start = mpmath.eye(width), 0
         for layer in range(depth):
             stop = min(start + rank, width)
             delta = mpmath.zeros(width, width)
             if stop > start:
                 v = directions[:, start:stop]
                 delta = (mpmath.inverse(product(weights[layer + 1:])) * error * v) * (mpmath.inverse(below.T) * v).T
-            rounded = torch.tensor((weights[layer] + delta).tolist(), dtype=torch.float64)
-            adapted.append(m(rounded))
-            below = (weights[layer] + delta) * below
+            exact = weights[layer] + delta
+            hi = m(as_float(exact))
+            rounded["float64"].append(hi)
+            rounded["double word"].append(hi + m(as_float(exact - hi)))
+            below = exact * below
             start = stop
-        return float(mpmath.mnorm(product(adapted) - m(target), "f") / mpmath.mnorm(m(target), "f"))
+        relative = lambda adapted: float(mpmath.mnorm(product(adapted) - m(target), "f") / mpmath.mnorm(m(target), "f"))
+        return relative(rounded["float64"]), relative(rounded["double word"])
 
 
 def measure(width: int, target_depth: int, frozen_depth: int, seed: int, rank: int, n_test: int, rule: str,
@@ -202,7 +258,7 @@ def measure(width: int, target_depth: int, frozen_depth: int, seed: int, rank: i
     group = frozen.weights[first.start:first.stop]
     perturb = torch.Generator().manual_seed(seed)
     nudged = group * (1 + 1e-13 * torch.randn(group.shape, generator=perturb, dtype=group.dtype))
-    adapted = constructed(frozen, target, rank, calibration, rule, margin)
+    adapted = constructed(frozen, target, rank, calibration, rule, margin, extended_precision=False)
     z, peak = test, 0.0
     for layer in range(frozen_depth):
         z = torch.relu(z @ adapted.weights[layer].mT + adapted.biases[layer])
@@ -216,6 +272,7 @@ def measure(width: int, target_depth: int, frozen_depth: int, seed: int, rank: i
         "largest_bias": float(adapted.biases.abs().max()),
         "largest_activation": peak,
         "rounding_estimate": (EPS64 * peak / rms) ** 2,
+        "extended": relative_mse(constructed(frozen, target, rank, calibration, rule, margin), target, test, scale),
     }
 
 
@@ -224,25 +281,29 @@ def detail(args) -> None:
     perturbing the frozen weights by 1e-13 relative: a bug would not move with the
     perturbation's scale; float32), then per rule the relative test MSE, the largest bias
     and activation inside the network, and the rounding estimate (eps64 x largest
-    activation / output rms)^2 that a float64 cancellation of those activations leaves.
-    With ``--exact-adapters``, first the linear part of adapters computed with 60 digits
-    and rounded to float64 (exact_adapter_error)."""
+    activation / output rms)^2 that a float64 cancellation of those activations leaves,
+    all of the construction in float64, and last the relative test MSE of the default
+    construction (extended precision in groups of more than four layers). With
+    ``--exact-adapters``, first the linear part of adapters computed with 60 digits and
+    rounded to float64 or to double words (exact_adapter_error)."""
     threshold = fnn_threshold_rank(args.width, args.frozen_depth, args.target_depth)
     ranks = sorted({threshold, threshold + 1, threshold + 3, (threshold + args.width) // 2, args.width})
     print(f"D={args.width}, (Lbar, L)=({args.target_depth}, {args.frozen_depth}), theorem's threshold {threshold}")
-    print("seed  R   linear f64  nudged 1e-13  linear f32  | rule      relative MSE  largest bias  largest act.  rounding est.")
+    print("seed  R   linear f64  nudged 1e-13  linear f32  | rule      relative MSE  largest bias  largest act.  rounding est."
+          "  | extended")
     for seed in range(args.seeds):
         for rank in ranks:
             if args.exact_adapters:
                 frozen, target, *_ = setting(args.width, args.target_depth, args.frozen_depth, seed, args.n_test)
                 first = partition(args.frozen_depth, args.target_depth)[0]
-                error = exact_adapter_error(target.weights[0], frozen.weights[first.start:first.stop], rank)
-                print(f"{seed:4d} {rank:3d}   adapters with 60 digits, rounded to float64: linear part {error:.1e}")
+                to64, to_double_word = exact_adapter_error(target.weights[0], frozen.weights[first.start:first.stop], rank)
+                print(f"{seed:4d} {rank:3d}   adapters with 60 digits, linear part rounded to float64 {to64:.1e}, "
+                      f"to double words {to_double_word:.1e}")
             for rule in RULES:
                 m = measure(args.width, args.target_depth, args.frozen_depth, seed, rank, args.n_test, rule, args.margin)
                 print(f"{seed:4d} {rank:3d}   {m['linear64']:.1e}     {m['linear64_nudged']:.1e}      {m['linear32']:.1e}"
                       f"    | {rule:8s}   {m['relative_mse']:.1e}       {m['largest_bias']:.1e}       {m['largest_activation']:.1e}"
-                      f"       {m['rounding_estimate']:.1e}")
+                      f"       {m['rounding_estimate']:.1e}    | {m['extended']:.1e}")
 
 
 def main() -> None:
@@ -251,6 +312,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="the per_unit rule's margin")
+    parser.add_argument("--deep", action="store_true",
+                        help="(1, 8) and (2, 8) at --widths: float64 against extended precision")
     parser.add_argument("--detail", action="store_true", help="the linear part against the biases, one setting")
     parser.add_argument("--exact-adapters", action="store_true",
                         help="with --detail: also the linear part of adapters computed with 60 digits (slow)")
@@ -260,6 +323,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.detail:
         detail(args)
+    elif args.deep:
+        deep(args.widths, args.seeds, args.n_test, args.margin)
     else:
         grid(args.widths, args.seeds, args.n_test, args.margin)
 

@@ -26,6 +26,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import double_word
+
 ACTIVATIONS = ("relu", "linear")
 
 # A dropout callback receives the tensor to drop, laid out (..., B, D, N), and whether the
@@ -57,6 +59,38 @@ class FNN:
         return map_tensors(self, lambda t: t.to(device))
 
 
+@dataclass(frozen=True)
+class DoubleWordFNN:
+    """An FNN of one configuration whose weights and biases are double words hi + lo
+    (core/double_word.py), evaluated with about twice the precision of their dtype: the
+    construction's groups of many layers (core/construction.py) need it."""
+
+    hi: FNN
+    lo: FNN
+
+    @property
+    def depth(self) -> int:
+        return self.hi.depth
+
+    @property
+    def width(self) -> int:
+        return self.hi.width
+
+    def to(self, device) -> "DoubleWordFNN":
+        return map_tensors(self, lambda t: t.to(device))
+
+
+def double_word_forward(model: DoubleWordFNN, x: Tensor) -> Tensor:
+    """Output of the FNN, rounded to x's dtype; x: (B, D) -> (B, D)."""
+    z = double_word.from_float(x)
+    for layer in range(model.depth):
+        z = double_word.matvec((model.hi.weights[layer], model.lo.weights[layer]), z)
+        if model.hi.biases is not None:
+            z = double_word.add(z, (model.hi.biases[layer], model.lo.biases[layer]))
+        z = double_word.relu(z) if model.hi.activation == "relu" else z
+    return z[0]
+
+
 def device_of(model) -> torch.device:
     """Where a model's weights live (either family, stacked or not)."""
     return (model.weights if isinstance(model, FNN) else model.wq).device
@@ -64,6 +98,8 @@ def device_of(model) -> torch.device:
 
 def map_tensors(model, fn: Callable[[Tensor], Tensor]):
     """The model with ``fn`` applied to every weight and bias (cast, move, slice)."""
+    if isinstance(model, DoubleWordFNN):
+        return replace(model, hi=map_tensors(model.hi, fn), lo=map_tensors(model.lo, fn))
     if isinstance(model, FNN):
         return replace(model, weights=fn(model.weights), biases=None if model.biases is None else fn(model.biases))
     return replace(model, **{k: fn(v) for k, v in model.tensors().items()})
@@ -214,4 +250,6 @@ def tfn_forward(model: TFN, x: Tensor, dropout: Dropout = None) -> Tensor:
 
 def forward(model, x: Tensor, dropout: Dropout = None) -> Tensor:
     """Either family's forward pass (``dropout`` reaches only the TFN)."""
+    if isinstance(model, DoubleWordFNN):
+        return double_word_forward(model, x)
     return fnn_forward(model, x) if isinstance(model, FNN) else tfn_forward(model, x, dropout)

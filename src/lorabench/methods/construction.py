@@ -15,7 +15,7 @@ import torch
 
 from ..core.adapters import LoRA, apply_lora, lora_parameter_count
 from ..core.config import ConfigError, RunConfig
-from ..core.construction import fnn_construction, tfn_construction
+from ..core.construction import fnn_adapted, fnn_construction, tfn_construction
 from ..core.models import FNN, map_tensors
 from .base import Method, bias_parameter_count
 
@@ -43,7 +43,11 @@ class Construction(Method):
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)
 
     def construct(self, cfg, models, dtype, calibration, authors_bias_propagation):
-        frozen = map_tensors(models.frozen, lambda t: t.to(dtype))
+        frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
+        if isinstance(frozen, FNN):
+            # Groups of many frozen layers come back with double-word weights (fnn_adapted).
+            return fnn_adapted(frozen, target, cfg.rank, _calibration(frozen, calibration, dtype),
+                               authors_bias_propagation=authors_bias_propagation)
         lora, biases = constructed_adapters(cfg, models, dtype, calibration, authors_bias_propagation)
         return apply_lora(replace(frozen, **biases), lora)
 
@@ -62,9 +66,13 @@ def constructed_adapters(cfg: RunConfig, models, dtype: torch.dtype, calibration
     for the FNN, {"b1", "b2"} for the TFN), computed in ``dtype``."""
     frozen, target = (map_tensors(m, lambda t: t.to(dtype)) for m in (models.frozen, models.target))
     if isinstance(frozen, FNN):
-        calibration = calibration.to(dtype) if frozen.biases is not None else None
-        lora, biases = fnn_construction(frozen, target, cfg.rank, calibration,
+        lora, biases = fnn_construction(frozen, target, cfg.rank, _calibration(frozen, calibration, dtype),
                                         authors_bias_propagation=authors_bias_propagation)
         return lora, ({} if biases is None else {"biases": biases})
     lora, b1, b2 = tfn_construction(frozen, target, cfg.rank)
     return lora, {"b1": b1, "b2": b2}
+
+
+def _calibration(frozen: FNN, calibration: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The calibration inputs the FNN construction needs: only for a model with biases."""
+    return calibration.to(dtype) if frozen.biases is not None else None
