@@ -256,7 +256,7 @@ def test_a_users_method_runs_through_the_workflow_to_the_methods_figure(tmp_path
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "my_methods.py").write_text(user_method_source())
-    monkeypatch.setenv("PYTHONPATH", str(plugins))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])))
     config = tiny_config(experiments=("fnn", "tfn", "methods"))
     config["experiments"]["methods"]["methods"]["my_methods:LoRAFA"] = {"rank": [1, 2, 8, 16], "scale": [1.0]}
     workdir = make_workdir(tmp_path / "work", config)
