@@ -25,3 +25,12 @@ def test_selection_note_names_what_was_left_out():
 
 def test_threshold_law_figure_needs_only_its_experiment():
     assert catalog.drawn_figures(["threshold_law"]) == ["threshold_law"]
+
+
+def test_a_figure_is_drawn_under_the_protocols_all_its_experiments_ran_under(monkeypatch):
+    ran = {"fnn": ["paper", "reference"], "methods": ["paper"]}
+    assert catalog.figure_protocols("fnn_log", ran) == ["paper", "reference"]
+    assert catalog.figure_protocols("methods", ran) == ["paper"]
+    assert catalog.figure_protocols("tfn", ran) == []
+    monkeypatch.setitem(catalog.FIGURE_EXPERIMENTS, "fnn_and_methods", ("fnn", "methods"))
+    assert catalog.figure_protocols("fnn_and_methods", ran) == ["paper"]

@@ -188,9 +188,12 @@ def test_cli_figures_and_claims(tmp_path, monkeypatch, capsys):
     assert main(["claims", "--runs", str(tmp_path / "runs.parquet"), "--out", str(tmp_path / "results")]) == 0
     for name in ("claims.md", "claims.csv", "protocol_comparison.md", "protocol_comparison.csv", "protocol_comparison.png"):
         assert (tmp_path / "results" / name).exists()
+    figs = tmp_path / "results" / "figures"
     assert main(["figures", "--runs", str(tmp_path / "runs.parquet"), "--selected", str(tmp_path / "selected.parquet"),
-                 "--out", str(tmp_path / "results" / "figures")]) == 0
-    assert sorted(p.stem for p in (tmp_path / "results" / "figures").glob("*.png")) == sorted(figures.FIGURE_NAMES)
+                 "--out", str(figs)]) == 0
+    # the rows are the paper protocol's: every figure under it, those of other experiments saying "no data"
+    assert sorted(p.relative_to(figs).with_suffix("").as_posix() for p in figs.rglob("*.png")) == \
+        sorted(f"paper/{name}" for name in figures.FIGURE_NAMES)
     assert "bias.png" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["claims", "--out", str(tmp_path)])  # neither --runs nor --selected

@@ -234,7 +234,7 @@ def frames(tmp_path_factory):
 def written(frames, tmp_path_factory):
     runs, selected = frames
     out = tmp_path_factory.mktemp("figures")
-    return out, figures.write_all_figures(runs, selected, out)
+    return out, figures.write_all_figures(runs, selected, out, protocols=["paper"])
 
 
 @pytest.fixture
@@ -266,12 +266,25 @@ def test_synthetic_rows_follow_the_schema(frames):
 def test_each_figure_writes_png_and_pdf(written, name):
     out, paths = written
     _check_outputs([p for p in paths if p.stem == name], name)
-    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temporaries
 
 
 def test_write_all_figures_writes_every_name(written):
-    _, paths = written
-    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in figures.FIGURE_NAMES for e in ("png", "pdf"))
+    out, paths = written
+    assert sorted(paths) == sorted(out / "paper" / f"{n}.{e}" for n in figures.FIGURE_NAMES for e in ("png", "pdf"))
+
+
+def test_each_figure_is_drawn_under_each_protocol_with_rows(tmp_path, png_only):
+    """By default a figure is drawn under every protocol its experiment has rows for, one
+    folder per protocol; a figure without rows under either, under the paper protocol."""
+    rows = synthetic_runs(["bias"], lrs=LRS[:1]) + synthetic_runs(["flt"], protocols=("paper",), lrs=LRS[:1])
+    _, selected = to_frames(rows, tmp_path)
+    out = tmp_path / "figures"
+    paths = figures.write_all_figures(None, selected, out, names=["bias", "flt", "linear"])
+    assert sorted(p.relative_to(out).as_posix() for p in paths) == [
+        "paper/bias.png", "paper/flt.png", "paper/linear.png", "reference/bias.png"]
+    assert figures.write_all_figures(None, selected, out, protocols=["reference"], names=["flt"]) == [
+        out / "reference" / "flt.png"]  # asked for: drawn, its panels saying "no data"
 
 
 @pytest.mark.parametrize("name", figures.FIGURE_NAMES)
@@ -286,6 +299,7 @@ def test_reference_only_results_fall_back_to_reference(tmp_path, png_only):
     runs, _ = to_frames(synthetic_runs(["fnn"], protocols=("reference",), lrs=LRS[:1]), tmp_path, select=False)
     paths = figures.write_all_figures(runs, None, tmp_path / "figures", names=["fnn"])
     _check_outputs(paths, "fnn")
+    assert {p.parent.name for p in paths} == {"reference"}
     assert analysis.choose_protocol(select_by_validation(runs), "fnn") == "reference"
     assert analysis.choose_protocol(select_by_validation(runs), "fnn", "paper") == "paper"
 

@@ -291,7 +291,7 @@ def test_diverged_runs_are_excluded_counted_and_never_plotted(tmp_path):
     out = tmp_path / "figs"
     proc = lorabench("figures", "--selected", str(tmp_path / "selected.parquet"), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "fnn.png").stat().st_size > 0
+    assert (out / "paper" / "fnn.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------ concurrency

@@ -66,17 +66,19 @@ def probe_report(report: Path, workdir: Path, screenshot: Path) -> dict:
     return json.loads(html.unescape(found[-1]))
 
 
-def test_report_shows_every_figure_in_chromium(smoke_report, tmp_path):
-    from lorabench.report.figures import FIGURE_NAMES
-
+def test_report_shows_every_figure_under_its_protocol_in_chromium(smoke_report, tmp_path):
     screenshot = tmp_path / "report.png"
     record = probe_report(smoke_report, tmp_path, screenshot)
     assert record["errors"] == [], record
     shown = {entry["label"]: entry for entry in record["shown"]}
-    # the report(...) outputs of workflow/rules/figures.smk
-    declared = [f"results/figures/{name}.png" for name in FIGURE_NAMES] + ["results/protocol_comparison.png"]
-    assert sorted(shown) == sorted(declared)
-    for path in declared:
+    # the report(...) outputs of workflow/rules/figures.smk: Figures by protocol, then Protocols
+    drawn = sorted(p.relative_to(smoke_report.parent).as_posix()
+                   for p in (smoke_report.parent / "results/figures").glob("*/*.png"))
+    assert {path.split("/")[2] for path in drawn} == {"paper", "reference"}
+    assert sorted(shown) == sorted(drawn + ["results/protocol_comparison.png"])
+    for path in drawn:
+        assert (shown[path]["category"], shown[path]["subcategory"]) == ("Figures", path.split("/")[2])
+    for path in shown:
         entry = shown[path]
         # loaded (naturalWidth > 0) and the figure's own pixels, not a stale or broken image
         assert (entry["width"], entry["height"]) == png_size(smoke_report.parent / path), entry

@@ -86,12 +86,18 @@ def test_smoke_writes_both_parquet_files_with_their_schemas(smoke_run):
     assert (selected["n_candidates"] >= 1).all()
 
 
-def test_smoke_writes_every_figure(smoke_run):
+def test_smoke_writes_every_figure_under_each_protocol_that_ran(smoke_run):
     from lorabench.report.figures import FIGURE_NAMES
 
+    paper_only = {name for name, spec in CONFIG["experiments"].items() if spec.get("protocols") == ["paper"]}
+    assert paper_only == {"methods", "tfn_low_rank", "tfn_prenorm"}  # each its own figure's only experiment
+    figures = smoke_run / "results/figures"
     for name in FIGURE_NAMES:
-        for ext in ("png", "pdf"):
-            assert (smoke_run / "results/figures" / f"{name}.{ext}").stat().st_size > 0
+        for protocol in ("paper",) if name in paper_only else ("paper", "reference"):
+            for ext in ("png", "pdf"):
+                assert (figures / protocol / f"{name}.{ext}").stat().st_size > 0
+    assert sorted(p.name for p in figures.iterdir()) == ["paper", "reference"]
+    assert sorted(p.stem for p in (figures / "reference").glob("*.png")) == sorted(set(FIGURE_NAMES) - paper_only)
     for name in ("claims.md", "claims.csv", "protocol_comparison.png", "protocol_comparison.md"):
         assert (smoke_run / "results" / name).exists()
 
@@ -169,17 +175,19 @@ def test_a_run_says_what_its_jobs_will_cost_before_the_first(tmp_path, monkeypat
     every = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected [\d.e-]+ core-hours, about [\d.]+ "
                       r"(s|min|h) on 2 cores", snakemake(workdir, "-n", "all_figures").stderr)
     fnn = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected",
-                    snakemake(workdir, "-n", "results/figures/fnn.png").stderr)
+                    snakemake(workdir, "-n", "results/figures/paper/fnn.png").stderr)
     assert every and fnn and int(fnn.group(1)) < int(every.group(1))  # fnn's jobs alone (bias reuses fnn's)
 
 
-def test_report_embeds_every_figure_with_a_caption(smoke_report):
+def test_report_embeds_every_figure_with_a_caption_naming_its_protocol(smoke_report):
     from lorabench.report.figures import FIGURE_NAMES
 
     html = smoke_report.read_text()
     for name in FIGURE_NAMES:
-        assert f"{name}.png" in html
+        assert f"results/figures/paper/{name}.png" in html
+    assert "results/figures/reference/tfn.png" in html and "results/figures/reference/methods.png" not in html
     assert "Transformer networks" in html  # a caption from workflow/report/tfn.rst
+    assert "Paper protocol (the paper" in html and "Reference protocol (the authors" in html
 
 
 def test_changing_one_experiment_reruns_only_its_jobs(smoke_run):
@@ -226,8 +234,8 @@ def test_selected_experiments_run_alone_and_only_their_figures_are_requested(tmp
     outputs = planned_outputs(workdir, "all_figures", "--config", "preset=smoke", "experiments=[fnn,tfn]")
     per_job = [o for o in outputs if re.match(r"results/(models|constructions|cells)/", o)]
     assert {o.split("/")[2] for o in per_job} == {"fnn", "tfn"}
-    figures = {Path(o).stem for o in outputs if o.startswith("results/figures/")}
-    assert figures == {"fnn", "fnn_log", "tfn"}
+    figures = {o for o in outputs if o.startswith("results/figures/") and o.endswith(".png")}
+    assert figures == {f"results/figures/{p}/{name}.png" for p in ("paper", "reference") for name in ("fnn", "fnn_log", "tfn")}
     assert "results/claims.md" in outputs and "results/costs.csv" in outputs
 
 
@@ -241,10 +249,13 @@ def test_a_selected_experiment_brings_the_train_jobs_it_reuses(tmp_path):
 
 def test_a_figure_target_runs_only_what_that_figure_needs(tmp_path):
     workdir = make_workdir(tmp_path)
-    outputs = planned_outputs(workdir, "results/figures/distribution_shift.png", "--config", "preset=smoke")
+    outputs = planned_outputs(workdir, "results/figures/reference/distribution_shift.png", "--config", "preset=smoke")
     assert {o.split("/")[2] for o in outputs if re.match(r"results/(models|constructions|cells)/", o)} == {"classification"}
-    assert "results/runs.parquet" not in outputs and "results/figures/fnn.png" not in outputs
-    assert "results/figures/distribution_shift.png" in outputs
+    assert "results/runs.parquet" not in outputs and "results/figures/reference/fnn.png" not in outputs
+    assert [o for o in outputs if o.startswith("results/figures/")] == ["results/figures/reference/distribution_shift.png",
+                                                                       "results/figures/reference/distribution_shift.pdf"]
+    proc = snakemake(workdir, "-n", "results/figures/reference/methods.png", "--config", "preset=smoke", check=False)
+    assert proc.returncode != 0 and "figure methods is not drawn under protocol 'reference'" in proc.stdout + proc.stderr
 
 
 def test_a_users_method_runs_through_the_workflow_to_the_methods_figure(tmp_path, monkeypatch):
@@ -256,12 +267,12 @@ def test_a_users_method_runs_through_the_workflow_to_the_methods_figure(tmp_path
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "my_methods.py").write_text(user_method_source())
-    monkeypatch.setenv("PYTHONPATH", str(plugins))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])))
     config = tiny_config(experiments=("fnn", "tfn", "methods"))
     config["experiments"]["methods"]["methods"]["my_methods:LoRAFA"] = {"rank": [1, 2, 8, 16], "scale": [1.0]}
     workdir = make_workdir(tmp_path / "work", config)
     snakemake(workdir, "all_figures", "--config", "experiments=[methods]")
-    assert (workdir / "results/figures/methods.png").stat().st_size > 10_000
+    assert (workdir / "results/figures/paper/methods.png").stat().st_size > 10_000
     selected = read_table(workdir / "results/selected.parquet", SELECTED_SCHEMA).to_pandas()
     mine = selected[selected["experiment"] == "methods"]
     assert {"ours", "sgd", "flt", "full", "dora", "vera", "pissa", "my_methods:LoRAFA"} <= set(mine["method"])

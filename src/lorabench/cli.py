@@ -248,12 +248,12 @@ SELECTED_HELP = ("selected.parquet (default: selected from --runs); several file
 
 
 def _add_report(sub) -> None:
-    for name, what in (("figures", "every figure, or those named by --name"),
-                       ("claims", "claims.md/.csv and the protocol comparison")):
+    for name, what, out in (("figures", "every figure, or those named by --name", "output folder, with a folder per protocol"),
+                            ("claims", "claims.md/.csv and the protocol comparison", "output folder")):
         p = sub.add_parser(name, help=f"write {what} from the Parquet results", formatter_class=HelpFormatter)
         _option(p, "runs", help="runs.parquet")
         _option(p, "selected", nargs="+", help=SELECTED_HELP)
-        _option(p, "out", required=True, help="output folder")
+        _option(p, "out", required=True, help=out)
         _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
         if name == "claims":
             _option(p, "note", default="", help="Markdown appended to claims.md (the workflow names the experiments "
@@ -264,7 +264,8 @@ def _add_report(sub) -> None:
     _option(p, "selected", nargs="+", help=SELECTED_HELP)
     _option(p, "out", required=True, help="Markdown file to write")
     _option(p, "checkpoint", choices=("last", "best"), default="last", help="gradient runs' state")
-    _option(sub.choices["figures"], "protocol", choices=PROTOCOLS, help="default: paper where it has rows")
+    _option(sub.choices["figures"], "protocol", choices=PROTOCOLS, action="append",
+            help="draw under this protocol (repeatable; default: each protocol with rows for the figure's experiments)")
     _option(sub.choices["figures"], "name", action="append", help="only this figure (repeatable; default: every figure)")
 
 
@@ -477,7 +478,7 @@ def figures_command(args: argparse.Namespace) -> int:
     from .report.figures import write_all_figures
 
     runs, selected = _report_inputs(args)
-    return _print_paths(write_all_figures(runs, selected, args.out, protocol=args.protocol, checkpoint=args.checkpoint,
+    return _print_paths(write_all_figures(runs, selected, args.out, protocols=args.protocol, checkpoint=args.checkpoint,
                                           names=args.name))
 
 

@@ -113,8 +113,8 @@ def targeted_experiments():
     needed = set()
     for target in command_targets():
         parts = target.split("/")
-        if len(parts) >= 3 and parts[:2] == ["results", "figures"]:
-            needed.update(catalog.FIGURE_EXPERIMENTS.get(parts[2].rsplit(".", 1)[0], SELECTED))
+        if len(parts) >= 4 and parts[:2] == ["results", "figures"]:  # results/figures/<protocol>/<name>.<ext>
+            needed.update(catalog.FIGURE_EXPERIMENTS.get(parts[3].rsplit(".", 1)[0], SELECTED))
         elif len(parts) >= 3 and parts[0] == "results" and parts[2].split(".")[0] in SELECTED:
             needed.add(parts[2].split(".")[0])
         else:
@@ -143,9 +143,13 @@ def print_preview():
     if block:
         print(block, file=sys.stderr)
 
-# Figures whose experiments all run; each reads only its experiments' results.
+# Figures whose experiments all run, each under every protocol they all run under; each
+# reads only its experiments' results under its protocol.
 FIGURE_NAMES = catalog.drawn_figures(SELECTED)
-FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=("png", "pdf"))
+FIGURE_PROTOCOLS = {name: catalog.figure_protocols(name, {e: WF.protocols_of(e) for e in SELECTED})
+                    for name in FIGURE_NAMES}
+FIGURES = [f"results/figures/{p}/{name}.{ext}" for name in FIGURE_NAMES for p in FIGURE_PROTOCOLS[name]
+           for ext in ("png", "pdf")]
 CLAIMS = [
     "results/claims.md",
     "results/claims.csv",
@@ -224,10 +228,17 @@ def experiment_runs(wildcards):
 
 
 def figure_selection(name):
-    """The selected rows a figure reads: its experiment's, or all of them for a figure
-    that reads several experiments."""
-    needs = catalog.FIGURE_EXPERIMENTS[name]
-    return f"results/selected/{needs[0]}.parquet" if len(needs) == 1 else "results/selected.parquet"
+    """Input function: the selected rows a figure reads under its protocol, its
+    experiments' of that protocol."""
+
+    def inputs(wildcards):
+        drawn = FIGURE_PROTOCOLS[name]
+        if wildcards.protocol not in drawn:
+            raise WorkflowError(f"figure {name} is not drawn under protocol {wildcards.protocol!r} "
+                                f"(drawn under: {', '.join(drawn)})")
+        return [f"results/selected/{e}/{wildcards.protocol}.parquet" for e in catalog.FIGURE_EXPERIMENTS[name]]
+
+    return inputs
 
 
 def caption(name):
@@ -242,7 +253,8 @@ def benchmark_files():
     out += [f"logs/benchmarks/aggregate_experiment/{name}/all/runs.tsv" for name in SELECTED]
     out += ["logs/benchmarks/aggregate/all/all/runs.tsv", "logs/benchmarks/claims/all/all/claims.tsv",
             "logs/benchmarks/paper_tables/all/all/paper_tables.tsv"]
-    out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv" for name in FIGURE_NAMES]
+    out += [f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/{p}/figure.tsv"
+            for name in FIGURE_NAMES for p in FIGURE_PROTOCOLS[name]]
     return sorted(out)
 
 

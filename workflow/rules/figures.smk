@@ -1,6 +1,7 @@
-# Stage 4: one job per figure (results/figures/<name>.png and .pdf, in the report with a
-# caption from workflow/report/<name>.rst), reading only its experiments' selected rows;
-# figures of experiments that do not run are not requested. Then the claims and the
+# Stage 4: one job per figure and protocol (results/figures/<protocol>/<name>.png and .pdf,
+# in the report's Figures under the protocol, with a caption from workflow/report/<name>.rst),
+# reading only its experiments' selected rows of that protocol; figures of experiments that
+# do not run, and protocols they do not run under, are not requested. Then the claims and the
 # protocol comparison, with a note naming the experiments left out of the run; and the
 # paper's figures side by side with this run's measurements (results/paper_tables.md).
 
@@ -12,12 +13,17 @@ for name in FIGURE_NAMES:
         input:
             selected=figure_selection(name),
         output:
-            png=report(f"results/figures/{name}.png", caption=caption(name), category="Figures"),
-            pdf=f"results/figures/{name}.pdf",
+            png=report(
+                f"results/figures/{{protocol}}/{name}.png",
+                caption=caption(name),
+                category="Figures",
+                subcategory="{protocol}",
+            ),
+            pdf=f"results/figures/{{protocol}}/{name}.pdf",
         log:
-            f"logs/figures/{name}.log",
+            f"logs/figures/{{protocol}}/{name}.log",
         benchmark:
-            f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/all/figure.tsv"
+            f"logs/benchmarks/figure_{name}/{'+'.join(catalog.FIGURE_EXPERIMENTS[name])}/{{protocol}}/figure.tsv"
         params:
             lb=LB,
             name=name,
@@ -27,7 +33,8 @@ for name in FIGURE_NAMES:
         conda:
             CONDA_ENV
         shell:
-            "{params.lb} figures --selected {input.selected} --name {params.name} --out results/figures > {log} 2>&1"
+            "{params.lb} figures --selected {input.selected} --name {params.name} --protocol {wildcards.protocol}"
+            " --out results/figures > {log} 2>&1"
 
 
 rule claims:

@@ -67,6 +67,15 @@ def present_protocols(selected: pd.DataFrame) -> list[str]:
     return [p for p in PROTOCOLS if p in found] or [DEFAULT_PROTOCOL]
 
 
+def experiment_protocols(selected: pd.DataFrame) -> dict[str, list[str]]:
+    """Each experiment's protocols with rows, in PROTOCOLS order."""
+    if not _has(selected, "experiment", "protocol"):
+        return {}
+    pairs = selected[["experiment", "protocol"]].dropna().drop_duplicates()
+    return {experiment: [p for p in PROTOCOLS if p in set(group["protocol"])]
+            for experiment, group in pairs.groupby("experiment", sort=False)}
+
+
 def rows(
     selected: pd.DataFrame,
     experiment: str,

@@ -1,10 +1,11 @@
 """Which experiments each figure reads, in one place: the workflow requests a figure only
-when every experiment it reads runs, and each figure depends only on those experiments'
-results. ``tests/test_figures.py`` checks that the keys are the figures of figures.py."""
+when every experiment it reads runs, under each protocol they all run under, and each
+figure depends only on those experiments' results. ``tests/test_catalog.py`` checks that
+the keys are the figures of figures.py."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 FIGURE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "linear": ("linear",),
@@ -31,6 +32,14 @@ def drawn_figures(experiments: Iterable[str]) -> list[str]:
     """The figures whose experiments all run, in catalog order."""
     ran = set(experiments)
     return [name for name, needs in FIGURE_EXPERIMENTS.items() if set(needs) <= ran]
+
+
+def figure_protocols(name: str, protocols: Mapping[str, Iterable[str]]) -> list[str]:
+    """The protocols figure ``name`` is drawn under, given each experiment's protocols
+    (``protocols``: experiment -> its protocols): those every experiment it reads has, in
+    the first one's order. A protocol missing one of them would leave its panels empty."""
+    first, *rest = (list(protocols.get(experiment, ())) for experiment in FIGURE_EXPERIMENTS[name])
+    return [p for p in first if all(p in other for other in rest)]
 
 
 def selection_note(selected: Iterable[str], defined: Iterable[str]) -> str:

@@ -1,6 +1,6 @@
 """The report as the workflow writes it: the one report module that uses the others
 (figures, claims and the protocol comparison each depend only on report.analysis and
-report.style)."""
+report.style, and figures on report.catalog's table of the experiments each reads)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ group, lorabench.runs.selection) and writes ``out_dir/<name>.png`` and ``.pdf``.
   vertical line. For Lbar = 1 ReLU FNNs the same quantity bounds the construction's MSE
   (core.theory); the paper's bound for Lbar > 1 is not drawn (its constants are unverified).
 * ``protocol=None`` draws the 'paper' protocol when it has rows, else 'reference'; the
-  protocol is named in every title. comparison.py sets the two side by side.
+  protocol is named in every title. ``write_all_figures`` draws each protocol that has
+  rows, one folder per protocol; comparison.py sets the two side by side.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from . import style
 from .analysis import (
     CLASSIFICATION_TASKS,
     DEFAULT_CHECKPOINT,
+    DEFAULT_PROTOCOL,
     EXACT_RTOL,
     FNN_PAIRS,
     Curve,
@@ -41,6 +43,7 @@ from .analysis import (
     curve,
     ensure_selected,
     excluded_note,
+    experiment_protocols,
     below_threshold,
     measured_thresholds,
     plateau_rank,
@@ -49,6 +52,7 @@ from .analysis import (
     theory_rows,
     threshold,
 )
+from .catalog import figure_protocols
 from .style import draw_curve, finish_panel, g
 
 
@@ -558,13 +562,18 @@ FIGURE_NAMES: list[str] = list(FIGURES)
 
 
 def write_all_figures(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,
-                      *, protocol: Optional[str] = None, checkpoint: str = DEFAULT_CHECKPOINT,
+                      *, protocols: Optional[Sequence[str]] = None, checkpoint: str = DEFAULT_CHECKPOINT,
                       names: Optional[Sequence[str]] = None) -> list[Path]:
-    """Every figure of FIGURE_NAMES as ``out_dir/<name>.png`` and ``.pdf``.
+    """Every figure of FIGURE_NAMES as ``out_dir/<protocol>/<name>.png`` and ``.pdf``, under
+    each of ``protocols``, or by default under each protocol that has rows for all the
+    figure's experiments (catalog.figure_protocols); a figure none has rows for is drawn
+    under the paper protocol, its panels saying "no data".
 
     ``runs`` is only used when ``selected`` is None (the selection is then made here)."""
     selected = ensure_selected(runs, selected)
+    present = experiment_protocols(selected)
     paths: list[Path] = []
     for name in names or FIGURE_NAMES:
-        paths.extend(FIGURES[name](selected, out_dir, protocol=protocol, checkpoint=checkpoint))
+        for p in protocols or figure_protocols(name, present) or [DEFAULT_PROTOCOL]:
+            paths.extend(FIGURES[name](selected, Path(out_dir) / p, protocol=p, checkpoint=checkpoint))
     return paths
