@@ -407,6 +407,12 @@ def test_plan_prints_the_pieces_and_their_commands(smoke, tmp_path):
     text = plan.format_plan(result)
     assert "piece(s) of at most 60 s on 2 core(s)" in text and pieces["combine"] in text
     json.dumps(result)
+    # a run in pieces that has begun: the jobs whose outputs exist are left out
+    fnn = {j.path for j in jobs if j.experiment == "fnn"}
+    rest = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json",
+                          pieces_s=60.0, done=fnn.__contains__)["pieces"]
+    assert rest["done"] == len(fnn) and "fnn" not in {e for run in rest["runs"] for e in run["experiments"]}
+    assert "already done here are left out" in plan.format_pieces(rest)[0]
 
 
 def test_bad_pieces_budget_is_a_one_line_error(capsys):

@@ -462,7 +462,8 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.measured and not Path(args.measured).is_dir():
         raise ConfigError(f"--measured: {args.measured} is not a folder of benchmark records")
     projected = plan.make_plan(wf, jobs, cores, recalibrate=args.recalibrate, pieces_s=pieces_s,
-                               configfile=args.configfile, records=Path(args.measured) if args.measured else None)
+                               configfile=args.configfile, records=Path(args.measured) if args.measured else None,
+                               done=lambda path: Path(path).exists())
     print(json.dumps(projected, indent=1) if args.json else plan.format_plan(projected))
     return 0
 

@@ -582,6 +582,8 @@ def make_pieces(jobs: Sequence, costs: Sequence[float], cores: int, budget_s: fl
     order = list(dict.fromkeys(job.experiment for job in jobs))
     lead = {name: name for name in order}  # each experiment's unit, named by its first experiment
     for a, b in linked:
+        if a not in lead or b not in lead:
+            continue  # one of them has no job left to run
         a, b = sorted((lead[a], lead[b]), key=order.index)
         lead = {name: a if unit == b else unit for name, unit in lead.items()}
     members = {unit: [name for name in order if lead[name] == unit] for unit in dict.fromkeys(lead.values())}
@@ -711,11 +713,13 @@ def load_workflow(configfile: str, preset: Optional[str] = None, experiments: Op
 def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str], dict] = None,
               recalibrate: bool = False, native: Optional[Callable[[RunConfig], bool]] = None,
               path: Optional[Path] = None, pieces_s: Optional[float] = None,
-              configfile: str = "config.yaml", records: Optional[Path] = None) -> dict:
+              configfile: str = "config.yaml", records: Optional[Path] = None,
+              done: Callable[[str], bool] = lambda path: False) -> dict:
     """The plan as a JSON-able dict: rows, total, wall times, calibration; with
     ``pieces_s``, the pieces of at most that many seconds on ``cores[0]`` cores and their
     commands; with ``records`` (a benchmark records folder), the projection against the
-    CPU time of the jobs that ran (``measured_against``)."""
+    CPU time of the jobs that ran (``measured_against``). Pieces leave out the jobs
+    ``done`` says are done (by output path): a run in pieces plans what is left."""
     from .experiments import job_key, shared_configs
     from .runner import resolve_device
 
@@ -763,10 +767,14 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         out["measured"] = {"records": str(records), "rows": measured_against(jobs, costs, paths, Path(records))}
     if pieces_s is not None:
         n = cores[0]
+        left = [i for i, path in enumerate(paths) if not done(path)]
+        renumber = {old: new for new, old in enumerate(left)}
+        pieces = make_pieces([jobs[i] for i in left], [costs[i] for i in left], n, pieces_s, wf.protocols, linked,
+                             {renumber[i]: [renumber[s] for s in sources[i] if s in renumber]
+                              for i in sources if i in renumber}, [paths[i] for i in left])
         out["pieces"] = {
-            "budget_s": pieces_s, "cores": n,
-            "runs": [{**asdict(p), "command": piece_command(p, wf.preset, n, configfile)}
-                     for p in make_pieces(jobs, costs, n, pieces_s, wf.protocols, linked, sources, paths)],
+            "budget_s": pieces_s, "cores": n, "done": len(paths) - len(left),
+            "runs": [{**asdict(p), "command": piece_command(p, wf.preset, n, configfile)} for p in pieces],
             "combine": combine_command(wf.preset, n, configfile),
         }
     return out
@@ -879,7 +887,8 @@ def format_measured(measured: dict) -> list[str]:
 
 def format_pieces(pieces: dict) -> list[str]:
     runs = pieces["runs"]
-    out = [f"{len(runs)} piece(s) of at most {_duration(pieces['budget_s'])} on {pieces['cores']} core(s), "
+    done = f" ({pieces['done']} jobs already done here are left out)" if pieces.get("done") else ""
+    out = [f"{len(runs)} piece(s) of at most {_duration(pieces['budget_s'])} on {pieces['cores']} core(s){done}, "
            "in this order (each trains only its experiments and protocols, or its jobs):"]
     for i, run in enumerate(runs, 1):
         over = "  ABOVE THE BUDGET: one job alone" if run["over_budget"] else ""
