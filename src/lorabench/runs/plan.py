@@ -515,16 +515,17 @@ def _startup_seconds(repeats: int = 3) -> float:
 BENCHMARK_RULE = {"models": "generate_models", "construct": "construct", "train": "train"}
 
 
-def measured_against(jobs: Sequence, costs: Sequence[float], paths: Sequence[str], records: Path) -> list[dict]:
+def measured_against(jobs: Sequence, costs: Sequence[float], ids: Sequence[str], records: Path) -> list[dict]:
     """Per (experiment, protocol): the projected and the measured CPU seconds of the jobs
     that have a benchmark record under ``records`` (Snakemake's ``logs/benchmarks``, one
     file per job that ran, ``<rule>/<experiment>/<protocol>/<job id>.tsv``); rows without
-    any record are left out. ``paths``: the jobs' output paths, whose file name is the id."""
+    any record are left out. ``ids``: the jobs' ids (those of their whole config sets, before
+    ``own_work`` cut them)."""
     from .costs import read_record
 
     out: dict[tuple[str, str], dict] = {}
-    for job, cost, path in zip(jobs, costs, paths):
-        record = records / BENCHMARK_RULE[job.kind] / job.experiment / job.protocol / f"{Path(path).name.split('.')[0]}.tsv"
+    for job, cost, job_id in zip(jobs, costs, ids):
+        record = records / BENCHMARK_RULE[job.kind] / job.experiment / job.protocol / f"{job_id}.tsv"
         if not record.exists():
             continue
         row = out.setdefault((job.experiment, job.protocol), {
@@ -739,7 +740,8 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     rates = {e: Rate.from_dict(measured[e]) for e in needed}
     shared = shared_configs(list(jobs))
     linked = {(key[0], source[0]) for key, by_source in shared.items() for source in by_source}
-    paths = [job.path for job in jobs]  # before own_work: a job's id names all its configs
+    ids = [job.id for job in jobs]  # before own_work: a job's id (and path) names all its configs
+    paths = [job.path for job in jobs]
     index = {job_key(job): i for i, job in enumerate(jobs)}
     sources = {index[key]: [index[s] for s in by_source if s in index] for key, by_source in shared.items()
                if key in index}
@@ -764,7 +766,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "cache": str(path or cache_path()),
     }
     if records is not None:
-        out["measured"] = {"records": str(records), "rows": measured_against(jobs, costs, paths, Path(records))}
+        out["measured"] = {"records": str(records), "rows": measured_against(jobs, costs, ids, Path(records))}
     if pieces_s is not None:
         n = cores[0]
         left = [i for i, path in enumerate(paths) if not done(path)]
