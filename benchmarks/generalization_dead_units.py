@@ -27,11 +27,8 @@ import torch
 
 from lorabench.core.config import RunConfig
 from lorabench.core.models import FNN, forward
-from lorabench.core.protocols import protocol_of
-from lorabench.methods import method_of, validated
-from lorabench.runs.runner import ModelCache
-from lorabench.training.loop import train_cell
-from lorabench.training.trainables import stack_models, target_outputs_for
+from lorabench.methods import validated
+from lorabench.runs.runner import ModelCache, train_gradient_cell
 
 LEARNING_RATES = (1e-4, 1e-3, 1e-2)
 
@@ -52,18 +49,6 @@ def dead_outputs(model: FNN, x: torch.Tensor) -> list[int]:
     return torch.nonzero((z <= 0).all(dim=0)).flatten().tolist()
 
 
-def train(cell: list[RunConfig]):
-    """The cell trained as the workflow trains it (runs.runner's gradient cell)."""
-    models = [ModelCache().get(c) for c in cell]
-    cfg, device = cell[0], torch.device("cpu")
-    trainable = method_of(cfg).trainable(cell, stack_models([m.frozen for m in models]), models)
-    protocol = protocol_of(cfg)
-    x_train = protocol.training_set(models)
-    stream = protocol.stream(cfg, models[0].target, protocol.eval_sets(cfg), x_train, len(cell), device,
-                             target_outputs_for(trainable, models[0].target))
-    return train_cell(cell, trainable, stream), trainable, models[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
@@ -76,10 +61,12 @@ def main() -> None:
         for depth in args.target_depths:
             for seed in range(args.seeds):
                 cell = [config(seed, depth, lr, protocol, args.steps) for lr in LEARNING_RATES]
-                result, trainable, models = train(cell)
+                # the cell trained as the workflow trains it
+                cell_run = train_gradient_cell(cell, ModelCache(), torch.device("cpu"))
+                result, models = cell_run.result, cell_run.models[0]
                 x = models.x_train
                 y = forward(models.target, x)
-                trained = trainable.model(result.last)
+                trained = cell_run.trainable.model(result.last)
                 cells = []
                 for c, lr in enumerate(LEARNING_RATES):
                     member = replace(trained, weights=trained.weights[c], biases=trained.biases[c])

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -25,7 +25,7 @@ from ..core.generation import Models
 from ..core.models import FNN, map_tensors
 from ..core.protocols import generate_models, protocol_of
 from ..methods import method_of, validated
-from ..training.loop import evaluate, outputs_in_chunks, train_cell
+from ..training.loop import TrainResult, evaluate, outputs_in_chunks, train_cell
 from ..training.trainables import stack_models, target_outputs_for
 from .provenance import code_version, cpu_model
 
@@ -194,8 +194,22 @@ def _cast(model, dtype):
     return map_tensors(model, lambda t: t.to(dtype))
 
 
-def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.device, progress) -> list[dict]:
-    start = time.perf_counter()
+@dataclass
+class TrainedCell:
+    """A gradient cell after training: the trainer's result, the trainable that gives the
+    trained models (``trainable.model(result.last)``), and what it trained against."""
+
+    result: TrainResult
+    trainable: object
+    stream: object
+    sets: data.EvalSets
+    target: object
+    models: list[Models]
+
+
+def train_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.device,
+                        progress: Optional[Callable[[int], None]] = None) -> TrainedCell:
+    """Train one cell of gradient configs as the workflow does."""
     cfg = cell[0]
     all_models = [cache.get(c) for c in cell]
     target = all_models[0].target.to(device)
@@ -206,6 +220,15 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
     stream = protocol.stream(cfg, target, sets, protocol.training_set(all_models), len(cell), device,
                              target_outputs_for(trainable, target))
     result = train_cell(cell, trainable, stream, progress)
+    return TrainedCell(result, trainable, stream, sets, target, all_models)
+
+
+def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.device, progress) -> list[dict]:
+    start = time.perf_counter()
+    cfg = cell[0]
+    trained = train_gradient_cell(cell, cache, device, progress)
+    result, trainable, stream, sets, target, all_models = (
+        trained.result, trained.trainable, trained.stream, trained.sets, trained.target, trained.models)
     train_seconds = time.perf_counter() - start
     if hasattr(stream, "drawn"):  # the reference transformer's own batches: what `lorabench plan` projects
         print(f"reference stream: {stream.drawn} positions drawn for {len(cell)} configs x {cfg.n_epochs} steps "
