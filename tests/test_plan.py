@@ -14,8 +14,19 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
 RATE = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
 
 
-def fake_calibrate(engine):
-    return {"seconds": 1.0} if engine == plan.STARTUP else dict(RATE)
+def fake_calibrate(unit, example=None):
+    return {"seconds": 1.0} if unit == plan.STARTUP else dict(RATE)
+
+
+class EveryUnit(dict):
+    """Rates for every calibration unit: ``rate`` unless set."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def __missing__(self, unit):
+        return self.rate
 
 
 def default_native(cfg):
@@ -120,14 +131,50 @@ def test_bad_preset_is_a_one_line_error(capsys):
     assert "preset must be one of" in err and "huge" in err and len(err.strip().splitlines()) == 1
 
 
-def test_rate_is_linear_in_depth_and_from_two_step_counts():
-    # 10 configs, per config 0.5 s + 0.01 s per step at depth 2; 1.5 s + 0.03 s at depth 4
-    seconds = {(2, 10): 10 * (0.5 + 0.1), (2, 30): 10 * (0.5 + 0.3), (4, 10): 10 * (1.5 + 0.3), (4, 30): 10 * (1.5 + 0.9)}
-    rate = plan.rate_from_timings((2, 4), (10, 30), 10, seconds)
+def test_rate_is_linear_in_depth_and_separates_configs_from_cells():
+    # per config 0.5 s + 0.01 s per step at depth 2, 1.5 s + 0.03 s at depth 4; per cell
+    # 2 s + 0.1 s per step at depth 2, 4 s + 0.3 s at depth 4
+    config = {2: (0.5, 0.01), 4: (1.5, 0.03)}
+    cell = {2: (2.0, 0.1), 4: (4.0, 0.3)}
+    seconds = {(d, n, s): n * (config[d][0] + s * config[d][1]) + cell[d][0] + s * cell[d][1]
+               for d in (2, 4) for n in (8, 32) for s in (10, 30)}
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds)
     assert rate.step(2) == pytest.approx(0.01) and rate.step(4) == pytest.approx(0.03)
     assert rate.config(2) == pytest.approx(0.5) and rate.config(4) == pytest.approx(1.5)
+    assert rate.cell_step(2) == pytest.approx(0.1) and rate.cell_step(4) == pytest.approx(0.3)
+    assert rate.cell(2) == pytest.approx(2.0) and rate.cell(4) == pytest.approx(4.0)
     assert rate.step(3) == pytest.approx(0.02) and rate.config(6) == pytest.approx(2.5)
     assert plan.Rate((1, 2), (1.0, 0.0), (0.0, 0.0)).step(5) == 0.0  # never negative
+    assert plan.Rate.from_dict(dataclasses.asdict(rate)) == rate
+    one_size = plan.rate_from_timings((2, 4), (10, 30), (8, 8), {k: v for k, v in seconds.items() if k[1] == 8})
+    assert one_size.cell_step(2) == 0 and one_size.step(2) == pytest.approx(0.01 + 0.1 / 8)
+    # noise that makes a part negative: the larger cell is still priced at what it cost
+    noisy = {**seconds, (2, 8, 30): seconds[(2, 8, 30)] + 5.0}  # the small cell looks slow per step
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), noisy)
+    big_step = (seconds[(2, 32, 30)] - seconds[(2, 32, 10)]) / 20
+    assert 32 * rate.step(2) + rate.cell_step(2) == pytest.approx(big_step) and rate.cell_step(2) >= 0
+
+
+def test_a_unit_is_the_engine_at_the_settings_that_change_its_cost():
+    cfg = RunConfig(width=16, frozen_depth=2, batch_size=256, method="sgd")
+    unit_of = lambda c, kind="train": plan.unit_of([c], kind, lambda c: True)  # noqa: E731
+    unit = unit_of(cfg)
+    assert plan.engine_name(unit) == "native-fnn" and "batch 256" in unit
+    same = [cfg.replace(rank=5, lr=0.1, weight_decay=1e-3, seed=4, frozen_depth=6, n_epochs=10, pretrained=1)]
+    differ = [cfg.replace(task="classification"), cfg.replace(activation="linear"), cfg.replace(n_train=400),
+              cfg.replace(batch_size=64), cfg.replace(protocol="reference"), cfg.replace(method="flt"),
+              cfg.replace(width=32)]
+    assert all(unit_of(c) == unit for c in same)
+    assert len({unit_of(c) for c in differ} | {unit}) == len(differ) + 1
+    ours = cfg.replace(method="ours")
+    assert unit_of(ours, "construct") != unit_of(ours.replace(frozen_depth=8), "construct")
+    assert unit_of(cfg, "models") == "models-fnn"
+    # final-layer tuning costs what its cell's deepest tuned layer costs, at its own depth
+    flt = cfg.replace(method="flt", frozen_depth=8)
+    shallow = plan.unit_of([flt.replace(last_layers=k) for k in (1, 2)], "train", lambda c: True)
+    deep = plan.unit_of([flt.replace(last_layers=k) for k in (1, 7)], "train", lambda c: True)
+    assert shallow != deep and "last layers up to 7" in deep and "depths 1/8" in deep
+    assert unit_of(flt.replace(frozen_depth=4)) != unit_of(flt.replace(frozen_depth=8))
 
 
 def test_config_cost_arithmetic():
@@ -144,21 +191,22 @@ def test_config_cost_arithmetic():
 
 
 def test_skipped_validations_come_off_the_native_step_only():
-    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    rates = EveryUnit(plan.Rate.from_dict(RATE))
     rates["validation-fnn"] = plan.Rate((1, 2), (1e-5, 5e-5), (0.0, 0.0))
     cfg = RunConfig(frozen_depth=2, n_epochs=103, n_test=plan.CAL_N_TEST, n_val=plan.CAL_N_VAL, method="sgd",
                     val_every=10)
     assert plan.validations(cfg) == 11  # steps 10, ..., 100 and 103
     full = plan.config_cost(cfg, "train", rates["native-fnn"])
-    assert plan.engine_cost(cfg, "train", rates, lambda c: True) == pytest.approx(full - (103 - 11) * 5e-5)
-    assert plan.engine_cost(cfg, "train", rates, lambda c: False) == pytest.approx(full)  # torch: the full step
-    assert plan.engine_cost(cfg.replace(val_every=1), "train", rates, lambda c: True) == pytest.approx(full)
+    rate = rates["native-fnn"]
+    assert plan.engine_cost(cfg, "train", rate, rates, lambda c: True) == pytest.approx(full - (103 - 11) * 5e-5)
+    assert plan.engine_cost(cfg, "train", rate, rates, lambda c: False) == pytest.approx(full)  # torch: the full step
+    assert plan.engine_cost(cfg.replace(val_every=1), "train", rate, rates, lambda c: True) == pytest.approx(full)
 
 
 def test_a_plan_with_val_every_calibrates_the_validation(tmp_path):
     wf, jobs = plan.load_workflow(CONFIG, "smoke", ["linear"])
     asked = []
-    calibrate = lambda engine: asked.append(engine) or fake_calibrate(engine)  # noqa: E731
+    calibrate = lambda unit, example: asked.append(unit) or fake_calibrate(unit)  # noqa: E731
     dense = plan.make_plan(wf, jobs, [2], calibrate=calibrate, native=default_native, path=tmp_path / "a.json")
     assert "validation-fnn" not in asked
     sparse_jobs = [dataclasses.replace(j, configs=tuple(
@@ -169,7 +217,7 @@ def test_a_plan_with_val_every_calibrates_the_validation(tmp_path):
 
 
 def test_a_real_calibration_of_the_fnn_validation():
-    measured = plan.calibrate_engine("validation-fnn")
+    measured = plan.calibrate_unit("validation-fnn")
     rate = plan.Rate.from_dict(measured)
     assert rate.depths == plan.CAL_DEPTHS["fnn"] and all(s > 0 for s in rate.step_s)
     assert rate.step(8) < 1e-3  # one validation of 256 samples: microseconds, not milliseconds
@@ -179,14 +227,23 @@ def eval_of(cfg):
     return 2 * cfg.n_test + cfg.n_val
 
 
-def test_job_costs_add_startup_and_configs(smoke):
+def test_job_costs_add_startup_configs_and_cells(smoke):
     wf, jobs = smoke
-    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    rate = plan.Rate((1, 2), (1e-4, 2e-4), (0.01, 0.02), cell_step_s=(1e-3, 3e-3), cell_s=(0.5, 0.7))
+    rates = EveryUnit(rate)
     costs = plan.job_costs(jobs, rates, 1.5, default_native)
+    shared = 0  # train jobs whose configs share cells
     for job, cost in zip(jobs, costs):
-        expected = 1.5 + sum(plan.config_cost(c, job.kind, rates["native-fnn"]) + plan.stream_cost(c, job.kind, rates)
+        cells = plan.job_cells(job)
+        assert sorted(c.config_hash() for cell in cells for c in cell) == sorted(c.config_hash() for c in job.configs)
+        expected = 1.5 + sum(plan.config_cost(c, job.kind, rate) + plan.stream_cost(c, job.kind, rates)
                              for c in job.configs)
+        if job.kind == "train":
+            shared += len(cells) < len(job.configs)
+            expected += sum(c[0].n_epochs * rate.cell_step(c[0].frozen_depth) + rate.cell(c[0].frozen_depth)
+                            for c in cells)
         assert cost == pytest.approx(expected)
+    assert shared > 10
     rows = plan.count(jobs, costs, 1.5, default_native, rates)
     assert sum(r.core_s for r in rows) == pytest.approx(sum(costs))
     assert sum(sum(r.engines.values()) for r in rows) == pytest.approx(sum(costs))
@@ -196,7 +253,7 @@ def test_the_reference_transformer_pays_for_its_own_batches(smoke, tmp_path):
     """Reference TFN training: per config and step, the distinct share of positions times
     the stream's per-evaluation rate (two evaluations; one with a fixed training set);
     nothing for the paper protocol, the FNN or constructions."""
-    rates = {e: plan.Rate.from_dict(RATE) for e in plan.ENGINES}
+    rates = EveryUnit(plan.Rate.from_dict(RATE))
     tfn = RunConfig(exp="tfn", method="sgd", width=16, n_epochs=100, frozen_depth=2, target_depth=2, protocol="reference")
     share = plan.REFERENCE_TFN_DISTINCT_SHARE
     assert 0 < share <= 1
@@ -252,16 +309,17 @@ def test_second_plan_reads_the_cache(smoke, tmp_path):
     wf, jobs = smoke
     calls = []
 
-    def counting(engine):
-        calls.append(engine)
-        return fake_calibrate(engine)
+    def counting(unit, example):
+        assert example is None or (example and all(isinstance(c, RunConfig) for c in example))  # a cell
+        calls.append(unit)
+        return fake_calibrate(unit)
 
     path = tmp_path / "c.json"
     first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     engines = sorted(calls)
-    assert len(engines) == len(set(engines)) and plan.STARTUP in engines and "native-tfn" in engines
+    assert len(engines) == len(set(engines)) and plan.STARTUP in engines
     # the plug-in methods train with autograd; the pre-norm and D = 8 transformers on torch
-    assert {"autograd-fnn", "autograd-tfn", "torch-tfn"} <= set(engines)
+    assert {"native-tfn", "autograd-fnn", "autograd-tfn", "torch-tfn"} <= {plan.engine_name(u) for u in engines}
     assert {c["source"] for c in first["calibration"].values()} == {"measured"}
     second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     assert sorted(calls) == engines  # nothing measured again
@@ -292,16 +350,39 @@ def test_format_and_json(smoke, tmp_path, capsys):
 
 
 def test_a_real_calibration_of_the_constructions():
-    measured = plan.calibrate_engine("construct-fnn")
+    example = [RunConfig(method="ours", width=8, target_depth=2, frozen_depth=4, rank=r) for r in range(1, 9)]
+    measured = plan.calibrate_unit(plan.unit_of(example, "construct", default_native), example)
     rate = plan.Rate.from_dict(measured)
-    assert rate.depths == plan.CAL_DEPTHS["fnn"]
-    assert all(0 < rate.config(d) < 10 for d in rate.depths) and rate.step(2) == 0
+    assert rate.depths == (4, 4)  # a construction's unit names its depths
+    assert 0 < rate.config(4) < 10 and rate.step(4) == 0 and rate.cell_step(4) == 0
     assert "16 constructions" in measured["measured"]
+
+
+def test_a_real_calibration_of_a_training_unit(monkeypatch):
+    monkeypatch.setitem(plan.CAL_CELLS, "native-fnn", ((4, 8), (5, 25)))
+    example = [RunConfig(method="sgd", width=16, task="classification", batch_size=64, rank=r) for r in (1, 8, 16)]
+    unit = plan.unit_of(example, "train", default_native)
+    measured = plan.calibrate_unit(unit, example)
+    rate = plan.Rate.from_dict(measured)
+    assert rate.depths == plan.CAL_DEPTHS["fnn"] and all(s > 0 for s in rate.step_s)
+    assert "cells of 4 and 8 configs x 5 and 25 steps" in measured["measured"]
+
+
+def test_a_calibration_cell_is_like_the_cell_it_prices():
+    cell = [RunConfig(method="flt", width=16, frozen_depth=8, last_layers=k, lr=lr, seed=3, n_epochs=5000)
+            for k in range(1, 8) for lr in (1e-4, 1e-3, 1e-2)]
+    for size in (4, 21, 64):
+        cal = plan._cal_cell(cell, 8, size, steps=50)
+        assert len(cal) == size and len({c.config_hash() for c in cal}) == size  # distinct configs
+        assert all(c.frozen_depth == 8 and c.n_epochs == 50 and c.seed == 0 for c in cal)
+        assert {c.last_layers for c in cal} >= {1, 7}  # spread over the whole cell
+    shallow = plan._cal_cell(cell, 2, 8)
+    assert max(c.last_layers for c in shallow) == 2  # never deeper than the model
 
 
 def test_a_real_calibration_of_the_reference_transformer_stream(monkeypatch):
     monkeypatch.setattr(plan, "CAL_STREAM_POSITIONS", 2)
-    measured = plan.calibrate_engine(plan.STREAM)
+    measured = plan.calibrate_unit(plan.STREAM)
     rate = plan.Rate.from_dict(measured)
     assert rate.depths == plan.CAL_DEPTHS["tfn"]
     assert all(0 < rate.step(d) < 1 for d in rate.depths) and rate.config(1) == 0

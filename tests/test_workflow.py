@@ -157,21 +157,23 @@ def test_a_run_says_what_its_jobs_will_cost_before_the_first(tmp_path, monkeypat
     """A dry run prints the preset, the jobs still to run and, from a cached calibration,
     their projected core-hours and wall time on the given cores; without one it says so
     and names the command that measures it. A figure target counts its experiment's jobs."""
-    import json
+    import torch
 
     from lorabench.runs import plan
+    from lorabench.training import native
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORABENCH_CACHE_DIR", str(cache))
     workdir = make_workdir(tmp_path / "work", tiny_config(experiments=("fnn", "bias")))
     text = "\n".join(snakemake(workdir, "-n", "all_figures").stderr.splitlines())
     assert re.search(r"lorabench: preset smoke, \d+ jobs to run; no projection: this machine has no cached "
-                     r"calibration of '\w+'\. `lorabench plan --preset smoke` measures one", text), text[-2000:]
+                     r"calibration of '[^']+'\. `lorabench plan --preset smoke` measures one", text), text[-2000:]
     assert not cache.exists() or not any(cache.iterdir())  # it never calibrates (nor builds) silently
+    # a cache with every unit the run needs, as `lorabench plan` writes it
     rate = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
-    entries = {plan.cache_key(e): ({"seconds": 1.0} if e == plan.STARTUP else rate) for e in (plan.STARTUP, *plan.ENGINES)}
-    cache.mkdir()
-    (cache / plan.CACHE_NAME).write_text(json.dumps(entries))
+    wf, jobs = plan.load_workflow(str(workdir / "config.yaml"))
+    plan.make_plan(wf, jobs, [2], calibrate=lambda unit, example: {"seconds": 1.0} if unit == plan.STARTUP else rate,
+                   native=lambda cfg: native.applies(cfg, torch.device("cpu")), path=cache / plan.CACHE_NAME)
     every = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected [\d.e-]+ core-hours, about [\d.]+ "
                       r"(s|min|h) on 2 cores", snakemake(workdir, "-n", "all_figures").stderr)
     fnn = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected",

@@ -7,14 +7,18 @@ train once), the constructions and model keys, and the projected core-hours on t
 machine; then the total and the projected wall time on a given number of cores. A
 selection of experiments counts the other experiments' train jobs that it reuses.
 
-The projection is linear in measured rates. Each engine (``ENGINES``: the native and the
-torch trainer of FNN and TFN cells, the constructions, the model generation) is
-calibrated once by running small real cells through ``runner.run_configs`` at two depths
-and two step counts, which separates the cost of a config-step from the per-config cost
-(set-up and evaluation) and gives both as a line in the model's depth. Times are CPU
-time, so a busy machine slows the calibration's wall clock more than its figures. Rates
-are cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench version, CPU
-model, torch version and engine; ``--recalibrate`` measures again.
+The projection is linear in measured rates. Each calibration unit (an engine, the native
+and the torch trainer of FNN and TFN cells, the constructions, the model generation, at
+the settings that change its cost: the method, task, activation, width, training batch
+or finite training set, validation set, protocol and, for transformers, heads, tokens and
+blocks' variant; ``unit_of``) is calibrated once by running small real cells of that shape
+through ``runner.run_configs``: at two depths, two step counts and two cell sizes, which
+separates the cost of a config-step from the per-config cost (set-up and evaluation),
+and both from what a cell pays once per step and once in all for its configs together
+(the batch and the target's outputs, the loop); each is a line in the model's depth.
+Times are CPU time, so a busy machine slows the calibration's wall clock more than its
+figures. Rates are cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench
+version, CPU model, torch version and unit; ``--recalibrate`` measures again.
 
 Pieces (``--pieces 2h``): the experiments and protocols grouped into Snakemake runs each
 projected to fit the budget on the given cores (first-fit by projected wall time; an
@@ -33,6 +37,7 @@ validation per skipped step (``validation-*``, measured only when a config asks 
 from __future__ import annotations
 
 import heapq
+import io
 import json
 import os
 import platform
@@ -42,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -57,11 +62,22 @@ ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn", "autograd-fnn",
            "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM, *VALIDATION.values())
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
-# The calibration's cells: the grid's shape (width 16, batch 256, H=2, N=10) at two
-# depths each; ranks 1-16 x weight decays fill a cell.
+# The calibration's cells: configs like a real cell of the unit, at two depths, two step
+# counts and two cell sizes; a real cell holds up to runner.MAX_CELL configs (the paper's
+# FNN cells 192, transformer 64). The grid's own cell (``grid_cell``): ranks 1-16 x these
+# weight decays.
 CAL_DEPTHS = {"fnn": (2, 8), "tfn": (1, 2)}
-CAL_STEPS = {"fnn": (20, 200), "tfn": (10, 40)}
-CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}  # 64 and 32 configs
+CAL_CELLS = {  # (sizes, steps) per engine
+    "native-fnn": ((32, 192), (50, 500)),
+    "native-tfn": ((16, 64), (10, 40)),
+    "torch-fnn": ((4, 16), (20, 200)),
+    "autograd-fnn": ((4, 16), (20, 200)),
+    "torch-tfn": ((4, 16), (5, 20)),
+    "autograd-tfn": ((4, 16), (5, 20)),
+}
+CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}
+CAL_CONSTRUCTIONS = 16
+CAL_VALIDATION_STEPS = {"fnn": 200, "tfn": 40}
 CAL_SPARSE_VAL_EVERY = 50  # the validation's calibration: every step against every 50th (and the last)
 CAL_N_TEST = 1000
 CAL_N_VAL = 256
@@ -82,14 +98,17 @@ REFERENCE_TFN_DISTINCT_SHARE = 0.03
 # ------------------------------------------------------------------ rates
 @dataclass(frozen=True)
 class Rate:
-    """Core-seconds of one engine, measured at two depths and linear in between (and,
-    extrapolated, beyond): per config-step (per pretraining step for model generation)
-    and per config (per model key)."""
+    """Core-seconds of one calibration unit, measured at two depths and linear in between
+    (and, extrapolated, beyond): per config-step (per pretraining step for model
+    generation) and per config (per model key); and what a cell pays for all its configs
+    together, per step (``cell_step_s``) and once (``cell_s``)."""
 
     depths: tuple[int, int]
     step_s: tuple[float, float]
     config_s: tuple[float, float]
     measured: str = ""  # how and when
+    cell_step_s: tuple[float, float] = (0.0, 0.0)
+    cell_s: tuple[float, float] = (0.0, 0.0)
 
     def _at(self, values: tuple[float, float], depth: int) -> float:
         (d0, d1), (v0, v1) = self.depths, values
@@ -102,30 +121,61 @@ class Rate:
     def config(self, depth: int) -> float:
         return self._at(self.config_s, depth)
 
+    def cell_step(self, depth: int) -> float:
+        return self._at(self.cell_step_s, depth)
+
+    def cell(self, depth: int) -> float:
+        return self._at(self.cell_s, depth)
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "Rate":
-        return cls(tuple(d["depths"]), tuple(d["step_s"]), tuple(d["config_s"]), d.get("measured", ""))
+        return cls(tuple(d["depths"]), tuple(d["step_s"]), tuple(d["config_s"]), d.get("measured", ""),
+                   tuple(d.get("cell_step_s", (0.0, 0.0))), tuple(d.get("cell_s", (0.0, 0.0))))
 
 
-def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], n_configs: int,
-                      seconds: Mapping[tuple[int, int], float], measured: str = "") -> Rate:
-    """The rate from the times of ``n_configs`` configs at each (depth, steps)."""
-    step_s, config_s = [], []
-    (s0, s1) = steps
+def _line(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
+    """Slope and intercept through two points (slope 0 through one)."""
+    slope = 0.0 if x1 == x0 else (y1 - y0) / (x1 - x0)
+    return slope, y0 - slope * x0
+
+
+def _split(small: float, large: float, n0: int, n1: int) -> tuple[float, float]:
+    """Per config and per cell parts of what cells of ``n0`` and ``n1`` configs pay (a line
+    in the size). Where noise makes a part negative, the larger cell's whole cost goes to
+    the other part, so a cell of that size is still priced at what it was measured to cost."""
+    if n0 == n1:
+        return small / n0, 0.0
+    per_config, per_cell = _line(n0, small, n1, large)
+    if per_cell < 0:
+        return large / n1, 0.0
+    if per_config < 0:
+        return 0.0, large
+    return per_config, per_cell
+
+
+def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], sizes: tuple[int, int],
+                      seconds: Mapping[tuple[int, int, int], float], measured: str = "") -> Rate:
+    """The rate from the CPU seconds of one cell at each (depth, size, steps): per size, a
+    line in the steps, whose slope (per step) and intercept (once) split into per-config
+    and per-cell parts (``_split``)."""
+    per = {"step_s": [], "config_s": [], "cell_step_s": [], "cell_s": []}
+    (s0, s1), (n0, n1) = steps, sizes
     for depth in depths:
-        t0, t1 = seconds[(depth, s0)], seconds[(depth, s1)]
-        per_step = max(t1 - t0, 0.0) / (n_configs * (s1 - s0))
-        step_s.append(per_step)
-        config_s.append(max(t0 / n_configs - s0 * per_step, 0.0))
-    return Rate(tuple(depths), tuple(step_s), tuple(config_s), measured)
+        (slope0, once0), (slope1, once1) = (_line(s0, seconds[(depth, n, s0)], s1, seconds[(depth, n, s1)])
+                                            for n in sizes)
+        step, cell_step = _split(max(slope0, 0.0), max(slope1, 0.0), n0, n1)
+        fixed, cell = _split(max(once0, 0.0), max(once1, 0.0), n0, n1)
+        for name, value in (("step_s", step), ("config_s", fixed), ("cell_step_s", cell_step), ("cell_s", cell)):
+            per[name].append(value)
+    return Rate(tuple(depths), tuple(per["step_s"]), tuple(per["config_s"]), measured,
+                tuple(per["cell_step_s"]), tuple(per["cell_s"]))
 
 
 # ------------------------------------------------------------------ counting
 def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> str:
     """The engine that runs ``cfg`` in a job of ``kind``; ``native(cfg)`` is the trainer's
     engine decision for a method with a native step. Off the native step, a method with
-    hand-written gradients trains on ``torch``, any other on ``autograd`` (calibrated on
-    DoRA cells)."""
+    hand-written gradients trains on ``torch``, any other on ``autograd``."""
     from ..methods import method_of
 
     if kind == "models":
@@ -133,6 +183,44 @@ def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) ->
     if kind == "construct":
         return f"construct-{cfg.exp}"
     return f"{'native' if trains_natively(cfg, native) else method_of(cfg).engine}-{cfg.exp}"
+
+
+def at_own_depth(cfg: RunConfig, kind: str) -> bool:
+    """Whether ``cfg``'s unit is calibrated at its own depths rather than as a line in the
+    depth: a construction (its cost follows its groups of layers), and final-layer tuning
+    (its cost follows the deepest layer that its cell tunes)."""
+    return kind == "construct" or (kind == "train" and cfg.method == "flt")
+
+
+def shape_of(cell: Sequence[RunConfig], kind: str) -> str:
+    """The settings beyond depth, cell size and step count that change what a cell's
+    configs cost on their engine; '' for model generation (calibrated on the grid's shape)."""
+    cfg = cell[0]
+    if kind == "models":
+        return ""
+    words = [cfg.method, cfg.task, cfg.activation, f"width {cfg.width}"]
+    if at_own_depth(cfg, kind):
+        words.append(f"depths {cfg.target_depth}/{cfg.frozen_depth}")
+    if kind == "train":
+        words += [f"batch {cfg.batch_size}" if cfg.n_train is None else f"set {cfg.n_train}", f"val {cfg.n_val}"]
+        if cfg.method == "flt":
+            words.append(f"last layers up to {max(c.last_layers for c in cell)}")
+    words.append(cfg.protocol)
+    if cfg.exp == "tfn":
+        words += [f"heads {cfg.n_head}", f"tokens {cfg.seq_length}"]
+        words += [flag for flag in ("prenorm", "better_optim") if getattr(cfg, flag)]
+    return " ".join(words)
+
+
+def unit_of(cell: Sequence[RunConfig], kind: str, native: Callable[[RunConfig], bool]) -> str:
+    """The calibration unit that prices a cell's configs (a job's ``job_cells``): its
+    engine, at its shape."""
+    engine, shape = engine_of(cell[0], kind, native), shape_of(cell, kind)
+    return f"{engine} [{shape}]" if shape else engine
+
+
+def engine_name(unit: str) -> str:
+    return unit.split(" [", 1)[0]
 
 
 def trains_natively(cfg: RunConfig, native: Callable[[RunConfig], bool]) -> bool:
@@ -146,13 +234,33 @@ def eval_points(cfg: RunConfig) -> int:
 
 
 def config_cost(cfg: RunConfig, kind: str, rate: Rate) -> float:
-    """Core-seconds of one config (models job: one model key)."""
+    """Core-seconds of one config (models job: one model key), without its cell's share."""
     depth = cfg.frozen_depth
     if kind == "models":
         return rate.config(depth) + (cfg.pretrained_epochs if cfg.pretrained else 0) * rate.step(depth)
     scale = eval_points(cfg) / eval_points(RunConfig(n_test=CAL_N_TEST, n_val=CAL_N_VAL))
     steps = cfg.n_epochs if kind == "train" else 0
     return steps * rate.step(depth) + scale * rate.config(depth)
+
+
+def cell_cost(cfg: RunConfig, kind: str, rate: Rate) -> float:
+    """Core-seconds a training cell pays once for all its configs (``cfg``: any of them)."""
+    if kind != "train":
+        return 0.0
+    return cfg.n_epochs * rate.cell_step(cfg.frozen_depth) + rate.cell(cfg.frozen_depth)
+
+
+def job_cells(job) -> list[list[RunConfig]]:
+    """A job's configs as they run and are priced: training cells for a train job; for
+    the others, its configs grouped by shape (each config runs on its own)."""
+    from .runner import cells
+
+    if job.kind == "train":
+        return cells(job.configs)
+    groups: dict[str, list[RunConfig]] = {}
+    for c in job.configs:
+        groups.setdefault(shape_of([c], job.kind), []).append(c)
+    return list(groups.values())
 
 
 @dataclass
@@ -203,17 +311,32 @@ def validation_saving(cfg: RunConfig, kind: str, rates: Mapping[str, Rate], nati
     return (cfg.n_epochs - validations(cfg)) * rates[VALIDATION[cfg.exp]].step(cfg.frozen_depth)
 
 
-def engine_cost(cfg: RunConfig, kind: str, rates: Mapping[str, Rate], native: Callable[[RunConfig], bool]) -> float:
-    """Core-seconds of one config on its engine (without the reference stream's batches)."""
-    full = config_cost(cfg, kind, rates[engine_of(cfg, kind, native)])
-    return max(full - validation_saving(cfg, kind, rates, native), 0.0)
+def engine_cost(cfg: RunConfig, kind: str, rate: Rate, rates: Mapping[str, Rate],
+                native: Callable[[RunConfig], bool]) -> float:
+    """Core-seconds of one config at its unit's ``rate`` (without its cell's share and
+    the reference stream's batches)."""
+    return max(config_cost(cfg, kind, rate) - validation_saving(cfg, kind, rates, native), 0.0)
+
+
+def cell_costs(job, rates: Mapping[str, Rate], native: Callable[[RunConfig], bool]) -> dict[str, float]:
+    """Core-seconds of a job's configs by engine (the reference stream's batches under
+    ``STREAM``), start-up not included."""
+    out: dict[str, float] = defaultdict(float)
+    for cell in job_cells(job):
+        unit = unit_of(cell, job.kind, native)
+        rate = rates[unit]
+        out[engine_name(unit)] += cell_cost(cell[0], job.kind, rate) + sum(
+            engine_cost(c, job.kind, rate, rates, native) for c in cell)
+        stream = sum(stream_cost(c, job.kind, rates) for c in cell)
+        if stream:
+            out[STREAM] += stream
+    return dict(out)
 
 
 def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
               native: Callable[[RunConfig], bool]) -> list[float]:
-    """Core-seconds of each job: start-up plus its configs."""
-    return [startup_s + sum(engine_cost(c, j.kind, rates, native) + stream_cost(c, j.kind, rates) for c in j.configs)
-            for j in jobs]
+    """Core-seconds of each job: start-up plus its cells."""
+    return [startup_s + sum(cell_costs(j, rates, native).values()) for j in jobs]
 
 
 def own_work(jobs: Sequence, shared: Mapping) -> tuple[list, list[int]]:
@@ -241,12 +364,8 @@ def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
         row.reused += reused[i] if reused else 0
         row.core_s += cost
         row.engines[STARTUP] = row.engines.get(STARTUP, 0.0) + startup_s
-        for c in job.configs:
-            engine = engine_of(c, job.kind, native)
-            row.engines[engine] = row.engines.get(engine, 0.0) + engine_cost(c, job.kind, rates, native)
-            stream = stream_cost(c, job.kind, rates)
-            if stream:
-                row.engines[STREAM] = row.engines.get(STREAM, 0.0) + stream
+        for engine, seconds in cell_costs(job, rates, native).items():
+            row.engines[engine] = row.engines.get(engine, 0.0) + seconds
         if job.kind == "train":
             row.configs += len(job.configs)
             row.config_steps += sum(c.n_epochs for c in job.configs)
@@ -300,13 +419,14 @@ def parse_cores(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------ cache
-def cache_key(engine: str, device: str = "cpu") -> str:
-    """Version, CPU model, torch version and engine (and the GPU, when training runs on one)."""
+def cache_key(unit: str, device: str = "cpu") -> str:
+    """Version, CPU model, torch version and calibration unit (and the GPU, when training
+    runs on one)."""
     import torch
 
     from .. import __version__
 
-    parts = [__version__, cpu_model(), torch.__version__, engine]
+    parts = [__version__, cpu_model(), torch.__version__, unit]
     if device != "cpu":
         parts.append(torch.cuda.get_device_name(torch.device(device)))
     return "|".join(parts)
@@ -325,25 +445,28 @@ def _read_cache(path: Path) -> dict:
         return {}  # absent or unreadable: measure again
 
 
-def calibration(engines: Iterable[str], calibrate: Callable[[str], dict], recalibrate: bool = False,
-                path: Optional[Path] = None, key: Callable[[str], str] = cache_key) -> tuple[dict, dict]:
-    """``({engine: measurement}, {engine: 'cache' | 'measured'})``; ``calibrate(engine)``
-    is called only for engines missing from the cache (every engine with ``recalibrate``),
-    and its result is cached."""
+def calibration(units: Mapping[str, Optional[Sequence[RunConfig]]],
+                calibrate: Callable[[str, Optional[Sequence[RunConfig]]], dict],
+                recalibrate: bool = False, path: Optional[Path] = None,
+                key: Callable[[str], str] = cache_key) -> tuple[dict, dict]:
+    """``({unit: measurement}, {unit: 'cache' | 'measured'})``; ``units``: each unit with a
+    config of its shape (None for the units calibrated on the grid's own shape);
+    ``calibrate(unit, example)`` is called only for units missing from the cache (every
+    unit with ``recalibrate``), and its result is cached."""
     from .atomic import atomic_write
 
     path = path or cache_path()
     cache = _read_cache(path)
     out, source = {}, {}
-    for engine in dict.fromkeys(engines):
-        k = key(engine)
+    for unit, example in units.items():
+        k = key(unit)
         if recalibrate or k not in cache:
-            cache[k] = calibrate(engine)
+            cache[k] = calibrate(unit, example)
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1, sort_keys=True)))
-            source[engine] = "measured"
+            source[unit] = "measured"
         else:
-            source[engine] = "cache"
-        out[engine] = cache[k]
+            source[unit] = "cache"
+        out[unit] = cache[k]
     return out, source
 
 
@@ -361,18 +484,35 @@ def _engine(setting: str):
             os.environ["LORABENCH_ENGINE"] = old
 
 
-def _cal_configs(family: str, depth: int, method: str, protocol: str, steps: int = 1,
-                 val_every: int = 1) -> list[RunConfig]:
-    from ..methods import resolve, validated
+def grid_cell(family: str, method: str = "sgd", protocol: str = "paper") -> list[RunConfig]:
+    """A cell of the grid's shape (width 16, batch 256; transformers: 2 heads, 10 tokens):
+    ranks 1-16 x the calibration's weight decays, for the units calibrated on it."""
+    from ..methods import validated
 
-    base = dict(exp=family, width=16, target_depth=1 if family == "fnn" else depth, frozen_depth=depth,
-                batch_size=256, n_test=CAL_N_TEST, n_val=CAL_N_VAL, std=0.25, seed=0, protocol=protocol,
-                method=method, n_epochs=steps, lr=1e-4, curve_every=CAL_SPARSE_VAL_EVERY, val_every=val_every,
-                n_head=2, seq_length=10)
-    if resolve(method).closed_form:
-        return [validated(RunConfig(**base, rank=r)) for r in range(1, 17)]
-    return [validated(RunConfig(**base, rank=r, weight_decay=wd))
-            for r in range(1, 17) for wd in CAL_WEIGHT_DECAYS[family]]
+    depth = CAL_DEPTHS[family][0]
+    base = RunConfig(exp=family, width=16, target_depth=1 if family == "fnn" else depth, frozen_depth=depth,
+                     batch_size=256, n_test=CAL_N_TEST, n_val=CAL_N_VAL, std=0.25, seed=0, protocol=protocol,
+                     method=method, lr=1e-4, n_head=2, seq_length=10)
+    return [validated(base.replace(rank=r, weight_decay=wd)) for wd in CAL_WEIGHT_DECAYS[family] for r in range(1, 17)]
+
+
+def _cal_cell(example: Sequence[RunConfig], depth: int, size: int, steps: int = 1,
+              val_every: int = 1) -> list[RunConfig]:
+    """``size`` configs like the cell ``example`` (spread evenly over it from its first to
+    its last config, repeated when it is smaller) at ``depth``: one cell (constructions:
+    one config each)."""
+    from ..methods import validated
+
+    fixed = dict(frozen_depth=depth, n_epochs=steps, n_test=CAL_N_TEST, seed=0, pretrained=0, best_epoch=0,
+                 curve_every=CAL_SPARSE_VAL_EVERY, val_every=val_every)
+    out = []
+    for i in range(size):
+        base = example[(i * (len(example) - 1)) // (size - 1)] if 1 < size <= len(example) else example[i % len(example)]
+        target_depth = depth if base.exp == "tfn" else min(base.target_depth, depth)
+        out.append(validated(base.replace(**fixed, target_depth=target_depth,
+                                          last_layers=min(base.last_layers, depth),
+                                          lr=base.lr * (1 + 1e-3 * i))))  # distinct configs
+    return out
 
 
 def _cpu_seconds(work: Callable[[], object]) -> float:
@@ -388,19 +528,22 @@ def _timed_run(cfgs: list[RunConfig], device: str) -> float:
     models = {model_key(c): generate_models(model_key(c)) for c in cfgs}  # timed as models-*
     # untimed first: one-off costs (lazy imports, the native library's load, allocator
     # warm-up) belong to the process start-up, not to the configs
-    list(run_configs(cfgs[:2], device=device, models=models))
-    return _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models)))
+    with redirect_stderr(io.StringIO()):  # the cells' own log lines are not the plan's
+        list(run_configs(cfgs[:2], device=device, models=models))
+        return _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models)))
 
 
-def calibrate_engine(engine: str, device: str = "cpu") -> dict:
-    """Measure one engine on small real cells (see the module's docstring); a JSON-able dict."""
+def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, device: str = "cpu") -> dict:
+    """Measure one calibration unit on small real cells like ``example`` (a cell of the
+    unit; see the module's docstring; without one, the grid's shape); a JSON-able dict."""
     import torch
 
     torch.set_num_threads(1)  # the workflow's default: one thread per job
     # the load says how far to trust the figures: CPU time, but shared caches and cores
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
-    if engine == STARTUP:
+    if unit == STARTUP:
         return {"seconds": _startup_seconds(), "measured": f"python importing lorabench's job modules (CPU s), {stamp}"}
+    engine = engine_name(unit)
     kind, family = engine.split("-")
     depths = CAL_DEPTHS[family]
     if engine == STREAM:
@@ -410,39 +553,39 @@ def calibrate_engine(engine: str, device: str = "cpu") -> dict:
     if kind == "validation":
         return asdict(_calibrate_validation(family, depths, device, stamp))
     if kind == "construct":
-        seconds = {}
-        for depth in depths:
-            cfgs = _cal_configs(family, depth, "ours", "paper")
-            seconds[(depth, 0)] = _timed_run(cfgs, device)
-            seconds[(depth, 1)] = seconds[(depth, 0)]  # no steps
-        rate = rate_from_timings(depths, (0, 1), len(cfgs), seconds, f"{len(cfgs)} constructions per depth, {stamp}")
-        return asdict(rate)
-    # torch is timed on the reference protocol, whose stream costs the most with it;
-    # autograd (the plug-in methods' engine) on DoRA, whose adapted weight costs the most.
-    protocol = "reference" if kind == "torch" else "paper"
-    method = "dora" if kind == "autograd" else "sgd"
-    steps = CAL_STEPS[family]
+        example = example or grid_cell(family, "ours")
+        depth = example[0].frozen_depth
+        cfgs = _cal_cell(example, depth, CAL_CONSTRUCTIONS)
+        per_config = _timed_run(cfgs, device) / len(cfgs)
+        return asdict(Rate((depth, depth), (0.0, 0.0), (per_config, per_config),
+                           f"{len(cfgs)} constructions, {stamp}"))
+    if example is None:  # the grid's shape; autograd (the plug-in methods' engine) on DoRA
+        example = grid_cell(family, "dora" if kind == "autograd" else "sgd")
+    if at_own_depth(example[0], "train"):
+        depths = (example[0].frozen_depth,) * 2
+    sizes, steps = CAL_CELLS[engine]
     seconds = {}
     with _engine("torch" if kind == "autograd" else kind):
-        for depth in depths:
-            for n in steps:
-                cfgs = _cal_configs(family, depth, method, protocol, n)
-                seconds[(depth, n)] = _timed_run(cfgs, device)
-    measured = f"{len(cfgs)} {method} configs x {steps} steps, {protocol} protocol, depths {depths}, {stamp}"
-    return asdict(rate_from_timings(depths, steps, len(cfgs), seconds, measured))
+        for depth in dict.fromkeys(depths):
+            for size in sizes:
+                for n in steps:
+                    seconds[(depth, size, n)] = _timed_run(_cal_cell(example, depth, size, n), device)
+    measured = f"cells of {sizes[0]} and {sizes[1]} configs x {steps[0]} and {steps[1]} steps, depths {depths}, {stamp}"
+    return asdict(rate_from_timings(depths, steps, sizes, seconds, measured))
 
 
 def _calibrate_validation(family: str, depths: tuple[int, int], device: str, stamp: str) -> Rate:
     """CPU seconds of one native validation of one config: the same cells validating every
     step and every CAL_SPARSE_VAL_EVERY steps, the difference per skipped validation."""
-    steps = CAL_STEPS[family][1]
+    steps = CAL_VALIDATION_STEPS[family]
+    example, size = grid_cell(family), CAL_CELLS[f"native-{family}"][0][1]
     per_validation = []
     with _engine("native"):
         for depth in depths:
-            every, sparse = (_cal_configs(family, depth, "sgd", "paper", steps, k) for k in (1, CAL_SPARSE_VAL_EVERY))
+            every, sparse = (_cal_cell(example, depth, size, steps, k) for k in (1, CAL_SPARSE_VAL_EVERY))
             saved = _timed_run(every, device) - _timed_run(sparse, device)
             per_validation.append(max(saved, 0.0) / (len(every) * (validations(every[0]) - validations(sparse[0]))))
-    measured = f"{len(every)} configs x {steps} steps validated every step and every {CAL_SPARSE_VAL_EVERY}, {stamp}"
+    measured = f"{size} configs x {steps} steps validated every step and every {CAL_SPARSE_VAL_EVERY}, {stamp}"
     return Rate(tuple(depths), tuple(per_validation), (0.0, 0.0), measured)
 
 
@@ -454,7 +597,7 @@ def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
     seeds = range(4)
     step_s, config_s = [], []
     for depth in depths:
-        cfg = _cal_configs(family, depth, "sgd", "paper")[0]
+        cfg = _cal_cell(grid_cell(family), depth, 1)[0]
         generate_models(cfg.replace(seed=99, pretrained=1, pretrained_epochs=2))  # warm-up, untimed
         plain = sum(_cpu_seconds(lambda s=s: generate_models(cfg.replace(seed=s))) for s in seeds) / len(seeds)
         taken, spent = 0, 0.0
@@ -481,7 +624,7 @@ def _calibrate_stream(depths: tuple[int, int], stamp: str) -> Rate:
 
     step_s = []
     for depth in depths:
-        cfg = _cal_configs("tfn", depth, "sgd", "reference")[0]
+        cfg = _cal_cell(grid_cell("tfn", protocol="reference"), depth, 1)[0]
         target = generate_models(cfg).target
         # As a run evaluates them: natively where the native step trains the cell.
         outputs = partial(tfn_outputs, target) if use_native(cfg, torch.device("cpu")) else None
@@ -730,14 +873,21 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
 
         native = lambda cfg: use_native(cfg, device)  # noqa: E731
     if calibrate is None:
-        calibrate = lambda engine: calibrate_engine(engine, device.type)  # noqa: E731
-    needed = sorted({engine_of(c, j.kind, native) for j in jobs for c in j.configs}
-                    | ({STREAM} if any(has_stream_cost(c, j.kind) for j in jobs for c in j.configs) else set())
-                    | {VALIDATION[c.exp] for j in jobs for c in j.configs if skips_validations(c, j.kind, native)})
-    key = lambda engine: cache_key(engine, device.type)  # noqa: E731
-    measured, source = calibration([STARTUP, *needed], calibrate, recalibrate, path, key)
+        calibrate = lambda unit, example: calibrate_unit(unit, example, device.type)  # noqa: E731
+    units: dict[str, Optional[list[RunConfig]]] = {STARTUP: None}
+    for j in jobs:
+        for cell in job_cells(j):
+            units.setdefault(unit_of(cell, j.kind, native), cell if j.kind != "models" else None)
+            for c in cell:
+                if has_stream_cost(c, j.kind):
+                    units.setdefault(STREAM, None)
+                if skips_validations(c, j.kind, native):
+                    units.setdefault(VALIDATION[c.exp], None)
+    units = {STARTUP: None, **dict(sorted((u, e) for u, e in units.items() if u != STARTUP))}
+    key = lambda unit: cache_key(unit, device.type)  # noqa: E731
+    measured, source = calibration(units, calibrate, recalibrate, path, key)
     startup_s = measured[STARTUP]["seconds"]
-    rates = {e: Rate.from_dict(measured[e]) for e in needed}
+    rates = {u: Rate.from_dict(measured[u]) for u in units if u != STARTUP}
     shared = shared_configs(list(jobs))
     linked = {(key[0], source[0]) for key, by_source in shared.items() for source in by_source}
     ids = [job.id for job in jobs]  # before own_work: a job's id (and path) names all its configs
@@ -762,7 +912,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "total": asdict(total),
         "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
         "startup_s": startup_s,
-        "calibration": {e: {**measured[e], "source": source[e], "key": key(e)} for e in [STARTUP, *needed]},
+        "calibration": {u: {**measured[u], "source": source[u], "key": key(u)} for u in units},
         "cache": str(path or cache_path()),
     }
     if records is not None:
@@ -799,8 +949,8 @@ def preview(wf, jobs: Sequence, cores: int) -> Optional[str]:
         return None
     device = resolve_device(wf.device)
 
-    def uncached(engine: str) -> dict:
-        raise NotCalibrated(engine)
+    def uncached(unit: str, example) -> dict:
+        raise NotCalibrated(unit)
 
     head = f"lorabench: preset {wf.preset}, {len(jobs)} jobs to run"
     try:
@@ -856,20 +1006,27 @@ def format_plan(plan: dict) -> str:
         out += ["", *format_pieces(plan["pieces"])]
     out.append("")
     out.append(f"calibration ({plan['cache']}):")
-    for engine, c in plan["calibration"].items():
-        if engine == STARTUP:
+    for unit, c in plan["calibration"].items():
+        if unit == STARTUP:
             what = f"{c['seconds']:.2f} s per job (measured: process start-up and imports; Snakemake's own overhead not included)"
         else:
-            rate = Rate.from_dict(c)
-            unit = "pretraining step" if engine.startswith("models") else "config-step"
-            per = "model key" if engine.startswith("models") else "config"
-            what = "; ".join(f"depth {d}: " + ("" if engine.startswith("construct") else
-                                                 f"{_short(rate.step(d))} per {unit}, ")
-                             + f"{_short(rate.config(d))} per {per}" for d in rate.depths)
-        out.append(f"  {engine:<14} [{c['source']}] {what}")
-        out.append(f"  {'':<14} ({c.get('measured', '')})")
+            what = "; ".join(_rate_words(unit, Rate.from_dict(c), d) for d in dict.fromkeys(Rate.from_dict(c).depths))
+        out.append(f"  {unit} [{c['source']}]")
+        out.append(f"      {what}")
+        out.append(f"      ({c.get('measured', '')})")
     out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
     return "\n".join(out)
+
+
+def _rate_words(unit: str, rate: Rate, depth: int) -> str:
+    if unit.startswith("models"):
+        return f"depth {depth}: {_short(rate.step(depth))} per pretraining step, {_short(rate.config(depth))} per model key"
+    if unit.startswith("construct"):
+        return f"depth {depth}: {_short(rate.config(depth))} per construction"
+    words = f"depth {depth}: {_short(rate.step(depth))} per config-step, {_short(rate.config(depth))} per config"
+    if rate.cell_step(depth) or rate.cell(depth):
+        words += f", {_short(rate.cell_step(depth))} per cell-step, {_short(rate.cell(depth))} per cell"
+    return words
 
 
 def format_measured(measured: dict) -> list[str]:
