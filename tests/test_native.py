@@ -150,6 +150,22 @@ def test_diverging_config_under_the_native_step(engine):
     assert alone["test_loss"] == good["test_loss"]
 
 
+def test_a_native_step_flushes_subnormals_for_itself_only(engine, monkeypatch):
+    """The steps run with subnormals flushed to zero and restore the caller's float mode:
+    torch's arithmetic after a native cell still underflows gradually."""
+    tiny = torch.tensor([1e-38], dtype=torch.float32)
+    assert (tiny / 4).item() != 0.0  # gradual underflow before
+    engine("native")
+    rows = _rows([RunConfig(**CELL, rank=2)])
+    assert {r["engine"] for r in rows.values()} == {"native"}
+    assert (tiny / 4).item() != 0.0  # and after
+    monkeypatch.setenv("LORABENCH_NATIVE_SUBNORMALS", "keep")
+    assert native.engine_name() == "native-keep-subnormals" and "-DKEEP_SUBNORMALS" in native._flags()
+    monkeypatch.setenv("LORABENCH_NATIVE_SUBNORMALS", "drop")
+    with pytest.raises(native.NativeError, match="LORABENCH_NATIVE_SUBNORMALS must be one of"):
+        native.engine_name()
+
+
 def test_engine_setting_is_checked(engine):
     engine("fast")
     with pytest.raises(native.NativeError, match="LORABENCH_ENGINE must be one of"):

@@ -66,7 +66,7 @@ _RESULT_FIELDS = [
     pa.field("device", pa.string(), nullable=False),
     pa.field("device_name", pa.string()),
     pa.field("torch_threads", pa.int64()),
-    pa.field("engine", pa.string()),  # native | torch: the trainer that produced the row
+    pa.field("engine", pa.string()),  # native | native-keep-subnormals | torch: the trainer that produced the row
     pa.field("method_digest", pa.string()),  # a user's method: SHA-256 of its source; null for lorabench's own
     pa.field("wall_time_s", pa.float64(), nullable=False),
     pa.field("cell_size", pa.int64(), nullable=False),

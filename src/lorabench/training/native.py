@@ -48,10 +48,27 @@ TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
 # Or'ed into a classification task's code: the loss against the target's argmax class.
 LABELS_CODE = 4
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno"]
+SUBNORMALS = ("flush", "keep")  # the steps' subnormal floats (training_steps.c says why they are flushed)
 
 
 class NativeError(RuntimeError):
     """The native step was asked for and cannot be had; the message says why."""
+
+
+def subnormals_setting() -> str:
+    value = os.environ.get("LORABENCH_NATIVE_SUBNORMALS", "flush")
+    if value not in SUBNORMALS:
+        raise NativeError(f"LORABENCH_NATIVE_SUBNORMALS must be one of {SUBNORMALS}, got {value!r}")
+    return value
+
+
+def _flags() -> list[str]:
+    return FLAGS + (["-DKEEP_SUBNORMALS"] if subnormals_setting() == "keep" else [])
+
+
+def engine_name() -> str:
+    """The native engine's name in result rows: it says when subnormals were kept."""
+    return "native" if subnormals_setting() == "flush" else "native-keep-subnormals"
 
 
 def engine_setting() -> str:
@@ -112,7 +129,7 @@ def _compile(compiler: str, source: bytes, library: Path, width: int) -> None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
         src.write_bytes(source)
-        proc = subprocess.run([compiler, *FLAGS, f"-DWIDTH={width}", "-o", str(out), str(src), "-lm"],
+        proc = subprocess.run([compiler, *_flags(), f"-DWIDTH={width}", "-o", str(out), str(src), "-lm"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
@@ -131,7 +148,7 @@ def _build(width: int = WIDTHS[0]) -> ctypes.CDLL:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise NativeError(f"no C compiler ({compiler!r}: {error}); set CC or LORABENCH_ENGINE=torch") from None
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_flags()).encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
     folder = cache_dir()
     library = folder / f"training_steps-{key}-w{width}.so"
