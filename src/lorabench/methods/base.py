@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -156,6 +156,13 @@ class Method:
     def engine(self) -> str:
         """The engine a cell trains on when the native step does not apply."""
         return "torch" if self.hand_written else "autograd"
+
+    def cost_shape(self, cell: Sequence[RunConfig]) -> str:
+        """What, beyond its engine and the model's shape, sets a cell's cost per config
+        (words for ``lorabench plan``'s calibration units; '' when nothing does). A method
+        whose cost depends on its cell's own settings says so here, and its cells are then
+        calibrated at their own depth."""
+        return ""
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

@@ -28,6 +28,10 @@ class FinalLayers(Method):
     def parameter_count(self, cfg: RunConfig) -> int:
         return cfg.last_layers * (cfg.width**2 + cfg.width)
 
+    def cost_shape(self, cell) -> str:
+        # a cell backpropagates down to the deepest layer any of its configs tunes
+        return f"last layers up to {max(c.last_layers for c in cell)}"
+
     def trainable(self, cfgs, frozen, models):
         from ..training.trainables import fnn_final_layers_trainable
 

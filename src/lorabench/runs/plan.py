@@ -185,26 +185,30 @@ def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) ->
     return f"{'native' if trains_natively(cfg, native) else method_of(cfg).engine}-{cfg.exp}"
 
 
-def at_own_depth(cfg: RunConfig, kind: str) -> bool:
-    """Whether ``cfg``'s unit is calibrated at its own depths rather than as a line in the
-    depth: a construction (its cost follows its groups of layers), and final-layer tuning
-    (its cost follows the deepest layer that its cell tunes)."""
-    return kind == "construct" or (kind == "train" and cfg.method == "flt")
+def at_own_depth(cell: Sequence[RunConfig], kind: str) -> bool:
+    """Whether a cell's unit is calibrated at its own depths rather than as a line in the
+    depth: a construction (its cost follows its groups of layers), and a cell whose method
+    prices its cell's own settings (``Method.cost_shape``: final-layer tuning costs what
+    the deepest layer that its cell tunes costs)."""
+    from ..methods import method_of
+
+    return kind == "construct" or (kind == "train" and bool(method_of(cell[0]).cost_shape(cell)))
 
 
 def shape_of(cell: Sequence[RunConfig], kind: str) -> str:
     """The settings beyond depth, cell size and step count that change what a cell's
     configs cost on their engine; '' for model generation (calibrated on the grid's shape)."""
+    from ..methods import method_of
+
     cfg = cell[0]
     if kind == "models":
         return ""
     words = [cfg.method, cfg.task, cfg.activation, f"width {cfg.width}"]
-    if at_own_depth(cfg, kind):
+    if at_own_depth(cell, kind):
         words.append(f"depths {cfg.target_depth}/{cfg.frozen_depth}")
     if kind == "train":
         words += [f"batch {cfg.batch_size}" if cfg.n_train is None else f"set {cfg.n_train}", f"val {cfg.n_val}"]
-        if cfg.method == "flt":
-            words.append(f"last layers up to {max(c.last_layers for c in cell)}")
+        words += [w for w in [method_of(cfg).cost_shape(cell)] if w]
     words.append(cfg.protocol)
     if cfg.exp == "tfn":
         words += [f"heads {cfg.n_head}", f"tokens {cfg.seq_length}"]
@@ -561,7 +565,7 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
                            f"{len(cfgs)} constructions, {stamp}"))
     if example is None:  # the grid's shape; autograd (the plug-in methods' engine) on DoRA
         example = grid_cell(family, "dora" if kind == "autograd" else "sgd")
-    if at_own_depth(example[0], "train"):
+    if at_own_depth(example, "train"):
         depths = (example[0].frozen_depth,) * 2
     sizes, steps = CAL_CELLS[engine]
     seconds = {}
