@@ -244,7 +244,7 @@ def test_job_costs_add_startup_configs_and_cells(smoke):
                             for c in cells)
         assert cost == pytest.approx(expected)
     assert shared > 10
-    rows = plan.count(jobs, costs, 1.5, default_native, rates)
+    rows = plan.count(jobs, costs, 1.5, [plan.cell_costs(j, rates, default_native) for j in jobs])
     assert sum(r.core_s for r in rows) == pytest.approx(sum(costs))
     assert sum(sum(r.engines.values()) for r in rows) == pytest.approx(sum(costs))
 
@@ -263,7 +263,8 @@ def test_the_reference_transformer_pays_for_its_own_batches(smoke, tmp_path):
         assert plan.stream_cost(cfg, kind, rates) == 0.0
     wf, jobs = smoke
     costs = plan.job_costs(jobs, rates, 1.5, default_native)
-    rows = {(r.experiment, r.protocol): r for r in plan.count(jobs, costs, 1.5, default_native, rates)}
+    by_engine = [plan.cell_costs(j, rates, default_native) for j in jobs]
+    rows = {(r.experiment, r.protocol): r for r in plan.count(jobs, costs, 1.5, by_engine)}
     assert rows[("tfn", "reference")].engines[plan.STREAM] > 0
     assert plan.STREAM not in rows[("tfn", "paper")].engines and plan.STREAM not in rows[("fnn", "reference")].engines
     result = plan.make_plan(wf, jobs, [2], calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")

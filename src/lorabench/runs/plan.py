@@ -58,8 +58,6 @@ from .provenance import cpu_model
 
 STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
 VALIDATION = {"fnn": "validation-fnn", "tfn": "validation-tfn"}  # one native validation: see validation_saving
-ENGINES = ("native-fnn", "native-tfn", "torch-fnn", "torch-tfn", "autograd-fnn", "autograd-tfn",
-           "construct-fnn", "construct-tfn", "models-fnn", "models-tfn", STREAM, *VALIDATION.values())
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
 # The calibration's cells: configs like a real cell of the unit, at two depths, two step
@@ -340,7 +338,12 @@ def cell_costs(job, rates: Mapping[str, Rate], native: Callable[[RunConfig], boo
 def job_costs(jobs: Sequence, rates: Mapping[str, Rate], startup_s: float,
               native: Callable[[RunConfig], bool]) -> list[float]:
     """Core-seconds of each job: start-up plus its cells."""
-    return [startup_s + sum(cell_costs(j, rates, native).values()) for j in jobs]
+    return costs_of([cell_costs(j, rates, native) for j in jobs], startup_s)
+
+
+def costs_of(by_engine: Sequence[Mapping[str, float]], startup_s: float) -> list[float]:
+    """Each job's core-seconds from its ``cell_costs``."""
+    return [startup_s + sum(engines.values()) for engines in by_engine]
 
 
 def own_work(jobs: Sequence, shared: Mapping) -> tuple[list, list[int]]:
@@ -357,8 +360,7 @@ def own_work(jobs: Sequence, shared: Mapping) -> tuple[list, list[int]]:
     return out, reused
 
 
-def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
-          native: Callable[[RunConfig], bool], rates: Mapping[str, Rate],
+def count(jobs: Sequence, costs: Sequence[float], startup_s: float, by_engine: Sequence[Mapping[str, float]],
           reused: Optional[Sequence[int]] = None) -> list[Row]:
     """One row per (experiment, protocol), in the jobs' order."""
     rows: dict[tuple[str, str], Row] = {}
@@ -368,7 +370,7 @@ def count(jobs: Sequence, costs: Sequence[float], startup_s: float,
         row.reused += reused[i] if reused else 0
         row.core_s += cost
         row.engines[STARTUP] = row.engines.get(STARTUP, 0.0) + startup_s
-        for engine, seconds in cell_costs(job, rates, native).items():
+        for engine, seconds in by_engine[i].items():
             row.engines[engine] = row.engines.get(engine, 0.0) + seconds
         if job.kind == "train":
             row.configs += len(job.configs)
@@ -900,8 +902,9 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     sources = {index[key]: [index[s] for s in by_source if s in index] for key, by_source in shared.items()
                if key in index}
     jobs, reused = own_work(jobs, shared)
-    costs = job_costs(jobs, rates, startup_s, native)
-    rows = count(jobs, costs, startup_s, native, rates, reused)
+    by_engine = [cell_costs(j, rates, native) for j in jobs]  # each job's cells grouped once
+    costs = costs_of(by_engine, startup_s)
+    rows = count(jobs, costs, startup_s, by_engine, reused)
     total = Row("total", "")
     for row in rows:
         for name in ("jobs", "configs", "reused", "config_steps", "constructions", "models", "core_s"):
