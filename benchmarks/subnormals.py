@@ -42,7 +42,6 @@ CELLS = {
     "fnn classification": ("classification", "paper", lambda c: c.task == "classification" and not c.pretrained),
 }
 METRICS = ("test_loss", "test_shift_loss", "val_loss", "train_loss", "best_step", "diverged")
-GRID = ("rank", "tune_bias", "lr", "weight_decay")  # selection: per rank (and tune_bias), over lr x weight decay
 
 
 def run_cell(name: str, steps: int, out: str) -> None:
@@ -65,7 +64,7 @@ def run_cell(name: str, steps: int, out: str) -> None:
     seconds = time.process_time() - start
     with open(out, "wb") as f:
         pickle.dump({"seconds": seconds, "configs": len(cell), "engine": rows[0]["engine"],
-                     "rows": [{k: r.get(k) for k in ("config_hash", "checkpoint", *GRID, *METRICS)} for r in rows]}, f)
+                     "rows": rows}, f)
 
 
 def measure(name: str, steps: int) -> dict:
@@ -86,16 +85,15 @@ def measure(name: str, steps: int) -> dict:
 
 
 def selected(rows: list[dict]) -> dict:
-    """Per (rank, tune_bias, checkpoint): the config with the lowest finite validation loss
-    among the cell's learning rates and weight decays (runs.selection's rule)."""
-    best: dict = {}
-    for r in rows:
-        if r["diverged"] or not math.isfinite(r["val_loss"]):
-            continue
-        key = (r["rank"], r["tune_bias"], r["checkpoint"])
-        if key not in best or r["val_loss"] < best[key]["val_loss"]:
-            best[key] = r
-    return best
+    """Per selection group (rank and the rest of the config but the learning rate and the
+    weight decay, per checkpoint): the row ``runs.selection`` picks among the cell's."""
+    import pandas as pd
+
+    from lorabench.runs.selection import group_columns, select_by_validation
+
+    chosen = select_by_validation(pd.DataFrame(rows))
+    keys = group_columns(chosen)
+    return {repr([row[k] for k in keys]): row for row in chosen.to_dict("records") if not row["diverged"]}
 
 
 def relative(a, b) -> float:
