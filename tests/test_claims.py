@@ -180,6 +180,48 @@ def test_changes_column():
     assert comparison._changes("pass", "not run") == "n/a"
 
 
+def test_claims_against_a_baseline_say_which_verdicts_change(built, tmp_path):
+    """A baseline whose rows pass where these fail (the protocols swapped) changes every
+    decided verdict; the same rows as baseline change none; the seeds of each are listed."""
+    from lorabench.runs.results import SELECTED_SCHEMA, atomic_write_table
+    import pyarrow as pa
+
+    def write(df: pd.DataFrame, path):
+        atomic_write_table(pa.Table.from_pandas(df, schema=SELECTED_SCHEMA, preserve_index=False), path)
+
+    _, selected = built
+    path = tmp_path / "selected.parquet"
+    write(selected, path)
+    swapped = selected.assign(protocol=selected["protocol"].map({"paper": "reference", "reference": "paper"}))
+    write(swapped[swapped["seed"] != swapped["seed"].max()], tmp_path / "baseline.parquet")
+    assert main(["claims", "--selected", str(path), "--out", str(tmp_path / "out"), "--baseline",
+                 str(tmp_path / "baseline.parquet"), "--baseline-label", "full_length"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "claims_vs_full_length.csv")
+    decided = table[table["status"].isin([claims.PASS, claims.FAIL]) & table["baseline_status"].isin([claims.PASS, claims.FAIL])]
+    assert len(decided) >= len(claims.CLAIMS)
+    assert (decided["changes?"] == "yes").all()
+    text = (tmp_path / "out" / "claims_vs_full_length.md").read_text()
+    assert "## Conclusions that change" in text and "**fnn_exact_2_4** (paper)" in text
+    seeds = sorted(selected["seed"].unique())
+    assert f"| fnn | paper | {seeds[0]}-{seeds[-1]} | {seeds[0]}-{seeds[-2]} |" in text
+
+    assert main(["claims", "--selected", str(path), "--out", str(tmp_path / "same"), "--baseline", str(path)]) == 0
+    same = pd.read_csv(tmp_path / "same" / "claims_vs_baseline.csv")
+    assert set(same["changes?"]) <= {"no", "n/a"} and (same["changes?"] == "no").sum() >= len(claims.CLAIMS)
+    assert "No claim decided in both runs changes its verdict." in (tmp_path / "same" / "claims_vs_baseline.md").read_text()
+
+    with pytest.raises(SystemExit):
+        main(["claims", "--selected", str(path), "--out", str(tmp_path / "bad"), "--baseline", str(path),
+              "--baseline-label", "../x"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_seed_spans():
+    assert comparison._seed_text([0, 1, 2, 4]) == "0-2, 4"
+    assert comparison._seed_text([3]) == "3"
+    assert comparison._seed_text([]) == "none"
+
+
 def test_cli_figures_and_claims(tmp_path, monkeypatch, capsys):
     from lorabench.report import style
 

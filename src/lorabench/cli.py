@@ -258,6 +258,10 @@ def _add_report(sub) -> None:
         if name == "claims":
             _option(p, "note", default="", help="Markdown appended to claims.md (the workflow names the experiments "
                     "a run left out)")
+            _option(p, "baseline", nargs="+", help="another run's selected.parquet (several: its pieces): also write "
+                    "claims_vs_<label>.md/.csv, every claim next to that run's")
+            _option(p, "baseline_label", default="baseline", help="the baseline's name in those files (letters, digits, "
+                    "'_', '-')")
     p = sub.add_parser("paper-tables", help="write per figure of the paper a table: what the paper shows, what was measured",
                        formatter_class=HelpFormatter)
     _option(p, "runs", help="runs.parquet")
@@ -486,9 +490,15 @@ def figures_command(args: argparse.Namespace) -> int:
 def claims_command(args: argparse.Namespace) -> int:
     from .report.commands import write_claims_and_comparison
 
+    from .runs.results import read_pieces
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.baseline_label):
+        raise UsageError(f"--baseline_label {args.baseline_label!r}: use letters, digits, '_' and '-' only")
     runs, selected = _report_inputs(args)
+    baseline = read_pieces(args.baseline) if args.baseline else None
     return _print_paths(write_claims_and_comparison(runs, selected, args.out, checkpoint=args.checkpoint,
-                                                    note=args.note))
+                                                    note=args.note, baseline=baseline,
+                                                    baseline_label=args.baseline_label))
 
 
 def paper_tables_command(args: argparse.Namespace) -> int:

@@ -9,16 +9,24 @@ from typing import Optional
 
 import pandas as pd
 
-from . import claims, comparison
+from . import analysis, claims, comparison
 from .analysis import DEFAULT_CHECKPOINT
 
 
 def write_claims_and_comparison(runs: Optional[pd.DataFrame], selected: pd.DataFrame, out_dir,
-                                *, checkpoint: str = DEFAULT_CHECKPOINT, note: str = "") -> list[Path]:
+                                *, checkpoint: str = DEFAULT_CHECKPOINT, note: str = "",
+                                baseline: Optional[pd.DataFrame] = None, baseline_label: str = "baseline") -> list[Path]:
     """claims.md/.csv and the protocol comparison (protocol_comparison.*) into ``out_dir``;
-    ``note`` (Markdown) ends claims.md."""
+    ``note`` (Markdown) ends claims.md. With ``baseline`` (another run's selected rows),
+    also claims_vs_<baseline_label>.md/.csv."""
     paths = claims.write_claims(runs, selected, out_dir, checkpoint=checkpoint, note=note)
     both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR, checkpoint)
     paths += comparison.write_protocol_comparison(selected, out_dir, both, tolerances=claims.tolerances_text(),
                                                   checkpoint=checkpoint)
+    if baseline is not None:
+        protocols = analysis.present_protocols(selected)
+        paths += comparison.write_baseline_comparison(
+            selected, baseline, out_dir, claims.claims_frame(selected, protocols, checkpoint),
+            claims.claims_frame(baseline, protocols, checkpoint), label=baseline_label,
+            tolerances=claims.tolerances_text())
     return paths

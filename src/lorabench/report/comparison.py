@@ -1,10 +1,13 @@
-"""The two protocols side by side: 'paper' (the paper's text) vs 'reference' (the
-authors' published code, with its data-stream and evaluation quirks).
+"""Claims side by side: under the two protocols, 'paper' (the paper's text) vs
+'reference' (the authors' published code, with its data-stream and evaluation quirks),
+and in one run against another (a baseline, e.g. a preset with fewer seeds).
 
 ``write_protocol_comparison`` writes ``protocol_comparison.png/.pdf`` (FNN and TFN median
 curves under both protocols, construction and gradient update) and ``.md/.csv`` (every
 claim evaluated under each protocol, from the claims table it is given, with a column
-saying whether the verdict changes).
+saying whether the verdict changes). ``write_baseline_comparison`` writes
+``claims_vs_<label>.md/.csv``: every claim of this run next to the baseline's, per
+protocol, with the seeds each run holds per experiment.
 """
 
 from __future__ import annotations
@@ -124,3 +127,73 @@ def write_protocol_comparison(selected: pd.DataFrame, out_dir, claims_table: pd.
               "", "Figure: `protocol_comparison.png` / `.pdf`.", ""]
     md_path = style.atomic_write_text(out / "protocol_comparison.md", "\n".join(lines))
     return paths + [md_path, csv_path]
+
+
+def seeds_table(selected: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment and protocol of either run: the seeds each holds ('1-4' style)."""
+    def seeds(df: pd.DataFrame) -> dict:
+        return {key: sorted(int(s) for s in part["seed"].unique()) for key, part in df.groupby(["experiment", "protocol"])}
+
+    here, there = seeds(selected), seeds(baseline)
+    keys = sorted(set(here) | set(there))
+    return pd.DataFrame([{"experiment": e, "protocol": p, "seeds": _seed_text(here.get((e, p), [])),
+                          "baseline_seeds": _seed_text(there.get((e, p), []))} for e, p in keys],
+                        columns=["experiment", "protocol", "seeds", "baseline_seeds"])
+
+
+def _seed_text(seeds: list[int]) -> str:
+    """[0, 1, 2, 4] -> '0-2, 4'; [] -> 'none'."""
+    if not seeds:
+        return "none"
+    spans = [[seeds[0], seeds[0]]]
+    for seed in seeds[1:]:
+        if seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def baseline_table(claims_table: pd.DataFrame, baseline_claims: pd.DataFrame) -> pd.DataFrame:
+    """One row per (claim, protocol) of ``claims_table``, in its order, with the
+    baseline's status and measurement for the same claim and protocol ('not run' where
+    the baseline has none) and 'changes?' (yes/no when both decided it, n/a otherwise)."""
+    there = {(r["id"], r["protocol"]): r for _, r in baseline_claims.iterrows()}
+    out = []
+    for _, r in claims_table.iterrows():
+        b = there.get((r["id"], r["protocol"]))
+        b_status, b_measured = (b["status"], b["measured"]) if b is not None else (analysis.NOT_RUN, "")
+        out.append({"id": r["id"], "claim": r["claim"], "protocol": r["protocol"], "status": r["status"],
+                    "baseline_status": b_status, "changes?": _changes(r["status"], b_status),
+                    "measured": r["measured"], "baseline_measured": b_measured})
+    return pd.DataFrame(out, columns=["id", "claim", "protocol", "status", "baseline_status", "changes?", "measured",
+                                      "baseline_measured"])
+
+
+def write_baseline_comparison(selected: pd.DataFrame, baseline: pd.DataFrame, out_dir, claims_table: pd.DataFrame,
+                              baseline_claims: pd.DataFrame, *, label: str, tolerances: str = "") -> list[Path]:
+    """claims_vs_<label>.md and .csv in ``out_dir``: ``claims_table`` (this run's claims,
+    claims.claims_frame) next to ``baseline_claims`` (the same for the ``baseline`` rows),
+    the claims whose verdict changes first, then the seeds behind each."""
+    table = baseline_table(claims_table, baseline_claims)
+    out = Path(out_dir)
+    csv_path = style.atomic_write_text(out / f"claims_vs_{label}.csv", table.to_csv(index=False))
+    changed = table[table["changes?"] == "yes"]
+    lines = [
+        f"# Claims against `{label}`",
+        "",
+        f"Every claim measured on this run's selected rows ({len(selected)}) next to the same claim on "
+        f"`{label}`'s ({len(baseline)}), per protocol; statistic: median over each run's seeds. " + tolerances,
+        "",
+        "## Conclusions that change",
+        "",
+    ]
+    lines += [f"- **{r['id']}** ({r['protocol']}): {r['claim']}: here {r['status']}, `{label}` {r['baseline_status']}"
+              for _, r in changed.iterrows()] or ["No claim decided in both runs changes its verdict."]
+    lines += ["", "## Every claim", "",
+              markdown_table(table, ["id", "protocol", "status", "baseline_status", "changes?", "measured",
+                                     "baseline_measured"]),
+              "", "## Seeds per experiment", "",
+              markdown_table(seeds_table(selected, baseline), ["experiment", "protocol", "seeds", "baseline_seeds"]), ""]
+    md_path = style.atomic_write_text(out / f"claims_vs_{label}.md", "\n".join(lines))
+    return [md_path, csv_path]
