@@ -38,3 +38,33 @@ def test_costs_sum_time_and_keep_the_largest_memory_per_group(tmp_path):
 def test_no_records_give_an_empty_table_with_the_columns(tmp_path):
     costs.write_costs([], tmp_path / "costs.csv")
     assert list(pd.read_csv(tmp_path / "costs.csv").columns) == costs.COLUMNS
+
+
+def test_a_jobs_own_cpu_record_replaces_the_sampled_cpu_time(tmp_path):
+    """Snakemake samples a job's CPU time every 30 s after its first 15 s, and keeps the last
+    sample: the job's own record (written on success) is the figure that counts."""
+    sampled = record(tmp_path, "train", "tfn", "paper", "s0-a", 28.0, 300.0, 11.08)
+    (tmp_path / "train/tfn/paper/s0-a.cpu.json").write_text('{"cpu_s": 20.01}\n')
+    assert costs.cpu_record_of(sampled) == tmp_path / "train/tfn/paper/s0-a.cpu.json"
+    assert costs.read_record(sampled)["cpu_s"] == 20.01
+    other = record(tmp_path, "train", "tfn", "paper", "s1-b", 5.0, 300.0, 4.5)  # no own record: the sample
+    assert costs.read_record(other)["cpu_s"] == 4.5
+
+
+def test_the_cpu_record_counts_this_process_and_is_written_on_success_only(tmp_path, capsys):
+    import json
+
+    from lorabench.cli import main
+
+    before = costs.cpu_seconds_so_far()
+    sum(i * i for i in range(2_000_000))  # some CPU work
+    assert costs.cpu_seconds_so_far() > before
+    path = tmp_path / "records" / "job.cpu.json"
+    assert main(["--cpu-record", str(path), "costs", "--out", str(tmp_path / "costs.csv")]) == 0
+    assert json.loads(path.read_text())["cpu_s"] >= before
+    failed = tmp_path / "records" / "failed.cpu.json"
+    try:
+        main(["--cpu-record", str(failed), "claims", "--out", str(tmp_path / "x")])  # neither --runs nor --selected
+    except SystemExit as exit_:
+        assert exit_.code != 0
+    assert not failed.exists()

@@ -8,6 +8,7 @@ LORABENCH_SLURM_TESTS=1.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,12 @@ def test_smoke_writes_the_costs_of_every_rule(smoke_run):
     assert set(costs.loc[costs["rule"] == "train", "experiment"]) == trained  # threshold_law: constructions only
     assert set(costs.loc[costs["rule"] == "train", "protocol"]) == {"paper", "reference"}
     assert (costs["s"] > 0).all() and (costs["jobs"] >= 1).all()
+    # the model, construction and training jobs' CPU time is their own record, not Snakemake's sample
+    for rule in ("generate_models", "construct", "train"):
+        records = sorted((smoke_run / "logs/benchmarks" / rule).rglob("*.tsv"))
+        own = [json.loads((r.with_name(r.stem + ".cpu.json")).read_text())["cpu_s"] for r in records]
+        assert records and len(own) == len(records)
+        assert costs.loc[costs["rule"] == rule, "cpu_s"].sum() == pytest.approx(sum(own), abs=1e-2)
 
 
 @pytest.mark.parametrize("protocol", ["paper", "reference"])

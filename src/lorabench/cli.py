@@ -276,6 +276,8 @@ def _add_report(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lorabench", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"lorabench {__version__}")
+    parser.add_argument("--cpu-record", "--cpu_record", dest="cpu_record", metavar="PATH",
+                        help="on success, write this process's CPU time (JSON) to PATH (the workflow's jobs do)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_run(sub)
     _add_workflow(sub)
@@ -545,7 +547,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if args.cpu_record and code == 0:
+            from .runs.costs import write_cpu_record
+
+            write_cpu_record(args.cpu_record)
+        return code
     except Exception as error:
         code = exit_code(error)
         if code is None:

@@ -201,6 +201,13 @@ def job_ref(kind):
     return lambda wildcards: Untracked(shlex.quote(WF.job_ref(find_job(wildcards, kind))))
 
 
+def cpu_record(rule):
+    """Params function: the job's own CPU-time record, beside its benchmark record
+    (Snakemake's sampled CPU time misses up to 30 s of a job: lorabench.runs.costs)."""
+    return lambda wildcards: Untracked(flags(cpu_record=f"logs/benchmarks/{rule}/{wildcards.experiment}/"
+                                             f"{wildcards.protocol}/{wildcards.job}.cpu.json"))
+
+
 def result_files(experiment=None, protocol=None):
     """The construction and training result files of one experiment and protocol (or every one)."""
     return sorted(j.path for j in JOBS

@@ -12,6 +12,7 @@ rule generate_models:
     params:
         lb=LB,
         job=job_ref("models"),
+        cpu=cpu_record("generate_models"),
     threads: WF.threads
     resources:
         runtime=60,
@@ -19,4 +20,4 @@ rule generate_models:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} models --job {params.job} --out {output} --threads {threads} > {log} 2>&1"
+        "{params.lb} {params.cpu} models --job {params.job} --out {output} --threads {threads} > {log} 2>&1"

@@ -15,6 +15,7 @@ rule construct:
     params:
         lb=LB,
         job=job_ref("construct"),
+        cpu=cpu_record("construct"),
         device=DEVICE,
     threads: WF.threads
     resources:
@@ -23,7 +24,7 @@ rule construct:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} construct --job {params.job} --models {input.models} --out {output}"
+        "{params.lb} {params.cpu} construct --job {params.job} --models {input.models} --out {output}"
         " {params.device} --threads {threads} > {log} 2>&1"
 
 
@@ -40,6 +41,7 @@ rule train:
     params:
         lb=LB,
         job=job_ref("train"),
+        cpu=cpu_record("train"),
         device=DEVICE,
         dispatch=DISPATCH,
     threads: WF.threads
@@ -49,6 +51,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} train --job {params.job} --models {input.models} --reuse {input.reuse} --out {output}"
+        "{params.lb} {params.cpu} train --job {params.job} --models {input.models} --reuse {input.reuse} --out {output}"
         " {params.device} --threads {threads} {params.dispatch}"
         " --log-dir logs/submitit/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job} > {log} 2>&1"
