@@ -38,13 +38,14 @@ RUNS = [
     ("full fine-tuning (autograd)", "full", "auto"),
     ("DoRA (autograd)", "dora", "auto"),
     ("VeRA (autograd)", "vera", "auto"),
-    ("PiSSA (autograd)", "pissa", "auto"),
+    ("PiSSA, native step (LoRA's, on the residual weights)", "pissa", "native"),
 ]
 TFN_RUNS = [
     ("LoRA, native step", "sgd", "native", {}),
     ("LoRA, torch (autograd)", "sgd", "torch", {}),
     ("LoRA on pre-norm blocks, torch (autograd)", "sgd", "auto", {"prenorm": 1}),
     ("DoRA (autograd)", "dora", "auto", {}),
+    ("PiSSA, native step (LoRA's)", "pissa", "native", {}),
 ]
 LENGTHS = {"fnn": (100, 500), "tfn": (10, 40)}
 TFN = dict(exp="tfn", width=16, target_depth=1, frozen_depth=1, n_head=2, seq_length=10, batch_size=256)

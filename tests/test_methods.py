@@ -144,6 +144,35 @@ def test_plug_ins_train_and_their_rows_say_what_ran(method, base):
     assert last["train_curve"][-1] < last["train_curve"][0]
 
 
+@pytest.mark.parametrize("base", [FNN_SMALL, TFN_SMALL], ids=["fnn", "tfn"])
+def test_pissa_on_loras_trainable_is_the_model_of_its_start_and_adapt(base):
+    """PiSSA trains on LoRA's trainable (residual frozen weights, principal factors): the
+    same loss and gradients as the generic autograd trainable of its start and adapt."""
+    from lorabench.training.trainables import autograd_value_and_grad, generic_trainable
+
+    cfgs, models, frozen, lora_form = _start_cell("pissa", {**base, "tune_bias": 1}, ranks=(1, 3))
+    generic = generic_trainable(method_of(cfgs[0]), cfgs, frozen, models)
+    gen = torch.Generator().manual_seed(1)
+    shape = (12, base["width"]) if "exp" not in base else (12, base["width"], base["seq_length"])
+    x = torch.randn(shape, generator=gen)
+    y = forward(models[0].target, x)
+    task, loss_kind = cfgs[0].task, protocol_of(cfgs[0]).classification_loss
+    if lora_form.value_and_grad is not None:
+        loss, grad = lora_form.value_and_grad(lora_form.layout, lora_form.init, x, y)
+    else:
+        loss, grad = autograd_value_and_grad(lora_form, lora_form.init, x, y, task, loss_kind)
+    generic_loss, generic_grad = autograd_value_and_grad(generic, generic.init, x, y, task, loss_kind)
+    torch.testing.assert_close(loss, generic_loss, rtol=1e-5, atol=1e-7)
+    ours, theirs = lora_form.layout.views(grad), generic.layout.views(generic_grad)
+    renamed = {"a": "a_weights", "b": "b_weights"}
+    assert {renamed.get(k, k) for k in ours} == set(theirs)
+    for name, value in ours.items():
+        torch.testing.assert_close(value, theirs[renamed.get(name, name)], rtol=1e-4, atol=1e-6)
+    mask, generic_mask = lora_form.layout.views(lora_form.mask), generic.layout.views(generic.mask)
+    for name, value in mask.items():
+        torch.testing.assert_close(value, generic_mask[renamed.get(name, name)])
+
+
 def test_dora_keeps_the_masked_columns_of_its_factors_at_zero():
     cfgs, _, _, trainable = _start_cell("dora", FNN_SMALL, ranks=(2,))
     padding = 1 - trainable.mask[0]

@@ -139,6 +139,24 @@ def test_native_training_tracks_the_torch_trainer(engine):
             assert math.isclose(native_rows[key][column], row[column], rel_tol=1e-4), (key, column)
 
 
+@pytest.mark.parametrize("family", ["fnn", "tfn"])
+def test_pissa_trains_on_the_native_step(engine, family):
+    """PiSSA is LoRA on residual frozen weights from the principal factors: it takes
+    LoRA's native step, and its rows match the torch engine's within float32 training noise."""
+    base = RunConfig(**CELL) if family == "fnn" else RunConfig(exp="tfn", width=16, target_depth=1, frozen_depth=1,
+                                                                n_head=2, seq_length=10, batch_size=32, n_test=200,
+                                                                n_epochs=12, seed=5)
+    cfgs = [base.replace(method="pissa", rank=r, lr=1e-3) for r in (2, 8)]
+    engine("native")
+    native_rows = _rows(cfgs)
+    engine("torch")
+    torch_rows = _rows(cfgs)
+    for key, row in torch_rows.items():
+        assert native_rows[key]["engine"] == "native" and row["engine"] == "torch"
+        for column in ("test_loss", "val_loss", "train_loss"):
+            assert math.isclose(native_rows[key][column], row[column], rel_tol=1e-4), (key, column)
+
+
 def test_diverging_config_under_the_native_step(engine):
     engine("native")
     base = RunConfig(**CELL, rank=2)

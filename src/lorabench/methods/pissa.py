@@ -9,14 +9,19 @@ started from the frozen weight's R principal singular triplets, W = U S V^T:
 so training starts at the frozen model and moves its principal subspace first, where
 LoRA (A = 0, B random) starts from a random one. Same parameter count as LoRA. The SVD
 is computed in float64 and is deterministic: no random numbers.
+
+Being LoRA on another frozen model from another start, it trains on LoRA's trainable
+(hand-written gradients, and the native step where it applies) with W_res as the frozen
+weights; ``adapt`` states the same model for the generic autograd path.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.adapters import lora_parameter_count
+from ..core.adapters import LoRA, lora_parameter_count
 from ..core.config import RunConfig
+from ..core.models import device_of
 from .base import Method, Start, adapted_matrices, bias_parameter_count, rank_mask, tuned_biases, with_biases, \
     with_matrices
 
@@ -35,6 +40,8 @@ class PiSSA(Method):
     name = "pissa"
     label = "PiSSA"
     fields = ("rank", "tune_bias")
+    hand_written = True
+    native = True
 
     def parameter_count(self, cfg: RunConfig) -> int:
         return lora_parameter_count(cfg) + bias_parameter_count(cfg)
@@ -49,6 +56,24 @@ class PiSSA(Method):
             masks[f"a_{name}"] = masks[f"b_{name}"] = column
             fixed[f"residual_{name}"] = weight - a @ b.transpose(-1, -2)
         return Start(params, masks, fixed)
+
+    def trainable(self, cfgs, frozen, models):
+        """LoRA's trainable on the residual frozen models (stacked like ``frozen``),
+        started from the principal factors."""
+        from ..training.trainables import fnn_lora_trainable, tfn_lora_trainable
+
+        starts = [self.start(c, m) for c, m in zip(cfgs, models)]
+        device = device_of(frozen)
+        params = lambda key: torch.stack([s.params[key] for s in starts]).to(device)
+        names = list(adapted_matrices(frozen))
+        residual = with_matrices(frozen, {name: torch.stack([s.fixed[f"residual_{name}"] for s in starts]).to(device)
+                                          for name in names})
+        a, b = {name: params(f"a_{name}") for name in names}, {name: params(f"b_{name}") for name in names}
+        columns = torch.stack([rank_mask(c.rank, c.width) for c in cfgs]).to(device)  # (C, D)
+        masks = {name: columns.view(len(cfgs), *[1] * (a[name].dim() - 3), -1).expand(*a[name].shape[:-2], -1)
+                 for name in names}
+        make = fnn_lora_trainable if cfgs[0].exp == "fnn" else tfn_lora_trainable
+        return make(cfgs, residual, LoRA(a, b, masks))
 
     def adapt(self, frozen, params, fixed):
         matrices = {name: fixed[f"residual_{name}"] + params[f"a_{name}"] @ params[f"b_{name}"].transpose(-1, -2)
