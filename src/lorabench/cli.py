@@ -491,7 +491,6 @@ def figures_command(args: argparse.Namespace) -> int:
 
 def claims_command(args: argparse.Namespace) -> int:
     from .report.commands import write_claims_and_comparison
-
     from .runs.results import read_pieces
 
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.baseline_label):

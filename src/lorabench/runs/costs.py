@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +33,8 @@ CPU_RECORD_SUFFIX = ".cpu.json"
 
 def cpu_seconds_so_far() -> float:
     """User + system CPU time of this process and of its children it has waited for."""
+    import resource  # POSIX only: the workflow's jobs ask for it, reading records does not
+
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
