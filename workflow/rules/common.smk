@@ -201,11 +201,13 @@ def job_ref(kind):
     return lambda wildcards: Untracked(shlex.quote(WF.job_ref(find_job(wildcards, kind))))
 
 
-def cpu_record(rule):
-    """Params function: the job's own CPU-time record, beside its benchmark record
-    (Snakemake's sampled CPU time misses up to 30 s of a job: lorabench.runs.costs)."""
-    return lambda wildcards: Untracked(flags(cpu_record=f"logs/benchmarks/{rule}/{wildcards.experiment}/"
-                                             f"{wildcards.protocol}/{wildcards.job}.cpu.json"))
+def job_lb(rule):
+    """Params function: ``python -m lorabench`` with the job's own CPU-time record beside
+    its benchmark record (Snakemake's sampled CPU time misses up to 30 s of a job:
+    lorabench.runs.costs). Part of the untracked ``lb`` value, so the rule's shell
+    command, which Snakemake checks for code changes, stays the same."""
+    return lambda wildcards: Untracked(f"{LB} " + flags(cpu_record=f"logs/benchmarks/{rule}/{wildcards.experiment}/"
+                                                          f"{wildcards.protocol}/{wildcards.job}.cpu.json"))
 
 
 def result_files(experiment=None, protocol=None):

@@ -10,9 +10,8 @@ rule generate_models:
     benchmark:
         "logs/benchmarks/generate_models/{experiment}/{protocol}/{job}.tsv"
     params:
-        lb=LB,
+        lb=job_lb("generate_models"),
         job=job_ref("models"),
-        cpu=cpu_record("generate_models"),
     threads: WF.threads
     resources:
         runtime=60,
@@ -20,4 +19,4 @@ rule generate_models:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} {params.cpu} models --job {params.job} --out {output} --threads {threads} > {log} 2>&1"
+        "{params.lb} models --job {params.job} --out {output} --threads {threads} > {log} 2>&1"

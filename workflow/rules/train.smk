@@ -13,9 +13,8 @@ rule construct:
     benchmark:
         "logs/benchmarks/construct/{experiment}/{protocol}/{job}.tsv"
     params:
-        lb=LB,
+        lb=job_lb("construct"),
         job=job_ref("construct"),
-        cpu=cpu_record("construct"),
         device=DEVICE,
     threads: WF.threads
     resources:
@@ -24,7 +23,7 @@ rule construct:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} {params.cpu} construct --job {params.job} --models {input.models} --out {output}"
+        "{params.lb} construct --job {params.job} --models {input.models} --out {output}"
         " {params.device} --threads {threads} > {log} 2>&1"
 
 
@@ -39,9 +38,8 @@ rule train:
     benchmark:
         "logs/benchmarks/train/{experiment}/{protocol}/{job}.tsv"
     params:
-        lb=LB,
+        lb=job_lb("train"),
         job=job_ref("train"),
-        cpu=cpu_record("train"),
         device=DEVICE,
         dispatch=DISPATCH,
     threads: WF.threads
@@ -51,6 +49,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{params.lb} {params.cpu} train --job {params.job} --models {input.models} --reuse {input.reuse} --out {output}"
+        "{params.lb} train --job {params.job} --models {input.models} --reuse {input.reuse} --out {output}"
         " {params.device} --threads {threads} {params.dispatch}"
         " --log-dir logs/submitit/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job} > {log} 2>&1"
