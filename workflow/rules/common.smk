@@ -206,8 +206,11 @@ def job_lb(rule):
     its benchmark record (Snakemake's sampled CPU time misses up to 30 s of a job:
     lorabench.runs.costs). Part of the untracked ``lb`` value, so the rule's shell
     command, which Snakemake checks for code changes, stays the same."""
-    return lambda wildcards: Untracked(f"{LB} " + flags(cpu_record=f"logs/benchmarks/{rule}/{wildcards.experiment}/"
-                                                          f"{wildcards.protocol}/{wildcards.job}.cpu.json"))
+    def value(wildcards):
+        record = f"logs/benchmarks/{rule}/{wildcards.experiment}/{wildcards.protocol}/{wildcards.job}.cpu.json"
+        return Untracked(f"{LB} {flags(cpu_record=record)}")
+
+    return value
 
 
 def result_files(experiment=None, protocol=None):
