@@ -571,11 +571,14 @@ def tolerances_text() -> str:
 
 
 def write_claims(runs: Optional[pd.DataFrame], selected: Optional[pd.DataFrame], out_dir,
-                 *, checkpoint: str = analysis.DEFAULT_CHECKPOINT, note: str = "") -> list[Path]:
+                 *, checkpoint: str = analysis.DEFAULT_CHECKPOINT, note: str = "",
+                 table: Optional[pd.DataFrame] = None) -> list[Path]:
     """``out_dir/claims.md`` and ``out_dir/claims.csv``: every claim under every protocol
-    present in the results; ``note`` (Markdown) ends claims.md."""
+    present in the results; ``note`` (Markdown) ends claims.md. ``table`` is those claims
+    already evaluated (claims_frame), for a caller that needs them for more than this."""
     selected = analysis.ensure_selected(runs, selected)
-    table = claims_frame(selected, checkpoint=checkpoint)
+    if table is None:
+        table = claims_frame(selected, checkpoint=checkpoint)
     out = Path(out_dir)
     csv_path = out / "claims.csv"
     style.atomic_write_text(csv_path, table.to_csv(index=False))

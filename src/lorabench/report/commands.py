@@ -19,14 +19,17 @@ def write_claims_and_comparison(runs: Optional[pd.DataFrame], selected: pd.DataF
     """claims.md/.csv and the protocol comparison (protocol_comparison.*) into ``out_dir``;
     ``note`` (Markdown) ends claims.md. With ``baseline`` (another run's selected rows),
     also claims_vs_<baseline_label>.md/.csv."""
-    paths = claims.write_claims(runs, selected, out_dir, checkpoint=checkpoint, note=note)
-    both = claims.claims_frame(selected, comparison.PROTOCOL_PAIR, checkpoint)
-    paths += comparison.write_protocol_comparison(selected, out_dir, both, tolerances=claims.tolerances_text(),
+    present = analysis.present_protocols(selected)
+    # One evaluation serves all three documents: the claims of every protocol present, and
+    # of the comparison's pair (an absent protocol's claims read 'not run').
+    evaluated = claims.claims_frame(selected, list(dict.fromkeys([*present, *comparison.PROTOCOL_PAIR])), checkpoint)
+    here = evaluated[evaluated["protocol"].isin(present)].reset_index(drop=True)
+    paths = claims.write_claims(runs, selected, out_dir, checkpoint=checkpoint, note=note, table=here)
+    pair = evaluated[evaluated["protocol"].isin(comparison.PROTOCOL_PAIR)].reset_index(drop=True)
+    paths += comparison.write_protocol_comparison(selected, out_dir, pair, tolerances=claims.tolerances_text(),
                                                   checkpoint=checkpoint)
     if baseline is not None:
-        protocols = analysis.present_protocols(selected)
         paths += comparison.write_baseline_comparison(
-            selected, baseline, out_dir, claims.claims_frame(selected, protocols, checkpoint),
-            claims.claims_frame(baseline, protocols, checkpoint), label=baseline_label,
-            tolerances=claims.tolerances_text())
+            selected, baseline, out_dir, here, claims.claims_frame(baseline, present, checkpoint),
+            label=baseline_label, tolerances=claims.tolerances_text())
     return paths

@@ -158,16 +158,13 @@ def baseline_table(claims_table: pd.DataFrame, baseline_claims: pd.DataFrame) ->
     """One row per (claim, protocol) of ``claims_table``, in its order, with the
     baseline's status and measurement for the same claim and protocol ('not run' where
     the baseline has none) and 'changes?' (yes/no when both decided it, n/a otherwise)."""
-    there = {(r["id"], r["protocol"]): r for _, r in baseline_claims.iterrows()}
-    out = []
-    for _, r in claims_table.iterrows():
-        b = there.get((r["id"], r["protocol"]))
-        b_status, b_measured = (b["status"], b["measured"]) if b is not None else (analysis.NOT_RUN, "")
-        out.append({"id": r["id"], "claim": r["claim"], "protocol": r["protocol"], "status": r["status"],
-                    "baseline_status": b_status, "changes?": _changes(r["status"], b_status),
-                    "measured": r["measured"], "baseline_measured": b_measured})
-    return pd.DataFrame(out, columns=["id", "claim", "protocol", "status", "baseline_status", "changes?", "measured",
-                                      "baseline_measured"])
+    there = baseline_claims[["id", "protocol", "status", "measured"]].rename(
+        columns={"status": "baseline_status", "measured": "baseline_measured"})
+    table = claims_table.merge(there, on=["id", "protocol"], how="left")
+    table["baseline_status"] = table["baseline_status"].fillna(analysis.NOT_RUN)
+    table["baseline_measured"] = table["baseline_measured"].fillna("")
+    table["changes?"] = [_changes(a, b) for a, b in zip(table["status"], table["baseline_status"])]
+    return table[["id", "claim", "protocol", "status", "baseline_status", "changes?", "measured", "baseline_measured"]]
 
 
 def write_baseline_comparison(selected: pd.DataFrame, baseline: pd.DataFrame, out_dir, claims_table: pd.DataFrame,
