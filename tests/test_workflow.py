@@ -186,6 +186,8 @@ def test_a_run_says_what_its_jobs_will_cost_before_the_first(tmp_path, monkeypat
     fnn = re.search(r"lorabench: preset smoke, (\d+) jobs to run: projected",
                     snakemake(workdir, "-n", "results/figures/paper/fnn.png").stderr)
     assert every and fnn and int(fnn.group(1)) < int(every.group(1))  # fnn's jobs alone (bias reuses fnn's)
+    for inspect in ("--unlock", "--list-rules", "--summary"):  # they run no job: no cost block
+        assert "lorabench: preset" not in snakemake(workdir, inspect).stderr, inspect
 
 
 def test_report_embeds_every_figure_with_a_caption_naming_its_protocol(smoke_report):

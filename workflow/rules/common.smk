@@ -122,11 +122,24 @@ def targeted_experiments():
     return [name for name in SELECTED if name in needed] or SELECTED
 
 
+# Snakemake invocations that run no job (they inspect or tidy the working directory).
+NO_JOB_FLAGS = {"--unlock", "--list-rules", "--list", "--list-target-rules", "--lt", "--summary", "--detailed-summary",
+                "--dag", "--rulegraph", "--filegraph", "--d3dag", "--touch", "--cleanup-metadata", "--cleanup-shadow",
+                "--delete-all-output", "--delete-temp-output", "--list-changes", "--list-input-changes", "--li",
+                "--list-params-changes", "--lp", "--list-untracked", "--lu", "--archive", "--export-cwl",
+                "--containerize", "--generate-unit-tests", "--lint", "--print-compilation", "--list-conda-envs",
+                "--conda-cleanup-envs", "--report"}
+
+
 def print_preview():
     """Before the first job (dry runs too): what the jobs still to run will cost, from the
-    cached calibration (lorabench.runs.plan.preview); nothing when they train nothing."""
+    cached calibration (lorabench.runs.plan.preview); nothing when they train nothing or
+    the invocation runs no job (NO_JOB_FLAGS)."""
     from lorabench.runs import plan
 
+    flags = {arg.split("=")[0] for arg in sys.argv[1:]}
+    if flags & NO_JOB_FLAGS and "--report-after-run" not in flags:
+        return
     jobs = lbx.jobs_for_outputs(command_targets(), DEFINED_JOBS, SHARED)  # a piece of jobs
     if jobs is None:
         needed = targeted_experiments()
