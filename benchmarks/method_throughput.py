@@ -7,7 +7,8 @@ step and on its hand-written torch gradients, and the plug-in methods (full fine
 DoRA, VeRA, PiSSA) on the torch engine with autograd. ``--family tfn``: the depth-1
 transformer cell (D=16, H=2, N=10, batch 256; 16 ranks x 2 weight decays x 2 learning
 rates = 64 configs): LoRA native and on torch, LoRA on the pre-norm transformer (torch),
-and DoRA. Each rate is config-steps per second of training, from two
+the plug-in methods on the native pass's gradients (``native-gradients``), and DoRA also
+on autograd through the whole model, as it trains with ``LORABENCH_ENGINE=torch``. Each rate is config-steps per second of training, from two
 run lengths (the difference removes model generation and evaluation). The authors'
 run_exp.py (one config per process, as they run it, 5,000 steps) is timed in the same run
 when ``--authors DIR`` names a checkout of UW-Madison-Lee-Lab/Expressive_Power_of_LoRA,
@@ -44,7 +45,10 @@ TFN_RUNS = [
     ("LoRA, native step", "sgd", "native", {}),
     ("LoRA, torch (autograd)", "sgd", "torch", {}),
     ("LoRA on pre-norm blocks, torch (autograd)", "sgd", "auto", {"prenorm": 1}),
-    ("DoRA (autograd)", "dora", "auto", {}),
+    ("full fine-tuning (native gradients)", "full", "auto", {}),
+    ("DoRA (native gradients)", "dora", "auto", {}),
+    ("DoRA, torch (autograd)", "dora", "torch", {}),
+    ("VeRA (native gradients)", "vera", "auto", {}),
     ("PiSSA, native step (LoRA's)", "pissa", "native", {}),
 ]
 LENGTHS = {"fnn": (100, 500), "tfn": (10, 40)}
@@ -106,11 +110,11 @@ def main() -> None:
     if args.family == "tfn":
         report = {"cell": "TFN depth 1, D=16, H=2, N=10, batch 256, one core", "methods": {},
                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        print(f"{'method':<44} {'configs':>7} {'engine':>8} {'config-steps/s':>15}")
+        print(f"{'method':<44} {'configs':>7} {'engine':>16} {'config-steps/s':>15}")
         for label, method, engine, extra in TFN_RUNS:
             cell = cell_rate(method, engine, "tfn", extra)
             report["methods"][label] = {**cell, "method": method, **extra}
-            print(f"{label:<44} {cell['configs']:>7} {'/'.join(cell['engines']):>8} {cell['config_steps_per_s']:>15,.0f}",
+            print(f"{label:<44} {cell['configs']:>7} {'/'.join(cell['engines']):>16} {cell['config_steps_per_s']:>15,.0f}",
                   flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))

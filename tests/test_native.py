@@ -410,3 +410,86 @@ def test_native_tfn_step_reads_shared_rows_and_per_config_validation(monkeypatch
     bad = SharedRows(x, forward(target, x), torch.full((C,), 3))
     with pytest.raises(native.NativeError, match="row index"):
         ours.native_step(native_cell.native_step, flat_rows, bad, val, active, 1)
+
+
+# ------------------------------------------------------- native gradients of whole TFNs
+def _stacked_tfn_models(depth: int, width: int, tokens: int, seeds=(1, 2, 3)):
+    cfgs = [RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens, "seed": s}, target_depth=depth,
+                      frozen_depth=depth, rank=2) for s in seeds]
+    models = [generate_models(c) for c in cfgs]
+    return cfgs, models, stack_models([m.frozen for m in models])
+
+
+@pytest.mark.parametrize("depth, width, tokens, per_config", [(2, 16, 5, False), (1, 32, 20, True)])
+def test_native_gradients_of_whole_transformers_are_as_accurate_as_torch(depth, width, tokens, per_config):
+    """The loss and the gradient of every tensor (every block's W1 and W2 too, which LoRA's
+    step does not train) against a float64 autograd reference: the native error may not
+    exceed 3x torch's float32 error. A shared batch, or one per configuration."""
+    from dataclasses import replace
+
+    _, models, frozen = _stacked_tfn_models(depth, width, tokens)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*((3,) if per_config else ()), 8, width, tokens, generator=gen)
+    y = forward(models[0].target, x)
+    loss, dense = native.tfn_gradients(frozen, x, y)
+
+    def autograd(dtype):
+        leaves = {k: v.to(dtype).requires_grad_(True) for k, v in frozen.tensors().items()}
+        value = task_loss(forward(replace(frozen, **leaves), x.to(dtype)), y.to(dtype), "regression", "labels")
+        return value.detach(), dict(zip(leaves, torch.autograd.grad(value.sum(), list(leaves.values()))))
+
+    (loss32, torch32), (loss64, exact) = autograd(torch.float32), autograd(torch.float64)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=0)
+    assert set(dense) == set(exact) == set(native.TFN_DENSE)
+    for name, reference in exact.items():
+        native_error = (dense[name].double() - reference).abs().max()
+        torch_error = (torch32[name].double() - reference).abs().max()
+        assert native_error <= 3 * torch_error + 1e-6 * reference.abs().max(), name
+    loss_only, none = native.tfn_gradients(frozen, x, y, threads=2, with_grad=False)
+    assert none is None and torch.equal(loss_only, loss)
+
+
+def test_native_gradients_refuse_what_they_do_not_compute():
+    _, models, frozen = _stacked_tfn_models(1, 16, 5)
+    x = torch.randn(4, 16, 5)
+    with pytest.raises(native.NativeError, match="stacked"):
+        native.tfn_gradients(models[0].frozen, x, x)
+    with pytest.raises(native.NativeError, match="inputs"):
+        native.tfn_gradients(frozen, torch.randn(2, 4, 16, 5), torch.randn(2, 4, 16, 5))
+    with pytest.raises(native.NativeError, match="targets shaped"):
+        native.tfn_gradients(frozen, x, x[:2])
+
+
+@pytest.mark.parametrize("method", ["full", "dora", "vera"])
+def test_plug_in_methods_on_the_transformer_take_the_native_gradients(method, engine):
+    """A generic method's transformer cell: loss and gradients from the native pass, mapped
+    onto its parameters by autograd through ``adapt``, equal autograd through the whole
+    model to float32 round-off; its rows say so; LORABENCH_ENGINE=torch keeps autograd."""
+    from lorabench.methods import validated
+    from lorabench.training.trainables import generic_trainable
+
+    cfgs = [validated(RunConfig(**{**TFN_CELL, "method": method}, target_depth=1, frozen_depth=1, rank=r, tune_bias=1))
+            for r in (1, 3)]
+    models = [generate_models(c) for c in cfgs]
+    frozen = stack_models([m.frozen for m in models])
+    engine("auto")
+    ours = generic_trainable(method_of(cfgs[0]), cfgs, frozen, models)
+    engine("torch")
+    theirs = generic_trainable(method_of(cfgs[0]), cfgs, frozen, models)
+    assert ours.native_gradients and ours.engine_label == "native-gradients"
+    assert not theirs.native_gradients and theirs.engine_label == "torch"
+    gen = torch.Generator().manual_seed(2)
+    start = (ours.init + 0.05 * torch.randn(ours.init.shape, generator=gen) * ours.mask).contiguous()
+    for shape in ((8, 16, 5), (2, 8, 16, 5)):  # a shared batch, one per configuration
+        x = torch.randn(shape, generator=gen)
+        y = forward(models[0].target, x)
+        loss, grad = ours.value_and_grad(ours.layout, start, x, y)
+        loss_ref, grad_ref = autograd_value_and_grad(theirs, start, x, y, "regression", "labels")
+        torch.testing.assert_close(loss, loss_ref, rtol=2e-5, atol=1e-9)
+        scale = grad_ref.abs().max()
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5 * float(scale))
+        torch.testing.assert_close(ours.loss(ours.layout, start, x, y), loss_ref, rtol=2e-5, atol=1e-9)
+    engine("auto")
+    rows = list(run_configs([cfgs[1].replace(lr=1e-2, curve_every=2)], device="cpu"))
+    assert {r["engine"] for r in rows} == {"native-gradients"}
+    assert rows[0]["train_curve"][-1] < rows[0]["train_curve"][0]

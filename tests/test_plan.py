@@ -280,6 +280,10 @@ def test_engine_of():
     assert plan.engine_of(fnn.replace(width=4), "train", default_native) == "torch-fnn"
     assert plan.engine_of(tfn, "construct", default_native) == "construct-tfn"
     assert plan.engine_of(fnn, "models", default_native) == "models-fnn"
+    # a plug-in method: autograd, but on the transformer through the native pass's gradients
+    assert plan.engine_of(tfn.replace(method="dora"), "train", default_native) == "gradients-tfn"
+    assert plan.engine_of(tfn.replace(method="dora", width=8), "train", default_native) == "autograd-tfn"
+    assert plan.engine_of(fnn.replace(method="dora"), "train", default_native) == "autograd-fnn"
 
 
 def test_makespan_and_wall_time():
@@ -319,8 +323,9 @@ def test_second_plan_reads_the_cache(smoke, tmp_path):
     first = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     engines = sorted(calls)
     assert len(engines) == len(set(engines)) and plan.STARTUP in engines
-    # the plug-in methods train with autograd; the pre-norm and D = 8 transformers on torch
-    assert {"native-tfn", "autograd-fnn", "autograd-tfn", "torch-tfn"} <= {plan.engine_name(u) for u in engines}
+    # the plug-in methods train with autograd, on the transformer through the native pass's
+    # gradients; the pre-norm and D = 8 transformers on torch
+    assert {"native-tfn", "autograd-fnn", "gradients-tfn", "torch-tfn"} <= {plan.engine_name(u) for u in engines}
     assert {c["source"] for c in first["calibration"].values()} == {"measured"}
     second = plan.make_plan(wf, jobs, [2], calibrate=counting, native=default_native, path=path)
     assert sorted(calls) == engines  # nothing measured again

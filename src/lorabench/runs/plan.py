@@ -72,6 +72,7 @@ CAL_CELLS = {  # (sizes, steps) per engine
     "autograd-fnn": ((4, 16), (20, 200)),
     "torch-tfn": ((4, 16), (5, 20)),
     "autograd-tfn": ((4, 16), (5, 20)),
+    "gradients-tfn": ((16, 64), (10, 40)),
 }
 CAL_WEIGHT_DECAYS = {"fnn": (0.0, 1e-4, 1e-3, 1e-2), "tfn": (0.0, 1e-3)}
 CAL_CONSTRUCTIONS = 16
@@ -173,14 +174,21 @@ def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], sizes: tu
 def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> str:
     """The engine that runs ``cfg`` in a job of ``kind``; ``native(cfg)`` is the trainer's
     engine decision for a method with a native step. Off the native step, a method with
-    hand-written gradients trains on ``torch``, any other on ``autograd``."""
+    hand-written gradients trains on ``torch``, any other on ``autograd``, but on the
+    transformer where the native step would apply: there autograd maps the native pass's
+    gradients onto the method's parameters (``gradients``, trainables.py)."""
     from ..methods import method_of
 
     if kind == "models":
         return f"models-{cfg.exp}"
     if kind == "construct":
         return f"construct-{cfg.exp}"
-    return f"{'native' if trains_natively(cfg, native) else method_of(cfg).engine}-{cfg.exp}"
+    if trains_natively(cfg, native):
+        return f"native-{cfg.exp}"
+    engine = method_of(cfg).engine
+    if engine == "autograd" and cfg.exp == "tfn" and native(cfg):
+        return "gradients-tfn"
+    return f"{engine}-{cfg.exp}"
 
 
 def at_own_depth(cell: Sequence[RunConfig], kind: str) -> bool:
@@ -565,13 +573,13 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
         per_config = _timed_run(cfgs, device) / len(cfgs)
         return asdict(Rate((depth, depth), (0.0, 0.0), (per_config, per_config),
                            f"{len(cfgs)} constructions, {stamp}"))
-    if example is None:  # the grid's shape; autograd (the plug-in methods' engine) on DoRA
-        example = grid_cell(family, "dora" if kind == "autograd" else "sgd")
+    if example is None:  # the grid's shape; autograd and gradients (the plug-in methods' engines) on DoRA
+        example = grid_cell(family, "dora" if kind in ("autograd", "gradients") else "sgd")
     if at_own_depth(example, "train"):
         depths = (example[0].frozen_depth,) * 2
     sizes, steps = CAL_CELLS[engine]
     seconds = {}
-    with _engine("torch" if kind == "autograd" else kind):
+    with _engine({"autograd": "torch", "gradients": "native"}.get(kind, kind)):
         for depth in dict.fromkeys(depths):
             for size in sizes:
                 for n in steps:

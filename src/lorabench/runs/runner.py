@@ -25,7 +25,6 @@ from ..core.generation import Models
 from ..core.models import FNN, map_tensors
 from ..core.protocols import generate_models, protocol_of
 from ..methods import method_of, validated
-from ..training import native
 from ..training.loop import TrainResult, evaluate, outputs_in_chunks, train_cell
 from ..training.trainables import stack_models, target_outputs_for
 from .provenance import code_version, cpu_model
@@ -254,7 +253,7 @@ def _run_gradient_cell(cell: list[RunConfig], cache: ModelCache, device: torch.d
             diverged = bool(result.diverged_step[c] >= 0)
             row.update(
                 checkpoint=checkpoint,
-                engine=native.engine_name() if trainable.engine == "native" else trainable.engine,
+                engine=trainable.engine_label,
                 # The fixed-set validation loss seen during training (reference TFN: the
                 # authors' per-step batch), rather than the re-evaluation above.
                 val_loss=float(val[c]),

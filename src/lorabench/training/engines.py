@@ -7,8 +7,9 @@ validation predictions. Either engine calls ``val_batch`` once per step, after t
 training batch and the dropout, so a stream sees the same order whichever trains; with
 ``validate`` False it computes no validation (the loss is NaN, no predictions).
 
-* ``TorchEngine``: the trainable's hand-written gradient where it has one and there is
-  no dropout, else autograd; then ``BatchedAdam.step``; then the validation forward pass.
+* ``TorchEngine``: the trainable's hand-written (or native, trainables.py) gradient where
+  it has one and there is no dropout, else autograd; then ``BatchedAdam.step``; then the
+  validation loss (the trainable's own where it has one and no predictions are asked for).
 * ``NativeEngine``: loss, gradient, Adam and validation loss in one call of the C step
   (native.py); it skips configs that are inactive or whose loss is not finite, as the
   torch engine does.
@@ -72,6 +73,9 @@ class TorchEngine(Engine):
             vx, vy = streams.stacked(val_batch())
             if not validate:
                 return StepResult(loss, param, _not_validated(param), vy, None)
+            if trainable.loss is not None and not predictions and self.task == "regression":
+                val = trainable.loss(trainable.layout, param, vx, vy).to(torch.float64)
+                return StepResult(loss, param, val, vy, None)
             vpred = forward(trainable.model(param), vx)
             val = data.task_loss(vpred, vy, self.task, self.classification_loss).to(torch.float64)
         return StepResult(loss, param, val, vy, vpred)

@@ -155,7 +155,7 @@ def _build(width: int = WIDTHS[0]) -> ctypes.CDLL:
     if not library.exists():
         _compile(compiler, source, library, width)
     lib = ctypes.CDLL(str(library))
-    lib.fnn_step.restype = lib.tfn_step.restype = lib.tfn_forward.restype = ctypes.c_int
+    lib.fnn_step.restype = lib.tfn_step.restype = lib.tfn_forward.restype = lib.tfn_gradients.restype = ctypes.c_int
     _check_abi(lib)
     return lib
 
@@ -384,6 +384,55 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     if lib.tfn_forward(ctypes.byref(shape), pointers, _ptr(biases), _ptr(rows), _ptr(out)) != 0:
         raise NativeError("native forward: out of memory or shape out of range")
     return out.transpose(-1, -2).reshape(x.shape)
+
+
+TFN_DENSE = ("wq", "wk", "wv", "wo", "w1", "w2", "w_out", "b1", "b2")  # tfn_gradients' layout (TfnDense)
+
+
+def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
+                  with_grad: bool = True) -> tuple[Tensor, Optional[dict[str, Tensor]]]:
+    """The mean squared error of C stacked transformers (no residual variant) on inputs x
+    (B, D, N) shared, or (C, B, D, N) one batch per configuration, against targets y of
+    the same shape: the loss (C,) and, with ``with_grad``, its gradients w.r.t. every
+    tensor of the model (TFN_DENSE; zero for a configuration whose loss is not finite).
+    A method on the generic path maps these onto its own parameters by the chain rule.
+    Raises NativeError where the native step does not apply to the model's sizes."""
+    if model.wq.dim() != 5 or model.residual or model.prenorm:
+        raise NativeError("native gradients: stacked TFNs without a residual variant")
+    C, (D, N) = model.wq.shape[0], x.shape[-2:]
+    if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS or x.shape != y.shape:
+        raise NativeError(f"native gradients: width {D} (one of {WIDTHS}), {N} tokens (at most {MAX_TOKENS}) "
+                          f"and targets shaped as the inputs")
+    if x.dim() not in (3, 4) or (x.dim() == 4 and x.shape[0] != C):
+        raise NativeError("native gradients: inputs (B, D, N) or (C, B, D, N)")
+    lib = _build(D)
+    xs, ys = (t.detach().transpose(-1, -2).to(torch.float32).contiguous() for t in (x, y))
+    weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
+    biases = torch.cat([model.b1.detach().reshape(C, -1), model.b2.detach().reshape(C, -1)], dim=1)
+    biases = biases.to(torch.float32).contiguous()
+    L = model.depth
+    stride = 0 if xs.dim() == 3 else xs[0].numel()
+    shape = _TfnShape(depth=L, heads=model.n_head, width=D, tokens=N, batch=xs.shape[-3], val_batch=0,
+                      n_param=biases.shape[1], off_b1=0, off_b2=L * D, x_stride=stride, y_stride=stride)
+    sizes = [weights[i][0].numel() for i in range(len(TFN_FROZEN))] + [L * D, L * D]
+    grads = torch.zeros(C, sum(sizes), dtype=torch.float32) if with_grad else None
+    loss = torch.empty(C, dtype=torch.float32)
+    pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
+    strides = (ctypes.c_long * len(weights))(*[t[0].numel() for t in weights])
+
+    def run(begin: int, end: int) -> int:
+        return lib.tfn_gradients(ctypes.byref(shape), begin, end, pointers, strides, _ptr(biases), _ptr(xs), _ptr(ys),
+                                 None, _ptr(loss), None if grads is None else _ptr(grads))
+
+    threads = max(1, min(threads, C))
+    bounds = [C * i // threads for i in range(threads + 1)]
+    codes = [run(0, C)] if threads == 1 else list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+    if any(code != 0 for code in codes):
+        raise NativeError("native gradients: out of memory or shape out of range")
+    if grads is None:
+        return loss, None
+    parts = grads.split(sizes, dim=1)
+    return loss, {name: part.view_as(getattr(model, name)) for name, part in zip(TFN_DENSE, parts)}
 
 
 @lru_cache(maxsize=None)

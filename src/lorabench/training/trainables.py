@@ -39,12 +39,24 @@ class Trainable:
     init: Tensor
     mask: Tensor
     build: Callable[[dict[str, Tensor]], Model]
-    value_and_grad: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None
+    value_and_grad: Optional[Callable[[Layout, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None
     native_step: Optional[native.NativeStep] = None
+    # The loss alone, (layout, flat, x, y) -> (C,), where it has a faster way than torch's
+    # forward pass; and whether value_and_grad and loss are native (native_gradients).
+    loss: Optional[Callable[[Layout, Tensor, Tensor, Tensor], Tensor]] = None
+    native_gradients: bool = False
 
     @property
     def engine(self) -> str:
         return "native" if self.native_step is not None else "torch"
+
+    @property
+    def engine_label(self) -> str:
+        """What trained it, as result rows say: the native step, torch with the native
+        gradients of the adapted transformer (native_gradients), or torch."""
+        if self.native_step is not None:
+            return native.engine_name()
+        return f"{native.engine_name()}-gradients" if self.native_gradients else "torch"
 
     def model(self, flat: Tensor) -> Model:
         return self.build(self.layout.views(flat))
@@ -228,7 +240,35 @@ def generic_trainable(method, cfgs: list[RunConfig], frozen: Model, models: list
 
     init, fixed = stacked("params"), stacked("fixed")
     masks = {name: torch.stack([s.masks[name].expand_as(s.params[name]) for s in starts]).to(device) for name in init}
-    return _trainable(init, masks, lambda p: method.adapt(frozen, p, fixed))
+    trainable = _trainable(init, masks, lambda p: method.adapt(frozen, p, fixed))
+    if isinstance(frozen, TFN) and trainable.init.dtype == torch.float32 and native.use_native(cfgs[0], device):
+        return with_native_tfn_gradients(trainable)
+    return trainable
+
+
+def with_native_tfn_gradients(trainable: Trainable) -> Trainable:
+    """A transformer trainable whose loss and gradient come from the native pass over the
+    adapted model's whole weights (native.tfn_gradients); autograd maps those onto the
+    trainable's parameters through ``build`` alone, a few small matrix products, instead
+    of through the transformer's forward pass."""
+
+    def value_and_grad(layout: Layout, flat: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        leaf = flat.detach().requires_grad_(True)
+        with torch.enable_grad():
+            model = trainable.build(layout.views(leaf))
+        loss, dense = native.tfn_gradients(model, x, y, threads=torch.get_num_threads())
+        adapted = [(t, dense[name].to(t.dtype)) for name, t in model.tensors().items() if t.requires_grad]
+        if not adapted:
+            return loss, torch.zeros_like(flat)
+        (grad,) = torch.autograd.grad([t for t, _ in adapted], [leaf], grad_outputs=[g for _, g in adapted],
+                                      allow_unused=True)
+        return loss, torch.zeros_like(flat) if grad is None else grad
+
+    def loss(layout: Layout, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        model = trainable.build(layout.views(flat))
+        return native.tfn_gradients(model, x, y, threads=torch.get_num_threads(), with_grad=False)[0]
+
+    return replace(trainable, value_and_grad=value_and_grad, loss=loss, native_gradients=True)
 
 
 def target_outputs_for(trainable: Trainable, target: Model) -> Optional[Callable[[Tensor], Tensor]]:

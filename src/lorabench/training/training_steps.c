@@ -792,74 +792,114 @@ INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float 
     return k->y_out;
 }
 
+/* Where the backward pass puts a gradient w.r.t. an adapted matrix's effective weights
+ * dW: the LoRA factors' gradients (dense NULL), or dW itself at dense. */
+INLINE void adapted_gradient(const TfnShape *s, const float *restrict dW, int e, long at, const float *restrict p,
+                             float *restrict grad, float *restrict dense, const int D, const int NV) {
+    if (dense)
+        memcpy(dense, dW, (long)D * D * sizeof(float));
+    else
+        lora_gradients(dW, p + s->off_a[e] + at, p + s->off_b[e] + at, grad + s->off_a[e] + at, grad + s->off_b[e] + at,
+                       D, NV);
+}
+
+/* The dense gradients' layout (TfnDense): wq wk wv wo (L, H, D, D), w1 w2 (L, D, D),
+ * w_out (D, D), then b1 b2 at off_b1 and off_b2 of the biases' layout. */
+typedef struct {
+    float *wq, *wk, *wv, *wo, *w1, *w2, *w_out, *biases;
+} TfnDense;
+
+static long tfn_dense_floats(const TfnShape *s) {
+    const long DD = (long)s->width * s->width;
+    return 4L * s->depth * s->heads * DD + 2L * s->depth * DD + DD + s->n_param;
+}
+
+static TfnDense tfn_dense_layout(const TfnShape *s, float *base) {
+    const long DD = (long)s->width * s->width, LHDD = (long)s->depth * s->heads * DD;
+    TfnDense g = {base, base + LHDD, base + 2 * LHDD, base + 3 * LHDD, base + 4 * LHDD, base + 4 * LHDD + s->depth * DD,
+                  base + 4 * LHDD + 2 * s->depth * DD, base + 4 * LHDD + 2 * s->depth * DD + DD};
+    return g;
+}
+
+/* Backward pass after tfn_forward_rows on the training batch (k->d_out: the loss's
+ * gradient w.r.t. the outputs). dense NULL: the LoRA factors' and the biases' gradients
+ * into grad (zeroed by the caller); else the gradients of every weight matrix and bias
+ * into dense (grad unused). */
+INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p, float *restrict grad,
+                         const TfnDense *dense, const int D, const int NV) {
+    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch, NQ = (N + LANES - 1) / LANES;
+    const long DD = (long)D * D, rows = (long)B * N, RD = rows * D;
+    float *bias_grad = dense ? dense->biases : grad;
+    const float *top = k->blocks[L - 1].out;
+    weight_gradient(k->d_out, top, rows, k->dw, NULL, D, NV); /* d W_out */
+    adapted_gradient(s, k->dw, TOUT, 0, p, grad, dense ? dense->w_out : NULL, D, NV);
+    float *d_out = k->dx; /* gradient w.r.t. the current block's output */
+    matmul(k->d_out, rows, k->w.w_out, NULL, 0, NULL, d_out, D, NV);
+    for (int l = L - 1; l >= 0; l--) {
+        TfnBlock *a = &k->blocks[l];
+        if (l == L - 1) {
+            weight_gradient(d_out, a->hid, rows, k->dw, bias_grad + s->off_b2 + l * D, D, NV);
+            adapted_gradient(s, k->dw, T2, 0, p, grad, dense ? dense->w2 + l * DD : NULL, D, NV);
+        } else {
+            weight_gradient(d_out, a->hid, rows, dense ? dense->w2 + l * DD : NULL, bias_grad + s->off_b2 + l * D, D,
+                            NV);
+        }
+        matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
+        weight_gradient(k->d_hid, a->att, rows, dense ? dense->w1 + l * DD : NULL, bias_grad + s->off_b1 + l * D, D,
+                        NV);
+        matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
+        /* d_out is consumed: reuse it as the gradient w.r.t. this block's input (the
+         * first block's input is data: no gradient). */
+        float *dx = l > 0 ? d_out : NULL;
+        if (dx) memset(dx, 0, RD * sizeof(float));
+        tokens_as_lanes(k->d_att, B, N, k->d_attT, D, NQ);
+        for (int h = 0; h < H; h++) {
+            const long mi = (long)l * H + h;
+            attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
+                               k->d_attT, B, N, dx, k->dq, k->dv, D, NV);
+            weight_gradient(a->x, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
+            weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
+            if (dx) {
+                matmul_add(k->dq, rows, k->w.mq_t + mi * DD, dx, D, NV);
+                matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
+            }
+        }
+        d_out = dx;
+    }
+    for (long mi = 0; mi < (long)L * H; mi++) {
+        const float *dMq = k->d_mq + mi * DD, *dMv = k->d_mv + mi * DD;
+        const float *Wq = k->w.wq + mi * DD, *Wk = k->w.wk + mi * DD, *Wv = k->w.wv + mi * DD, *Wo = k->w.wo + mi * DD;
+        float *dense_of[4] = {NULL, NULL, NULL, NULL};
+        if (dense) dense_of[TQ] = dense->wq, dense_of[TK] = dense->wk, dense_of[TV] = dense->wv, dense_of[TO] = dense->wo;
+        /* Mq = Wk^T Wq: dWq = Wk dMq, dWk = Wq dMq^T; Mv = Wo Wv: dWo = dMv Wv^T, dWv = Wo^T dMv. */
+        for (int e = TQ; e <= TO; e++) {
+            if (e == TK) transpose(dMq, k->scratch, D);
+            if (e == TO) transpose(Wv, k->scratch, D);
+            const float *left = e == TQ ? Wk : e == TK ? Wq : e == TV ? Wo : dMv;
+            const float *right = e == TQ ? dMq : e == TV ? dMv : k->scratch;
+            const long left_row = e == TV ? 1 : D, left_col = e == TV ? D : 1; /* TV: Wo^T */
+            weighted_rows(left, left_row, left_col, D, D, right, D, PLAIN, k->dm, NV);
+            adapted_gradient(s, k->dm, e, mi * DD, p, grad, dense ? dense_of[e] + mi * DD : NULL, D, NV);
+        }
+    }
+}
+
 INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFrozen *f, float *restrict p,
                             float *restrict m, float *restrict v, const float *restrict mask, float step_size,
                             float weight_decay, const float *restrict x, const float *restrict y,
                             const float *restrict vx, const float *restrict vy, int active, float *train_loss,
                             float *val_loss, TfnWork *k, const int D, const int NV) {
-    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch, NQ = (N + LANES - 1) / LANES;
-    const long DD = (long)D * D, rows = (long)B * N, RD = rows * D;
+    const int N = s->tokens;
+    const long rows = (long)s->batch * N;
     tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
-    const float *out = tfn_forward_rows(s, k, p, x, B, D, NV);
+    const float *out = tfn_forward_rows(s, k, p, x, s->batch, D, NV);
     const float loss = task_loss(out, y, (int)rows, REGRESSION, k->d_out, D, NV);
     *train_loss = loss;
 
     if (active && isfinite(loss)) {
-        float *grad = k->grad;
-        memset(grad, 0, s->n_param * sizeof(float));
-        const float *top = k->blocks[L - 1].out;
-        weight_gradient(k->d_out, top, rows, k->dw, NULL, D, NV); /* d W_out */
-        lora_gradients(k->dw, p + s->off_a[TOUT], p + s->off_b[TOUT], grad + s->off_a[TOUT], grad + s->off_b[TOUT],
-                       D, NV);
-        float *d_out = k->dx; /* gradient w.r.t. the current block's output */
-        matmul(k->d_out, rows, k->w.w_out, NULL, 0, NULL, d_out, D, NV);
-        for (int l = L - 1; l >= 0; l--) {
-            TfnBlock *a = &k->blocks[l];
-            if (l == L - 1) {
-                weight_gradient(d_out, a->hid, rows, k->dw, grad + s->off_b2 + l * D, D, NV);
-                lora_gradients(k->dw, p + s->off_a[T2], p + s->off_b[T2], grad + s->off_a[T2], grad + s->off_b[T2],
-                               D, NV);
-            } else {
-                weight_gradient(d_out, a->hid, rows, NULL, grad + s->off_b2 + l * D, D, NV);
-            }
-            matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
-            weight_gradient(k->d_hid, a->att, rows, NULL, grad + s->off_b1 + l * D, D, NV);
-            matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
-            /* d_out is consumed: reuse it as the gradient w.r.t. this block's input (the
-             * first block's input is data: no gradient). */
-            float *dx = l > 0 ? d_out : NULL;
-            if (dx) memset(dx, 0, RD * sizeof(float));
-            tokens_as_lanes(k->d_att, B, N, k->d_attT, D, NQ);
-            for (int h = 0; h < H; h++) {
-                const long mi = (long)l * H + h;
-                attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
-                                   k->d_attT, B, N, dx, k->dq, k->dv, D, NV);
-                weight_gradient(a->x, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
-                weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
-                if (dx) {
-                    matmul_add(k->dq, rows, k->w.mq_t + mi * DD, dx, D, NV);
-                    matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
-                }
-            }
-            d_out = dx;
-        }
-        for (long mi = 0; mi < (long)L * H; mi++) {
-            const float *dMq = k->d_mq + mi * DD, *dMv = k->d_mv + mi * DD;
-            const float *Wq = k->w.wq + mi * DD, *Wk = k->w.wk + mi * DD, *Wv = k->w.wv + mi * DD,
-                        *Wo = k->w.wo + mi * DD;
-            /* Mq = Wk^T Wq: dWq = Wk dMq, dWk = Wq dMq^T; Mv = Wo Wv: dWo = dMv Wv^T, dWv = Wo^T dMv. */
-            for (int e = TQ; e <= TO; e++) {
-                if (e == TK) transpose(dMq, k->scratch, D);
-                if (e == TO) transpose(Wv, k->scratch, D);
-                const float *left = e == TQ ? Wk : e == TK ? Wq : e == TV ? Wo : dMv;
-                const float *right = e == TQ ? dMq : e == TV ? dMv : k->scratch;
-                const long left_row = e == TV ? 1 : D, left_col = e == TV ? D : 1; /* TV: Wo^T */
-                weighted_rows(left, left_row, left_col, D, D, right, D, PLAIN, k->dm, NV);
-                lora_gradients(k->dm, p + s->off_a[e] + mi * DD, p + s->off_b[e] + mi * DD,
-                               grad + s->off_a[e] + mi * DD, grad + s->off_b[e] + mi * DD, D, NV);
-            }
-        }
-        adam(s->n_param, ac, step_size, weight_decay, grad, mask, p, m, v);
+        memset(k->grad, 0, s->n_param * sizeof(float));
+        tfn_backward(s, k, p, k->grad, NULL, D, NV);
+        adam(s->n_param, ac, step_size, weight_decay, k->grad, mask, p, m, v);
         tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
     }
     if (s->val_batch == 0) { /* this step is not validated (val_every) */
@@ -894,6 +934,51 @@ int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, co
                     vy + vr * s->vy_stride, active[c], train_loss + c, val_loss + c, &k, D, (D) / LANES)
         BY_WIDTH(TFN_STEP)
 #undef TFN_STEP
+    }
+    restore_float_mode(float_mode);
+    free(memory);
+    return 0;
+}
+
+/* Loss, and unless grads is NULL its gradients, of configurations [c_begin, c_end) of
+ * transformers given by their whole weights (no adapters: a method on the generic path
+ * forms its adapted matrices itself and maps these gradients onto its parameters).
+ * weights: the TfnFrozen order, each with its per-configuration stride; biases (C, n_param)
+ * with b1 and b2 at s->off_b1 and s->off_b2; x, y: s->batch samples as token rows (x_row
+ * as in tfn_step); grads (C, tfn_dense_floats) in the TfnDense layout, left as they are
+ * where the loss is not finite. Returns 0, or -1 when the shape is out of range or
+ * memory is short. */
+int tfn_gradients(const TfnShape *s, int c_begin, int c_end, const float *const *weights, const long *weight_stride,
+                  const float *biases, const float *x, const float *y, const int *x_row, float *loss, float *grads) {
+    if (s->width != WIDTH) return -1;
+    TfnWork k;
+    void *memory = tfn_work_new(s, &k);
+    if (!memory) return -1;
+    const long DD = (long)s->width * s->width, LHDD = (long)s->depth * s->heads * DD, G = tfn_dense_floats(s);
+    const unsigned float_mode = flush_subnormals();
+    for (int c = c_begin; c < c_end; c++) {
+        const float *at[7];
+        for (int t = 0; t < 7; t++) at[t] = weights[t] + c * weight_stride[t];
+        const TfnFrozen f = {at[0], at[1], at[2], at[3], at[4], at[5], at[6]};
+        const float *from[6] = {f.wq, f.wk, f.wv, f.wo, f.w2, f.w_out};
+        float *to[6] = {k.w.wq, k.w.wk, k.w.wv, k.w.wo, k.w.w2, k.w.w_out};
+        const long count[6] = {LHDD, LHDD, LHDD, LHDD, s->depth * DD, DD};
+        for (int t = 0; t < 6; t++) memcpy(to[t], from[t], count[t] * sizeof(float));
+        const float *p = biases + c * s->n_param;
+        const long xr = x_row ? x_row[c] : c;
+        const long rows = (long)s->batch * s->tokens;
+#define TFN_GRADIENTS(D)                                                                                           \
+    {                                                                                                              \
+    tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
+    const float *out = tfn_forward_rows(s, &k, p, x + xr * s->x_stride, s->batch, D, (D) / LANES);                 \
+    loss[c] = task_loss(out, y + xr * s->y_stride, (int)rows, REGRESSION, grads ? k.d_out : NULL, D, (D) / LANES); \
+    if (grads && isfinite(loss[c])) {                                                                              \
+        const TfnDense dense = tfn_dense_layout(s, grads + c * G);                                                 \
+        tfn_backward(s, &k, p, NULL, &dense, D, (D) / LANES);                                                      \
+    }                                                                                                              \
+    }
+        BY_WIDTH(TFN_GRADIENTS)
+#undef TFN_GRADIENTS
     }
     restore_float_mode(float_mode);
     free(memory);
