@@ -271,10 +271,7 @@ class NativeStep:
             # ctypes releases the GIL for the call: threads run configurations in parallel.
             return self._run(shape, consts, begin, end, tensors, rows)
 
-        threads = max(1, min(threads, C))
-        bounds = [C * i // threads for i in range(threads + 1)]
-        codes = [run(0, C)] if threads == 1 else list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
-        if any(code != 0 for code in codes):
+        if any(code != 0 for code in _over_threads(run, C, threads)):
             raise NativeError("native step: out of memory or shape out of range")
         return train_loss, val_loss
 
@@ -414,25 +411,31 @@ def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
     stride = 0 if xs.dim() == 3 else xs[0].numel()
     shape = _TfnShape(depth=L, heads=model.n_head, width=D, tokens=N, batch=xs.shape[-3], val_batch=0,
                       n_param=biases.shape[1], off_b1=0, off_b2=L * D, x_stride=stride, y_stride=stride)
-    sizes = [weights[i][0].numel() for i in range(len(TFN_FROZEN))] + [L * D, L * D]
+    per_config = [t[0].numel() for t in weights]
+    sizes = per_config + [L * D, L * D]
     grads = torch.zeros(C, sum(sizes), dtype=torch.float32) if with_grad else None
     loss = torch.empty(C, dtype=torch.float32)
     pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
-    strides = (ctypes.c_long * len(weights))(*[t[0].numel() for t in weights])
+    strides = (ctypes.c_long * len(weights))(*per_config)
 
     def run(begin: int, end: int) -> int:
         return lib.tfn_gradients(ctypes.byref(shape), begin, end, pointers, strides, _ptr(biases), _ptr(xs), _ptr(ys),
                                  None, _ptr(loss), None if grads is None else _ptr(grads))
 
-    threads = max(1, min(threads, C))
-    bounds = [C * i // threads for i in range(threads + 1)]
-    codes = [run(0, C)] if threads == 1 else list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
-    if any(code != 0 for code in codes):
+    if any(code != 0 for code in _over_threads(run, C, threads)):
         raise NativeError("native gradients: out of memory or shape out of range")
     if grads is None:
         return loss, None
     parts = grads.split(sizes, dim=1)
     return loss, {name: part.view_as(getattr(model, name)) for name, part in zip(TFN_DENSE, parts)}
+
+
+def _over_threads(run, C: int, threads: int) -> list[int]:
+    """``run(begin, end)`` over configurations [0, C) split into contiguous blocks, one per
+    thread (ctypes releases the GIL for the call); the return codes."""
+    threads = max(1, min(threads, C))
+    bounds = [C * i // threads for i in range(threads + 1)]
+    return [run(0, C)] if threads == 1 else list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
 
 
 @lru_cache(maxsize=None)
