@@ -232,7 +232,7 @@ def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="projected configs, config-steps, core-hours and wall time of a workflow config",
                        formatter_class=HelpFormatter)
     _option(p, "configfile", default="config.yaml", help="workflow config")
-    _option(p, "preset", help="override the config's preset (paper | quick | smoke)")
+    _option(p, "preset", help="override the config's preset (paper | full_length | quick | smoke)")
     _option(p, "experiments", help="only these experiments (comma-separated)")
     _option(p, "cores", default="1", help="core counts to project the wall time for, e.g. 2,8")
     _option(p, "json", action="store_true", help="print the plan as JSON")
