@@ -9,6 +9,7 @@ from lorabench.cli import main
 from lorabench.core.config import ConfigError, RunConfig
 from lorabench.training import native
 from lorabench.runs import experiments as lbx, plan
+from lorabench.runs.experiments import BEYOND_THE_PAPER
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "config.yaml")
 RATE = {"depths": [1, 2], "step_s": [1e-4, 2e-4], "config_s": [0.01, 0.02]}
@@ -353,6 +354,14 @@ def test_format_and_json(smoke, tmp_path, capsys):
     assert "total" in text and "on 8 core(s)" in text and "startup" in text
     assert result["wall_s"]["8"] <= result["wall_s"]["2"]
     json.dumps(result)  # JSON-able
+    # the experiments beyond the paper's own are costed apart, and only beside the paper's
+    beyond = sum(r["core_s"] for r in result["rows"] if r["experiment"] in BEYOND_THE_PAPER)
+    assert 0 < beyond < result["total"]["core_s"] and result["beyond_the_paper_s"] == pytest.approx(beyond)
+    line = next(x for x in text.split("\n") if x.startswith("core-h of the paper's own experiments"))
+    assert line.endswith(plan._hours(beyond)) and plan._hours(result["total"]["core_s"] - beyond) in line
+    paper_only = plan.make_plan(wf, [j for j in jobs if j.experiment not in BEYOND_THE_PAPER], [2],
+                                calibrate=fake_calibrate, native=default_native, path=tmp_path / "c.json")
+    assert paper_only["beyond_the_paper_s"] == 0 and "of those beyond it" not in plan.format_plan(paper_only)
 
 
 def test_a_real_calibration_of_the_constructions():

@@ -63,6 +63,9 @@ JOB_KINDS = ("models", "construct", "train")
 STAGE_DIR = {"models": "models", "construct": "constructions", "train": "cells"}
 STAGE_SUFFIX = {"models": "pt", "construct": "parquet", "train": "parquet"}
 SCALING = ("set", "cap", "subset", "only")  # how a preset scales an experiment
+# The experiments beyond the paper's own (its figures' and threshold_law): its question
+# asked of other methods and of its open cases. `lorabench plan` shows their cost apart.
+BEYOND_THE_PAPER = ("methods", "tfn_low_rank", "tfn_prenorm")
 _FIELDS = set(RunConfig.__dataclass_fields__)
 _SETTING = "\0setting:"  # marks a method's own settings while a block's values are swept
 

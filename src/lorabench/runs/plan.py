@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from ..core.config import ConfigError, RunConfig
+from .experiments import BEYOND_THE_PAPER
 from .provenance import cpu_model
 
 STREAM = "stream-tfn"  # the reference transformer's batches: see stream_cost
@@ -925,6 +926,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         "device": device.type,
         "rows": [asdict(r) for r in rows],
         "total": asdict(total),
+        "beyond_the_paper_s": sum(r.core_s for r in rows if r.experiment in BEYOND_THE_PAPER),
         "wall_s": {str(n): wall_time(jobs, costs, n) for n in cores},
         "startup_s": startup_s,
         "calibration": {u: {**measured[u], "source": source[u], "key": key(u)} for u in units},
@@ -1011,6 +1013,10 @@ def format_plan(plan: dict) -> str:
            fmt(head), "  ".join("-" * w for w in widths)]
     out += [fmt(cells) for cells in lines[:-1]]
     out += ["  ".join("-" * w for w in widths), fmt(lines[-1]), ""]
+    beyond, total = plan.get("beyond_the_paper_s", 0.0), plan["total"]["core_s"]
+    if 0 < beyond < total:
+        out.append(f"core-h of the paper's own experiments {_hours(total - beyond)}, of those beyond it "
+                   f"({', '.join(BEYOND_THE_PAPER)}) {_hours(beyond)}")
     engines = plan["total"]["engines"]
     out.append("core-h by engine: " + ", ".join(f"{e} {_hours(s)}" for e, s in sorted(engines.items(), key=lambda x: -x[1])))
     for n, s in plan["wall_s"].items():
