@@ -25,10 +25,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORKER = """
+DEBUG_BUILD = "from lorabench.training import native; native.FLAGS += ['-g']"  # same cache key in both processes
+WORKER = DEBUG_BUILD + """
 import runpy, sys
-from lorabench.training import native
-native.FLAGS = native.FLAGS + ["-g"]
 sys.argv = ["cell_throughput.py", "--worker", "tfn", "--steps", "{steps}", "--threads", "1", "--engine", "native"]
 runpy.run_path("{script}", run_name="__main__")
 """
@@ -85,8 +84,7 @@ def main() -> None:
         env = {**os.environ, "LORABENCH_CACHE_DIR": tmp}
         worker = WORKER.format(steps=args.steps, script=HERE / "cell_throughput.py")
         # The library is built before perf starts, so the compiler's samples stay out.
-        subprocess.run([sys.executable, "-c", "from lorabench.training import native; native.FLAGS += ['-g']; "
-                        "native._build(16)"], env=env, check=True)
+        subprocess.run([sys.executable, "-c", DEBUG_BUILD + "; native._build(16)"], env=env, check=True)
         data = Path(tmp) / "perf.data"
         subprocess.run(["perf", "record", "-F", "997", "-o", str(data), sys.executable, "-c", worker], env=env,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
