@@ -82,6 +82,7 @@ def test_paper_preset_counts_match_the_paper_grid(paper):
 
 
 def test_paper_preset_settings(paper):
+    assert set(lbx.BEYOND_THE_PAPER) == BEYOND  # what `lorabench plan` costs apart
     for name, cfgs in paper.experiments.items():
         if name == "threshold_law":
             continue  # its own grid: test_threshold_law_grid
