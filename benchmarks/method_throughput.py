@@ -6,7 +6,7 @@ same 12 grid points) trained by each method, one process on one core: LoRA on it
 step and on its hand-written torch gradients, and the plug-in methods (full fine-tuning,
 DoRA, VeRA, PiSSA) on the torch engine with autograd. ``--family tfn``: the depth-1
 transformer cell (D=16, H=2, N=10, batch 256; 16 ranks x 2 weight decays x 2 learning
-rates = 64 configs): LoRA native and on torch, LoRA on the pre-norm transformer (torch),
+rates = 64 configs): LoRA native and on torch, LoRA on the pre-norm transformer (both),
 the plug-in methods on the native pass's gradients (``native-gradients``), and DoRA also
 on autograd through the whole model, as it trains with ``LORABENCH_ENGINE=torch``. Each rate is config-steps per second of training, from two
 run lengths (the difference removes model generation and evaluation). The authors'
@@ -44,7 +44,8 @@ RUNS = [
 TFN_RUNS = [
     ("LoRA, native step", "sgd", "native", {}),
     ("LoRA, torch (autograd)", "sgd", "torch", {}),
-    ("LoRA on pre-norm blocks, torch (autograd)", "sgd", "auto", {"prenorm": 1}),
+    ("LoRA on pre-norm blocks, native step", "sgd", "native", {"prenorm": 1}),
+    ("LoRA on pre-norm blocks, torch (autograd)", "sgd", "torch", {"prenorm": 1}),
     ("full fine-tuning (native gradients)", "full", "auto", {}),
     ("DoRA (native gradients)", "dora", "auto", {}),
     ("DoRA, torch (autograd)", "dora", "torch", {}),
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--family", default="fnn", choices=["fnn", "tfn"], help="the cell: FNN (2, 4) or TFN depth 1")
     parser.add_argument("--authors", type=Path, help="a checkout of the authors' repository, timed in the same run")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--only", default="", help="time only the runs whose label contains this text")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.engine, args.family, args.extra)))
@@ -111,7 +113,7 @@ def main() -> None:
         report = {"cell": "TFN depth 1, D=16, H=2, N=10, batch 256, one core", "methods": {},
                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"{'method':<44} {'configs':>7} {'engine':>16} {'config-steps/s':>15}")
-        for label, method, engine, extra in TFN_RUNS:
+        for label, method, engine, extra in (r for r in TFN_RUNS if args.only in r[0]):
             cell = cell_rate(method, engine, "tfn", extra)
             report["methods"][label] = {**cell, "method": method, **extra}
             print(f"{label:<44} {cell['configs']:>7} {'/'.join(cell['engines']):>16} {cell['config_steps_per_s']:>15,.0f}",
@@ -130,7 +132,7 @@ def main() -> None:
               "authors_source": source, "methods": {}, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"authors' run_exp.py: {authors:,.0f} config-steps/s ({source})")
     print(f"{'method':<40} {'configs':>7} {'engine':>8} {'config-steps/s':>15} {'x authors':>10}")
-    for label, method, engine in RUNS:
+    for label, method, engine in (r for r in RUNS if args.only in r[0]):
         cell = cell_rate(method, engine)
         ratio = cell["config_steps_per_s"] / authors
         report["methods"][label] = {**cell, "method": method, "speedup_vs_authors": ratio}

@@ -44,15 +44,15 @@ def test_the_prenorm_transformer_is_the_pre_norm_residual_block():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_prenorm_trains_on_torch_and_the_construction_does_not_apply():
+def test_prenorm_trains_natively_and_the_construction_does_not_apply():
     import pytest
 
     from lorabench.core.config import ConfigError
 
     plain = {**TFN, "width": 16, "target_depth": 1, "frozen_depth": 1}
     cfg = validated(RunConfig(**plain, prenorm=1))
-    assert not applies(cfg, torch.device("cpu"))
-    assert applies(cfg.replace(prenorm=0), torch.device("cpu"))
+    assert applies(cfg, torch.device("cpu")) and applies(cfg.replace(prenorm=0), torch.device("cpu"))
+    assert not applies(cfg.replace(prenorm=0, better_optim=1), torch.device("cpu"))  # the authors' post-norm variant
     for method in ("ours", "lora_from_construction"):
         with pytest.raises(ConfigError, match="defined for the plain TFN.*prenorm 0"):
             validated(cfg.replace(method=method))

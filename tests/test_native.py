@@ -260,8 +260,8 @@ def _tfn_cell(cfgs, engine_value, monkeypatch, dtype=torch.float32):
     return tfn_lora_trainable(cfgs, frozen, lora), models[0].target
 
 
-def _tfn_setup(depth, monkeypatch, width=16, tokens=5):
-    shape = {**TFN_CELL, "width": width, "seq_length": tokens}
+def _tfn_setup(depth, monkeypatch, width=16, tokens=5, prenorm=0):
+    shape = {**TFN_CELL, "width": width, "seq_length": tokens, "prenorm": prenorm}
     cfgs = [RunConfig(**shape, target_depth=depth, frozen_depth=depth, rank=r, lr=lr, tune_bias=tb)
             for r in (1, 3) for lr in (1e-2, 1e-3) for tb in (0, 1)]
     native_cell, target = _tfn_cell(cfgs, "native", monkeypatch)
@@ -300,12 +300,15 @@ def test_native_tfn_step_equals_torch_step(width, tokens, monkeypatch):
 
 
 # Two blocks amplify float32 round-off (outputs ~1e3); so do a width of two vectors and
-# 20 tokens (two vectors of a score row), where a step-by-step tolerance would not hold.
-@pytest.mark.parametrize("depth, width, tokens", [(2, 16, 5), (1, 32, 20)])
-def test_native_tfn_gradient_is_as_accurate_as_torch(depth, width, tokens, monkeypatch):
+# 20 tokens (two vectors of a score row), and pre-norm blocks (torch's own gradient is off
+# float64 by ~1e-5 relative there), where a step-by-step tolerance would not hold.
+@pytest.mark.parametrize("depth, width, tokens, prenorm",
+                         [(2, 16, 5, 0), (1, 32, 20, 0), (1, 16, 5, 1), (2, 16, 5, 1), (2, 32, 10, 1)])
+def test_native_tfn_gradient_is_as_accurate_as_torch(depth, width, tokens, prenorm, monkeypatch):
     """Both engines' gradients are compared with a float64 autograd reference, and the
     native one may not be worse than 3x torch's float32 error on any trained tensor."""
-    cfgs, native_cell, torch_cell, target, start, batch, val_batch = _tfn_setup(depth, monkeypatch, width, tokens)
+    cfgs, native_cell, torch_cell, target, start, batch, val_batch = _tfn_setup(depth, monkeypatch, width, tokens,
+                                                                                prenorm)
     ours = _adam(cfgs, native_cell)
     active = torch.ones(len(cfgs), dtype=torch.bool)
     loss, _ = ours.native_step(native_cell.native_step, start.clone(), batch, val_batch, active, 1)
@@ -325,12 +328,13 @@ def test_native_tfn_gradient_is_as_accurate_as_torch(depth, width, tokens, monke
         assert native_error <= 3 * torch_error + 1e-6 * reference.abs().max(), name
 
 
-@pytest.mark.parametrize("depth, width, tokens", [(1, 16, 10), (2, 16, 5), (1, 32, 20)])
-def test_native_target_forward_is_as_accurate_as_torch(depth, width, tokens):
+@pytest.mark.parametrize("depth, width, tokens, prenorm", [(1, 16, 10, 0), (2, 16, 5, 0), (1, 32, 20, 0), (2, 16, 10, 1)])
+def test_native_target_forward_is_as_accurate_as_torch(depth, width, tokens, prenorm):
     """The native forward pass of a target (the reference transformer stream evaluates
     it on every new batch) against float64: no worse than 3x torch's float32 error, on
     inputs with a leading dimension of several batches."""
-    cfg = RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens}, target_depth=depth, frozen_depth=depth)
+    cfg = RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens, "prenorm": prenorm}, target_depth=depth,
+                    frozen_depth=depth)
     target = generate_models(cfg).target
     x = torch.randn(2, 7, width, tokens, generator=torch.Generator().manual_seed(0))
     exact = forward(map_tensors(target, lambda t: t.double()), x.double())
@@ -368,7 +372,9 @@ def test_native_tfn_cell_trains_and_matches_alone(engine):
         assert alone[(4, 1e-2, "last")][column] == together[(4, 1e-2, "last")][column], column
     row = together[(4, 1e-2, "last")]
     assert row["train_curve"][-1] < row["train_curve"][0]
-    # The residual/dropout variant stays on torch.
+    prenorm = _rows([base.replace(rank=2, lr=1e-2, prenorm=1)])
+    assert {r["engine"] for r in prenorm.values()} == {"native"}
+    # The authors' post-norm residual/dropout variant stays on torch.
     residual = _rows([base.replace(rank=2, lr=1e-2, better_optim=1)])
     assert {r["engine"] for r in residual.values()} == {"torch"}
 
@@ -413,21 +419,22 @@ def test_native_tfn_step_reads_shared_rows_and_per_config_validation(monkeypatch
 
 
 # ------------------------------------------------------- native gradients of whole TFNs
-def _stacked_tfn_models(depth: int, width: int, tokens: int, seeds=(1, 2, 3)):
+def _stacked_tfn_models(depth: int, width: int, tokens: int, seeds=(1, 2, 3), prenorm=0):
     cfgs = [RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens, "seed": s}, target_depth=depth,
-                      frozen_depth=depth, rank=2) for s in seeds]
+                      frozen_depth=depth, rank=2, prenorm=prenorm) for s in seeds]
     models = [generate_models(c) for c in cfgs]
     return cfgs, models, stack_models([m.frozen for m in models])
 
 
-@pytest.mark.parametrize("depth, width, tokens, per_config", [(2, 16, 5, False), (1, 32, 20, True)])
-def test_native_gradients_of_whole_transformers_are_as_accurate_as_torch(depth, width, tokens, per_config):
+@pytest.mark.parametrize("depth, width, tokens, per_config, prenorm",
+                         [(2, 16, 5, False, 0), (1, 32, 20, True, 0), (2, 16, 10, True, 1)])
+def test_native_gradients_of_whole_transformers_are_as_accurate_as_torch(depth, width, tokens, per_config, prenorm):
     """The loss and the gradient of every tensor (every block's W1 and W2 too, which LoRA's
     step does not train) against a float64 autograd reference: the native error may not
     exceed 3x torch's float32 error. A shared batch, or one per configuration."""
     from dataclasses import replace
 
-    _, models, frozen = _stacked_tfn_models(depth, width, tokens)
+    _, models, frozen = _stacked_tfn_models(depth, width, tokens, prenorm=prenorm)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*((3,) if per_config else ()), 8, width, tokens, generator=gen)
     y = forward(models[0].target, x)

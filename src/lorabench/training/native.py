@@ -85,7 +85,7 @@ class _Shape(ctypes.Structure):
 
 
 class _TfnShape(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch")] + [
+    _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch", "prenorm")] + [
         ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long)] + [
@@ -194,13 +194,13 @@ def available(width: int = WIDTHS[0]) -> bool:
 
 def applies(cfg, device: torch.device) -> bool:
     """Whether the native step can train ``cfg``'s cells: on the CPU, at the widths it is
-    specialised for; FNN cells of every method and task; TFN regression cells without the
-    residual variants (the others train with torch)."""
+    specialised for; FNN cells of every method and task; TFN regression cells, plain or
+    pre-norm (the authors' post-norm residual variant trains with torch)."""
     if device.type != "cpu" or cfg.width not in WIDTHS:
         return False
     if cfg.exp == "fnn":
         return cfg.task in TASK_CODES
-    return cfg.task == "regression" and not (cfg.better_optim or cfg.prenorm) and cfg.seq_length <= MAX_TOKENS
+    return cfg.task == "regression" and not cfg.better_optim and cfg.seq_length <= MAX_TOKENS
 
 
 def use_native(cfg, device: torch.device) -> bool:
@@ -328,7 +328,7 @@ class TFNStep(NativeStep):
     per_config_validation = True  # the reference protocol's streams
 
     def __init__(self, *, frozen: dict[str, Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
-                 depth: int, heads: int, width: int):
+                 depth: int, heads: int, width: int, prenorm: bool = False):
         super().__init__(width)
         self.frozen = [frozen[name].detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
         C = self.frozen[0].shape[0]
@@ -336,7 +336,7 @@ class TFNStep(NativeStep):
         self.frozen_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in self.frozen])
         self.frozen_strides = (ctypes.c_long * n)(*[t.numel() // C for t in self.frozen])
         self.offsets, self.n_param = offsets, n_param
-        self.depth, self.heads, self.width = depth, heads, width
+        self.depth, self.heads, self.width, self.prenorm = depth, heads, width, int(prenorm)
 
     def rows(self, t: Tensor) -> Tensor:
         return t.transpose(-1, -2).contiguous()
@@ -345,7 +345,7 @@ class TFNStep(NativeStep):
         n, names = len(TFN_ADAPTED), TFN_ADAPTED
         return _TfnShape(
             depth=self.depth, heads=self.heads, width=self.width, tokens=x.shape[-2], batch=x.shape[-3],
-            val_batch=vx.shape[-3], n_param=self.n_param,
+            val_batch=vx.shape[-3], prenorm=self.prenorm, n_param=self.n_param,
             off_a=(ctypes.c_long * n)(*[self.offsets[f"a_{name}"][0] for name in names]),
             off_b=(ctypes.c_long * n)(*[self.offsets[f"b_{name}"][0] for name in names]),
             off_b1=self.offsets["b1"][0], off_b2=self.offsets["b2"][0],
@@ -362,11 +362,11 @@ class TFNStep(NativeStep):
 
 def tfn_outputs(model, x: Tensor) -> Tensor:
     """The outputs of one TFN without adapters (a cell's target: not stacked, not the
-    residual variant) on inputs (..., B, D, N), by the native forward pass: the function
+    post-norm residual variant) on inputs (..., B, D, N), by the native forward pass: the function
     of ``models.tfn_forward`` to float32 round-off, several times faster at the paper's
     sizes. Raises NativeError where the native step does not apply to the model's sizes."""
-    if model.wq.dim() != 4 or model.residual or model.prenorm:
-        raise NativeError("native forward: one TFN without a residual variant")
+    if model.wq.dim() != 4 or model.residual:
+        raise NativeError("native forward: one TFN, plain or pre-norm")
     D, N = x.shape[-2:]
     if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS:
         raise NativeError(f"native forward: width {D} (one of {WIDTHS}) and {N} tokens (at most {MAX_TOKENS})")
@@ -375,7 +375,7 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()
     shape = _TfnShape(depth=model.depth, heads=model.n_head, width=D, tokens=N, batch=rows.shape[0],
-                      val_batch=rows.shape[0], n_param=biases.numel(), off_b1=0, off_b2=model.depth * D)
+                      val_batch=rows.shape[0], prenorm=int(model.prenorm), n_param=biases.numel(), off_b1=0, off_b2=model.depth * D)
     out = torch.empty_like(rows)
     pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
     if lib.tfn_forward(ctypes.byref(shape), pointers, _ptr(biases), _ptr(rows), _ptr(out)) != 0:
@@ -388,14 +388,14 @@ TFN_DENSE = ("wq", "wk", "wv", "wo", "w1", "w2", "w_out", "b1", "b2")  # tfn_gra
 
 def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
                   with_grad: bool = True) -> tuple[Tensor, Optional[dict[str, Tensor]]]:
-    """The mean squared error of C stacked transformers (no residual variant) on inputs x
+    """The mean squared error of C stacked transformers (plain or pre-norm) on inputs x
     (B, D, N) shared, or (C, B, D, N) one batch per configuration, against targets y of
     the same shape: the loss (C,) and, with ``with_grad``, its gradients w.r.t. every
     tensor of the model (TFN_DENSE; zero for a configuration whose loss is not finite).
     A method on the generic path maps these onto its own parameters by the chain rule.
     Raises NativeError where the native step does not apply to the model's sizes."""
-    if model.wq.dim() != 5 or model.residual or model.prenorm:
-        raise NativeError("native gradients: stacked TFNs without a residual variant")
+    if model.wq.dim() != 5 or model.residual:
+        raise NativeError("native gradients: stacked TFNs, plain or pre-norm")
     C, (D, N) = model.wq.shape[0], x.shape[-2:]
     if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS or x.shape != y.shape:
         raise NativeError(f"native gradients: width {D} (one of {WIDTHS}), {N} tokens (at most {MAX_TOKENS}) "
@@ -410,6 +410,7 @@ def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
     L = model.depth
     stride = 0 if xs.dim() == 3 else xs[0].numel()
     shape = _TfnShape(depth=L, heads=model.n_head, width=D, tokens=N, batch=xs.shape[-3], val_batch=0,
+                      prenorm=int(model.prenorm),
                       n_param=biases.shape[1], off_b1=0, off_b2=L * D, x_stride=stride, y_stride=stride)
     per_config = [t[0].numel() for t in weights]
     sizes = per_config + [L * D, L * D]

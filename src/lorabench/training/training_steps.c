@@ -465,6 +465,7 @@ enum { TQ = 0, TK, TV, TO, T2, TOUT, T_ADAPTED };
 
 typedef struct {
     int depth, heads, width, tokens, batch, val_batch;
+    int prenorm; /* 1: pre-norm residual blocks x + Attn(LN(x)), then a + FFN(LN(a)) */
     long n_param;
     long off_a[T_ADAPTED], off_b[T_ADAPTED], off_b1, off_b2;
     long x_stride, y_stride;   /* 0: one training batch shared by every configuration */
@@ -659,23 +660,80 @@ INLINE void attention(const float *restrict xT, const float *restrict t, const f
 
 /* Activations of one block kept for the backward pass (token rows, n samples). */
 typedef struct {
-    float *x, *xT, *q, *v, *probs, *att, *hid, *out; /* q (X Mq), v, probs: per head; xT: x's tokens on lanes */
+    float *xT, *q, *v, *probs, *att, *hid, *out; /* q (X Mq), v, probs: per head; xT: seen's tokens on lanes */
+    float *seen, *fed; /* what attention and the feed-forward layer read: the input and att, or their LayerNorms */
+    float *ln_x, *ln_att, *sd_x, *sd_att; /* pre-norm blocks only: the LayerNorms and their rows' deviations */
 } TfnBlock;
+
+/* The sum of a row of D floats (a multiple of 16) times another (b NULL: times 1), in the
+ * same order whatever LANES is. */
+INLINE float row_dot(const float *restrict a, const float *restrict b, const int D) {
+    vec parts[SUM16_PARTS];
+    for (int j = 0; j < SUM16_PARTS; j++) parts[j] = splat(0.0f);
+    for (int i = 0; i < D; i += 16)
+        for (int j = 0; j < SUM16_PARTS; j++)
+            parts[j] += b ? load(a + i + j * LANES) * load(b + i + j * LANES) : load(a + i + j * LANES);
+    return sum16(parts);
+}
+
+/* LayerNorm over each row of D floats without affine parameters (models.py
+ * _layer_norm_over_width): y = (x - mean) / sd, sd = sqrt(variance + 1e-5), kept per row
+ * for the backward pass. */
+INLINE void layer_norm_rows(const float *restrict x, long rows, float *restrict y, float *restrict sd, const int D,
+                            const int NV) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        float *yr = y + r * D;
+        const vec mean = splat(row_dot(xr, NULL, D) / D);
+        for (int i = 0; i < NV; i++) store(yr + i * LANES, load(xr + i * LANES) - mean);
+        sd[r] = sqrtf(row_dot(yr, yr, D) / D + 1e-5f);
+        const vec s = splat(sd[r]);
+        for (int i = 0; i < NV; i++) store(yr + i * LANES, load(yr + i * LANES) / s);
+    }
+}
+
+/* out = plus + the gradient w.r.t. layer_norm_rows' input, given d w.r.t. its output y:
+ * (d - mean(d) - y mean(d y)) / sd, row by row. out may be d or plus (each row is read
+ * before it is written). */
+INLINE void layer_norm_backward_rows(const float *restrict y, const float *restrict sd, long rows, const float *d,
+                                     const float *plus, float *out, const int D, const int NV) {
+    for (long r = 0; r < rows; r++) {
+        const float *yr = y + r * D, *dr = d + r * D, *pr = plus + r * D;
+        const vec mean_d = splat(row_dot(dr, NULL, D) / D), mean_dy = splat(row_dot(dr, yr, D) / D);
+        const vec s = splat(sd[r]);
+        for (int i = 0; i < NV; i++) {
+            const int at = i * LANES;
+            store(out + r * D + at, load(pr + at) + (load(dr + at) - mean_d - load(yr + at) * mean_dy) / s);
+        }
+    }
+}
+
+INLINE void add_rows(float *restrict out, const float *restrict plus, long count) {
+    for (long i = 0; i < count; i++) out[i] += plus[i];
+}
 
 INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const float *restrict p, int l, int n,
                               const float *restrict x, TfnBlock *a, const int D, const int NV) {
     const int H = s->heads, N = s->tokens, NQ = (N + LANES - 1) / LANES;
     const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
+    a->seen = (float *)x;
+    if (s->prenorm) layer_norm_rows(x, rows, a->seen = a->ln_x, a->sd_x, D, NV);
     memset(a->att, 0, RD * sizeof(float));
-    tokens_as_lanes(x, n, N, a->xT, D, NQ);
+    tokens_as_lanes(a->seen, n, N, a->xT, D, NQ);
     for (int h = 0; h < H; h++) {
         const long m = (long)l * H + h;
-        matmul(x, rows, w->mq + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
-        matmul(x, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
+        matmul(a->seen, rows, w->mq + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
+        matmul(a->seen, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
         attention(a->xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
     }
-    matmul(a->att, rows, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, NULL, a->hid, D, NV);
+    a->fed = a->att;
+    if (s->prenorm) {
+        add_rows(a->att, x, RD);
+        layer_norm_rows(a->att, rows, a->fed = a->ln_att, a->sd_att, D, NV);
+    }
+    matmul(a->fed, rows, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, NULL, a->hid, D, NV);
     matmul(a->hid, rows, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, NULL, a->out, D, NV);
+    if (s->prenorm) add_rows(a->out, a->att, RD);
 }
 
 /* Backward through one head's attention: given d_att (gradient w.r.t. the summed head
@@ -734,7 +792,8 @@ static long tfn_work_floats(const TfnShape *s) {
     const long RD = n * s->tokens * s->width, PP = n * s->tokens * NP, XT = n * s->width * NP;
     const long weights = 10 * LH * DD + 4 * s->depth * DD + 2 * DD;
     const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP + XT);
-    return weights + blocks + 7 * RD + XT + 3 * DD + s->n_param;
+    const long norms = s->prenorm ? s->depth * 2 * (RD + n * s->tokens) : 0;
+    return weights + blocks + 7 * RD + XT + 3 * DD + s->n_param + norms;
 }
 
 static float *take(float **cursor, long count) {
@@ -766,6 +825,11 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD), k->d_attT = take(&c, XT);
     k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
     k->grad = take(&c, s->n_param);
+    for (int l = 0; l < s->depth; l++) {
+        blocks[l].ln_x = s->prenorm ? take(&c, RD) : NULL, blocks[l].ln_att = s->prenorm ? take(&c, RD) : NULL;
+        blocks[l].sd_x = s->prenorm ? take(&c, n * s->tokens) : NULL;
+        blocks[l].sd_att = s->prenorm ? take(&c, n * s->tokens) : NULL;
+    }
 }
 
 /* The work space of one configuration, laid out in k: one allocation to free, or NULL
@@ -784,7 +848,6 @@ INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float 
                                      const int D, const int NV) {
     const float *in = x;
     for (int l = 0; l < s->depth; l++) {
-        k->blocks[l].x = (float *)in;
         tfn_block_forward(s, &k->w, p, l, n, in, &k->blocks[l], D, NV);
         in = k->blocks[l].out;
     }
@@ -845,9 +908,11 @@ INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p,
                             NV);
         }
         matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
-        weight_gradient(k->d_hid, a->att, rows, dense ? dense->w1 + l * DD : NULL, bias_grad + s->off_b1 + l * D, D,
+        weight_gradient(k->d_hid, a->fed, rows, dense ? dense->w1 + l * DD : NULL, bias_grad + s->off_b1 + l * D, D,
                         NV);
         matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
+        /* pre-norm: the feed-forward layer read LN(att), and the block's output adds att */
+        if (s->prenorm) layer_norm_backward_rows(a->ln_att, a->sd_att, rows, k->d_att, d_out, k->d_att, D, NV);
         /* d_out is consumed: reuse it as the gradient w.r.t. this block's input (the
          * first block's input is data: no gradient). */
         float *dx = l > 0 ? d_out : NULL;
@@ -855,15 +920,17 @@ INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p,
         tokens_as_lanes(k->d_att, B, N, k->d_attT, D, NQ);
         for (int h = 0; h < H; h++) {
             const long mi = (long)l * H + h;
-            attention_backward(a->x, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
+            attention_backward(a->seen, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
                                k->d_attT, B, N, dx, k->dq, k->dv, D, NV);
-            weight_gradient(a->x, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
-            weight_gradient(k->dv, a->x, rows, k->d_mv + mi * DD, NULL, D, NV);
+            weight_gradient(a->seen, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
+            weight_gradient(k->dv, a->seen, rows, k->d_mv + mi * DD, NULL, D, NV);
             if (dx) {
                 matmul_add(k->dq, rows, k->w.mq_t + mi * DD, dx, D, NV);
                 matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
             }
         }
+        /* pre-norm: attention read LN(x), and att adds x */
+        if (dx && s->prenorm) layer_norm_backward_rows(a->ln_x, a->sd_x, rows, dx, k->d_att, dx, D, NV);
         d_out = dx;
     }
     for (long mi = 0; mi < (long)L * H; mi++) {
