@@ -217,22 +217,27 @@ def test_unsupported_cells_train_with_torch(engine):
 def fresh_build(monkeypatch, tmp_path):
     """A build in an empty cache folder, forgotten afterwards."""
     monkeypatch.setenv("LORABENCH_CACHE_DIR", str(tmp_path / "cache"))
-    native._build.cache_clear()
+    native._library.cache_clear()
     yield tmp_path / "cache"
-    native._build.cache_clear()
+    native._library.cache_clear()
 
 
 def test_build_is_cached_and_written_whole(fresh_build, capfd):
     assert native.available()
     built = list(fresh_build.iterdir())
-    assert len(built) == 1 and built[0].name.startswith("training_steps-") and built[0].name.endswith("-w16.so")
-    assert "building the native training step for width 16" in capfd.readouterr().err  # a build says so
-    native._build.cache_clear()
+    assert len(built) == 1 and built[0].name.startswith("training_steps-") and built[0].name.endswith("-w16-n16.so")
+    assert "building the native training step for width 16, up to 16 tokens" in capfd.readouterr().err
+    native._library.cache_clear()
     before = built[0].stat().st_mtime_ns
     assert native.available() and built[0].stat().st_mtime_ns == before  # reused, not rebuilt
     assert capfd.readouterr().err == ""
     with pytest.raises(native.NativeError, match="widths .* not 24"):
         native._build(24)
+    # The paper's 10 tokens take the small library; more than 16 tokens the full one.
+    assert native._build(16, 10) is native._build(16)
+    assert native._build(16, 17) is not native._build(16) and len(list(fresh_build.iterdir())) == 2
+    with pytest.raises(native.NativeError, match="at most 64 tokens, not 65"):
+        native._build(16, 65)
 
 
 def test_missing_compiler(fresh_build, monkeypatch, engine, tmp_path):
@@ -328,7 +333,8 @@ def test_native_tfn_gradient_is_as_accurate_as_torch(depth, width, tokens, preno
         assert native_error <= 3 * torch_error + 1e-6 * reference.abs().max(), name
 
 
-@pytest.mark.parametrize("depth, width, tokens, prenorm", [(1, 16, 10, 0), (2, 16, 5, 0), (1, 32, 20, 0), (2, 16, 10, 1)])
+@pytest.mark.parametrize("depth, width, tokens, prenorm",
+                         [(1, 16, 10, 0), (2, 16, 5, 0), (1, 32, 20, 0), (2, 16, 10, 1)])
 def test_native_target_forward_is_as_accurate_as_torch(depth, width, tokens, prenorm):
     """The native forward pass of a target (the reference transformer stream evaluates
     it on every new batch) against float64: no worse than 3x torch's float32 error, on

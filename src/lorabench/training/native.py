@@ -1,13 +1,15 @@
 """The native training steps (training_steps.c): built on first use, loaded with ctypes.
 
-The C source is compiled once per machine and width into a cache folder
+The C source is compiled once per machine, width and token limit into a cache folder
 (``LORABENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorabench``, else ``~/.cache/lorabench``):
-one library per width (``-DWIDTH=D``), built the first time a cell of that width trains,
-so a run pays for the widths it uses only (the wide copies take most of the compile
-time). The library's name holds a hash of the source, the width, the compiler's version
-and the CPU model and flags: it is built for the CPU it runs on (``-march=native``), so
-nodes with different CPUs sharing a home folder each get their own. A build says so on
-stderr while it runs. The library is written under a temporary name and renamed.
+one library per width (``-DWIDTH=D``) and token limit (``-DMAX_TOKENS``: TOKEN_LIMITS),
+built the first time a cell of that width trains, so a run pays for the widths and token
+counts it uses only (the wide copies, and the attention passes' copies for longer score
+rows, take most of the compile time). The library's name holds a hash of the source, the
+compiler's version and the CPU model and flags, then the width and token limit: it is
+built for the CPU it runs on (``-march=native``), so nodes with different CPUs sharing a
+home folder each get their own. A build says so on stderr while it runs. The library is
+written under a temporary name and renamed.
 
 ``LORABENCH_ENGINE`` picks the trainer of FNN and TFN cells on the CPU:
 
@@ -44,6 +46,9 @@ from ..core.adapters import TFN_ADAPTED
 ENGINES = ("auto", "native", "torch")
 WIDTHS = (16, 32, 48, 64)  # the widths training_steps.c is specialised for
 MAX_TOKENS = 64
+# The token limits a library is built for: a run of at most 16 tokens (the paper's
+# transformer has 10; an FNN has none) builds the small one, in about half the time.
+TOKEN_LIMITS = (16, MAX_TOKENS)
 TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
 # Or'ed into a classification task's code: the loss against the target's argmax class.
 LABELS_CODE = 4
@@ -85,7 +90,8 @@ class _Shape(ctypes.Structure):
 
 
 class _TfnShape(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("depth", "heads", "width", "tokens", "batch", "val_batch", "prenorm")] + [
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("depth", "heads", "width", "tokens", "batch", "val_batch", "prenorm")] + [
         ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long)] + [
@@ -116,20 +122,22 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _compile(compiler: str, source: bytes, library: Path, width: int) -> None:
-    """Compile ``source`` for ``width`` into ``library``, which appears whole or not at all."""
+def _compile(compiler: str, source: bytes, library: Path, width: int, max_tokens: int) -> None:
+    """Compile ``source`` for ``width`` and transformers of up to ``max_tokens`` tokens into
+    ``library``, which appears whole or not at all."""
     folder = library.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NativeError(f"cannot create the build cache {folder}: {error}") from None
-    print(f"lorabench: building the native training step for width {width} with {compiler} "
-          f"(once per machine; cached in {folder}) ...", file=sys.stderr, flush=True)
+    print(f"lorabench: building the native training step for width {width}, up to {max_tokens} tokens, with "
+          f"{compiler} (once per machine; cached in {folder}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "training_steps.c", Path(tmp) / "training_steps.so"
         src.write_bytes(source)
-        proc = subprocess.run([compiler, *_flags(), f"-DWIDTH={width}", "-o", str(out), str(src), "-lm"],
+        proc = subprocess.run([compiler, *_flags(), f"-DWIDTH={width}", f"-DMAX_TOKENS={max_tokens}", "-o", str(out),
+                               str(src), "-lm"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeError(f"building the native training steps failed:\n{proc.stderr.strip()}")
@@ -137,11 +145,18 @@ def _compile(compiler: str, source: bytes, library: Path, width: int) -> None:
     print(f"lorabench: built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-@lru_cache(maxsize=None)
-def _build(width: int = WIDTHS[0]) -> ctypes.CDLL:
-    """The library of the steps for ``width`` (one of WIDTHS), built on first use."""
+def _build(width: int = WIDTHS[0], tokens: int = 0) -> ctypes.CDLL:
+    """The library of the steps for ``width`` (one of WIDTHS) and transformers of
+    ``tokens`` tokens (0: FNNs only), built on first use."""
     if width not in WIDTHS:
         raise NativeError(f"the native step is specialised for widths {WIDTHS}, not {width}")
+    if tokens > MAX_TOKENS:
+        raise NativeError(f"the native step takes at most {MAX_TOKENS} tokens, not {tokens}")
+    return _library(width, next(limit for limit in TOKEN_LIMITS if tokens <= limit))
+
+
+@lru_cache(maxsize=None)
+def _library(width: int, max_tokens: int) -> ctypes.CDLL:
     source = resources.files("lorabench.training").joinpath("training_steps.c").read_bytes()
     compiler = _compiler()
     try:
@@ -151,9 +166,9 @@ def _build(width: int = WIDTHS[0]) -> ctypes.CDLL:
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_flags()).encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
     folder = cache_dir()
-    library = folder / f"training_steps-{key}-w{width}.so"
+    library = folder / f"training_steps-{key}-w{width}-n{max_tokens}.so"
     if not library.exists():
-        _compile(compiler, source, library, width)
+        _compile(compiler, source, library, width, max_tokens)
     lib = ctypes.CDLL(str(library))
     lib.fnn_step.restype = lib.tfn_step.restype = lib.tfn_forward.restype = lib.tfn_gradients.restype = ctypes.c_int
     _check_abi(lib)
@@ -209,7 +224,7 @@ def use_native(cfg, device: torch.device) -> bool:
     if setting == "torch" or not applies(cfg, device):
         return False
     try:
-        _build(cfg.width)
+        _build(cfg.width, cfg.seq_length if cfg.exp == "tfn" else 0)
         return True
     except NativeError as error:
         if setting == "native":
@@ -231,8 +246,8 @@ class NativeStep:
     # and row indices into a few distinct batches.
     per_config_validation = False
 
-    def __init__(self, width: int):
-        self.lib = _build(width)
+    def __init__(self, width: int, tokens: int = 0):
+        self.lib = _build(width, tokens)
 
     def rows(self, t: Tensor) -> Tensor:
         """Inputs and targets as the kernel reads them."""
@@ -328,8 +343,8 @@ class TFNStep(NativeStep):
     per_config_validation = True  # the reference protocol's streams
 
     def __init__(self, *, frozen: dict[str, Tensor], offsets: dict[str, tuple[int, int]], n_param: int,
-                 depth: int, heads: int, width: int, prenorm: bool = False):
-        super().__init__(width)
+                 depth: int, heads: int, width: int, tokens: int, prenorm: bool = False):
+        super().__init__(width, tokens)
         self.frozen = [frozen[name].detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
         C = self.frozen[0].shape[0]
         n = len(TFN_FROZEN)
@@ -370,12 +385,13 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     D, N = x.shape[-2:]
     if D != model.width or D not in WIDTHS or not 1 <= N <= MAX_TOKENS:
         raise NativeError(f"native forward: width {D} (one of {WIDTHS}) and {N} tokens (at most {MAX_TOKENS})")
-    lib = _build(D)
+    lib = _build(D, N)
     rows = x.reshape(-1, D, N).transpose(-1, -2).to(torch.float32).contiguous()
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()
     shape = _TfnShape(depth=model.depth, heads=model.n_head, width=D, tokens=N, batch=rows.shape[0],
-                      val_batch=rows.shape[0], prenorm=int(model.prenorm), n_param=biases.numel(), off_b1=0, off_b2=model.depth * D)
+                      val_batch=rows.shape[0], prenorm=int(model.prenorm), n_param=biases.numel(), off_b1=0,
+                      off_b2=model.depth * D)
     out = torch.empty_like(rows)
     pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
     if lib.tfn_forward(ctypes.byref(shape), pointers, _ptr(biases), _ptr(rows), _ptr(out)) != 0:
@@ -402,7 +418,7 @@ def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
                           f"and targets shaped as the inputs")
     if x.dim() not in (3, 4) or (x.dim() == 4 and x.shape[0] != C):
         raise NativeError("native gradients: inputs (B, D, N) or (C, B, D, N)")
-    lib = _build(D)
+    lib = _build(D, N)
     xs, ys = (t.detach().transpose(-1, -2).to(torch.float32).contiguous() for t in (x, y))
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.detach().reshape(C, -1), model.b2.detach().reshape(C, -1)], dim=1)

@@ -224,7 +224,8 @@ def tfn_lora_trainable(cfgs: list[RunConfig], frozen: TFN, lora: LoRA) -> Traina
 
     def make_step(layout: Layout) -> native.TFNStep:
         return native.TFNStep(frozen=frozen.tensors(), offsets=layout.offsets, n_param=layout.size,
-                              depth=frozen.depth, heads=frozen.n_head, width=frozen.width, prenorm=frozen.prenorm)
+                              depth=frozen.depth, heads=frozen.n_head, width=frozen.width,
+                              tokens=cfgs[0].seq_length, prenorm=frozen.prenorm)
 
     return _with_native(_trainable(init, masks, build), cfgs[0], make_step)
 

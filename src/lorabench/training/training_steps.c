@@ -65,7 +65,12 @@ INLINE void restore_float_mode(unsigned old) { (void)old; }
 #endif
 #endif
 #define MAX_WIDTH 64
+/* The most tokens a transformer step of this build takes (native.py builds 16 unless a run
+ * needs more: each query vector of a score row is one more copy of the attention passes,
+ * and those copies take most of the build time). */
+#ifndef MAX_TOKENS
 #define MAX_TOKENS 64
+#endif
 
 /* GCC/Clang vector extensions; `vec_u` may be unaligned. */
 typedef float vec __attribute__((vector_size(4 * LANES)));
@@ -633,23 +638,17 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
 }
 
 /* One copy per score-row length, so that its loops have fixed lengths. */
+/* A copy of CALL per query-vector count up to MAX_QV (a constant false condition leaves no
+ * code behind). */
+#define QV_CASE(Q, CALL)                                                                                           \
+    case Q:                                                                                                        \
+        if ((Q) <= MAX_QV) { CALL(Q); }                                                                            \
+        break;
 #define BY_QUERY_VECTORS(NQ, CALL)                                                                                 \
     switch (NQ) {                                                                                                  \
-    case 1: CALL(1); break;                                                                                        \
-    case 2: CALL(2); break;                                                                                        \
-    case 3: CALL(3); break;                                                                                        \
-    case 4: CALL(4); break;                                                                                        \
-    MORE_QUERY_VECTORS(CALL)                                                                                       \
+        QV_CASE(1, CALL) QV_CASE(2, CALL) QV_CASE(3, CALL) QV_CASE(4, CALL)                                        \
+        QV_CASE(5, CALL) QV_CASE(6, CALL) QV_CASE(7, CALL) QV_CASE(8, CALL)                                        \
     }
-#if MAX_QV > 4
-#define MORE_QUERY_VECTORS(CALL)                                                                                   \
-    case 5: CALL(5); break;                                                                                        \
-    case 6: CALL(6); break;                                                                                        \
-    case 7: CALL(7); break;                                                                                        \
-    case 8: CALL(8); break;
-#else
-#define MORE_QUERY_VECTORS(CALL)
-#endif
 
 INLINE void attention(const float *restrict xT, const float *restrict t, const float *restrict vr, int n, int N,
                       float *restrict probs, float *restrict out, const int D, const int NV) {
