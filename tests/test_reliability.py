@@ -386,7 +386,7 @@ def test_native_library_honours_the_umask(tmp_path):
         pytest.skip("no C compiler")
     old = os.umask(0o022)
     try:
-        native._compile(native._compiler(), b"int one(void) { return 1; }\n", tmp_path / "cache" / "one.so", 16)
+        native._compile(native._compiler(), b"int one(void) { return 1; }\n", tmp_path / "cache" / "one.so", 16, 16)
     finally:
         os.umask(old)
     assert _modes((tmp_path / "cache").iterdir()) == {"one.so": 0o755}
