@@ -637,9 +637,8 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
     }
 }
 
-/* One copy per score-row length, so that its loops have fixed lengths. */
-/* A copy of CALL per query-vector count up to MAX_QV (a constant false condition leaves no
- * code behind). */
+/* One copy per score-row length up to MAX_QV query vectors, so that its loops have fixed
+ * lengths (a constant false condition leaves no code behind). */
 #define QV_CASE(Q, CALL)                                                                                           \
     case Q:                                                                                                        \
         if ((Q) <= MAX_QV) { CALL(Q); }                                                                            \
