@@ -714,8 +714,8 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
                               const float *restrict x, TfnBlock *a, const int D, const int NV) {
     const int H = s->heads, N = s->tokens, NQ = (N + LANES - 1) / LANES;
     const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
-    a->seen = (float *)x;
-    if (s->prenorm) layer_norm_rows(x, rows, a->seen = a->ln_x, a->sd_x, D, NV);
+    a->seen = s->prenorm ? a->ln_x : (float *)x;
+    if (s->prenorm) layer_norm_rows(x, rows, a->ln_x, a->sd_x, D, NV);
     memset(a->att, 0, RD * sizeof(float));
     tokens_as_lanes(a->seen, n, N, a->xT, D, NQ);
     for (int h = 0; h < H; h++) {
@@ -724,10 +724,10 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
         matmul(a->seen, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
         attention(a->xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
     }
-    a->fed = a->att;
+    a->fed = s->prenorm ? a->ln_att : a->att;
     if (s->prenorm) {
         add_rows(a->att, x, RD);
-        layer_norm_rows(a->att, rows, a->fed = a->ln_att, a->sd_att, D, NV);
+        layer_norm_rows(a->att, rows, a->ln_att, a->sd_att, D, NV);
     }
     matmul(a->fed, rows, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, NULL, a->hid, D, NV);
     matmul(a->hid, rows, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, NULL, a->out, D, NV);
@@ -824,9 +824,13 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
     k->grad = take(&c, s->n_param);
     for (int l = 0; l < s->depth; l++) {
-        blocks[l].ln_x = s->prenorm ? take(&c, RD) : NULL, blocks[l].ln_att = s->prenorm ? take(&c, RD) : NULL;
-        blocks[l].sd_x = s->prenorm ? take(&c, n * s->tokens) : NULL;
-        blocks[l].sd_att = s->prenorm ? take(&c, n * s->tokens) : NULL;
+        TfnBlock *b = &blocks[l];
+        if (s->prenorm) {
+            b->ln_x = take(&c, RD), b->ln_att = take(&c, RD);
+            b->sd_x = take(&c, n * s->tokens), b->sd_att = take(&c, n * s->tokens);
+        } else {
+            b->ln_x = b->ln_att = b->sd_x = b->sd_att = NULL;
+        }
     }
 }
 
