@@ -88,7 +88,7 @@ def main() -> None:
         data = Path(tmp) / "perf.data"
         subprocess.run(["perf", "record", "-F", "997", "-o", str(data), sys.executable, "-c", worker], env=env,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        library = next(Path(tmp).glob("training_steps-*-w16.so"))
+        library = next(Path(tmp).glob("training_steps-*-w16-n*.so"))
         symbols = {}
         for line in subprocess.run(["nm", str(library)], capture_output=True, text=True, check=True).stdout.split("\n"):
             fields = line.split()

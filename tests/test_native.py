@@ -424,6 +424,22 @@ def test_native_tfn_step_reads_shared_rows_and_per_config_validation(monkeypatch
         ours.native_step(native_cell.native_step, flat_rows, bad, val, active, 1)
 
 
+@pytest.mark.parametrize("depth, width, tokens, samples", [(1, 16, 5, 8), (2, 16, 10, 37), (2, 32, 20, 16)])
+def test_native_tfn_validation_on_lanes_is_the_token_row_loss(depth, width, tokens, samples, monkeypatch):
+    """The validation pass holds a sample on each lane, the training pass token rows; on the
+    same batch with nothing updated, the two losses are bit for bit the same (a group of
+    lanes partly filled included)."""
+    shape = {**TFN_CELL, "width": width, "seq_length": tokens}
+    cfgs = [RunConfig(**shape, target_depth=depth, frozen_depth=depth, rank=r, lr=1e-2) for r in (1, 4, width)]
+    cell, target = _tfn_cell(cfgs, "native", monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    flat = (cell.init + 0.05 * torch.randn(cell.init.shape, generator=gen)).contiguous()
+    x = torch.randn(samples, width, tokens, generator=gen)
+    batch = (x, forward(target, x))
+    loss, val = _adam(cfgs, cell).native_step(cell.native_step, flat, batch, batch, torch.zeros(3, dtype=torch.bool), 1)
+    assert torch.isfinite(loss).all() and torch.equal(loss, val)
+
+
 # ------------------------------------------------------- native gradients of whole TFNs
 def _stacked_tfn_models(depth: int, width: int, tokens: int, seeds=(1, 2, 3), prenorm=0):
     cfgs = [RunConfig(**{**TFN_CELL, "width": width, "seq_length": tokens, "seed": s}, target_depth=depth,

@@ -710,19 +710,24 @@ INLINE void add_rows(float *restrict out, const float *restrict plus, long count
     for (long i = 0; i < count; i++) out[i] += plus[i];
 }
 
+/* xT_ready: the tokens of what attention reads already on lanes (NULL: made here). */
 INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const float *restrict p, int l, int n,
-                              const float *restrict x, TfnBlock *a, const int D, const int NV) {
+                              const float *restrict x, const float *xT_ready, TfnBlock *a, const int D, const int NV) {
     const int H = s->heads, N = s->tokens, NQ = (N + LANES - 1) / LANES;
     const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
     a->seen = s->prenorm ? a->ln_x : (float *)x;
     if (s->prenorm) layer_norm_rows(x, rows, a->ln_x, a->sd_x, D, NV);
     memset(a->att, 0, RD * sizeof(float));
-    tokens_as_lanes(a->seen, n, N, a->xT, D, NQ);
+    const float *xT = xT_ready;
+    if (!xT) {
+        tokens_as_lanes(a->seen, n, N, a->xT, D, NQ);
+        xT = a->xT;
+    }
     for (int h = 0; h < H; h++) {
         const long m = (long)l * H + h;
         matmul(a->seen, rows, w->mq + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
         matmul(a->seen, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
-        attention(a->xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
+        attention(xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
     }
     a->fed = s->prenorm ? a->ln_att : a->att;
     if (s->prenorm) {
@@ -775,9 +780,28 @@ INLINE void attention_backward(const float *restrict x, const float *restrict t,
 #undef ATT_BACK
 }
 
+/* A batch's tokens on lanes, kept for the configurations that read the same batch. */
+typedef struct {
+    const float *rows; /* the batch they are of (NULL: none yet) */
+    int n;
+    float *lanes;
+} InputLanes;
+
+/* The validation pass's work space, a sample on each lane (lanes_validation_loss). */
+typedef struct {
+    InputLanes x, y;                   /* the validation set and its targets, (groups, N, D, LANES) */
+    float *t, *v, *att, *hid, *out[2]; /* one group's activations, (N, D, LANES) each */
+    float *scores;                     /* (N, LANES) */
+} LaneWork;
+
 /* Work space of one configuration, in floats. */
 typedef struct {
     TfnWeights w;
+    /* A plain first block's attention reads the data itself, the same for every
+     * configuration that reads the same batch (all of a paper-protocol cell): its
+     * transposes onto lanes are made once per batch and call. */
+    InputLanes batch_lanes;
+    LaneWork val;
     TfnBlock *blocks; /* L of them */
     float *y_out, *scratch, *d_out, *d_hid, *d_att, *d_attT, *dx, *dq, *dv, *dm, *dw, *grad;
     float *d_mq, *d_mv; /* (L, H, D, D) */
@@ -791,7 +815,9 @@ static long tfn_work_floats(const TfnShape *s) {
     const long weights = 10 * LH * DD + 4 * s->depth * DD + 2 * DD;
     const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP + XT);
     const long norms = s->prenorm ? s->depth * 2 * (RD + n * s->tokens) : 0;
-    return weights + blocks + 7 * RD + XT + 3 * DD + s->n_param + norms;
+    const long ND = (long)s->tokens * s->width * LANES, groups = (s->val_batch + LANES - 1) / LANES;
+    const long lanes = 2 * groups * ND + 6 * ND + (long)s->tokens * LANES;
+    return weights + blocks + 7 * RD + 2 * XT + 3 * DD + s->n_param + norms + lanes;
 }
 
 static float *take(float **cursor, long count) {
@@ -821,6 +847,12 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     k->blocks = blocks;
     k->y_out = take(&c, RD), k->d_out = take(&c, RD), k->d_hid = take(&c, RD), k->d_att = take(&c, RD);
     k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD), k->d_attT = take(&c, XT);
+    k->batch_lanes = (InputLanes){NULL, 0, take(&c, XT)};
+    const long ND = (long)s->tokens * s->width * LANES, groups = (s->val_batch + LANES - 1) / LANES;
+    LaneWork *z = &k->val;
+    z->x = (InputLanes){NULL, 0, take(&c, groups * ND)}, z->y = (InputLanes){NULL, 0, take(&c, groups * ND)};
+    z->t = take(&c, ND), z->v = take(&c, ND), z->att = take(&c, ND), z->hid = take(&c, ND);
+    z->out[0] = take(&c, ND), z->out[1] = take(&c, ND), z->scores = take(&c, (long)s->tokens * LANES);
     k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
     k->grad = take(&c, s->n_param);
     for (int l = 0; l < s->depth; l++) {
@@ -845,12 +877,21 @@ static void *tfn_work_new(const TfnShape *s, TfnWork *k) {
     return blocks;
 }
 
-/* Forward pass of n samples (token rows x); returns the output rows (k->y_out). */
+/* Forward pass of n samples (token rows x); returns the output rows (k->y_out). lanes:
+ * where x's tokens on lanes are kept between configurations (NULL: not kept). */
 INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x, int n,
-                                     const int D, const int NV) {
+                                     InputLanes *lanes, const int D, const int NV) {
+    const float *xT_ready = NULL;
+    if (lanes && !s->prenorm) {
+        if (lanes->rows != x || lanes->n != n) {
+            tokens_as_lanes(x, n, s->tokens, lanes->lanes, D, (s->tokens + LANES - 1) / LANES);
+            lanes->rows = x, lanes->n = n;
+        }
+        xT_ready = lanes->lanes;
+    }
     const float *in = x;
     for (int l = 0; l < s->depth; l++) {
-        tfn_block_forward(s, &k->w, p, l, n, in, &k->blocks[l], D, NV);
+        tfn_block_forward(s, &k->w, p, l, n, in, l == 0 ? xT_ready : NULL, &k->blocks[l], D, NV);
         in = k->blocks[l].out;
     }
     matmul(in, (long)n * s->tokens, k->w.w_out_t, NULL, 0, NULL, k->y_out, D, NV);
@@ -953,6 +994,156 @@ INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p,
     }
 }
 
+/* ------------------------------------------------------------ validation, samples on lanes
+ * The validation pass runs forward only and keeps nothing for a backward pass, so it holds
+ * its activations with a sample on each lane, LANES samples a group: one vector per token
+ * and coordinate. Attention then fills every lane (the token-row pass fills N of the
+ * LANES query lanes: 10 of 16 in the paper's transformer) and needs no transposes but the
+ * inputs', which every configuration of a call shares. Each output is the same chain of
+ * multiply-adds from the same start as in the token-row pass (weighted_rows, attention,
+ * task_loss), so the validation loss is bit for bit the same. Plain blocks only: pre-norm
+ * blocks validate on the token-row pass. */
+
+/* Samples [g LANES, (g + 1) LANES) of token rows (n, N, D) as (N, D, LANES), one lane per
+ * sample; lanes past n are 0. */
+INLINE void samples_as_lanes(const float *restrict rows, int n, int N, int g, float *restrict out, const int D) {
+    for (int i = 0; i < N; i++)
+        for (int c = 0; c < D; c += LANES) {
+            vec r[LANES];
+            for (int j = 0; j < LANES; j++) {
+                const long b = (long)g * LANES + j;
+                r[j] = b < n ? load(rows + (b * N + i) * D + c) : splat(0.0f);
+            }
+            transpose_block(r);
+            for (int d = 0; d < LANES; d++) store(out + ((long)i * D + c + d) * LANES, r[d]);
+        }
+}
+
+/* The whole set x (n samples) on lanes in cache, unless it holds x already. */
+INLINE const float *set_as_lanes(InputLanes *cache, const float *x, int n, int N, const int D) {
+    if (cache->rows != x || cache->n != n) {
+        for (int g = 0; g < (n + LANES - 1) / LANES; g++)
+            samples_as_lanes(x, n, N, g, cache->lanes + (long)g * N * D * LANES, D);
+        cache->rows = x, cache->n = n;
+    }
+    return cache->lanes;
+}
+
+/* out[i][e] = bias[e] + sum_j in[i][j] M[j][e] for a group's N tokens, then ReLU if asked
+ * (matmul's product, M row-major D x D). */
+INLINE void lanes_matmul(const float *restrict in, int N, const float *restrict M, const float *restrict bias,
+                         int relu, float *restrict out, const int D) {
+    for (int i = 0; i < N; i++) {
+        const float *x = in + (long)i * D * LANES;
+        float *o = out + (long)i * D * LANES;
+        for (int e0 = 0; e0 < D; e0 += 16) {
+            vec acc[16];
+            for (int e = 0; e < 16; e++) acc[e] = bias ? splat(bias[e0 + e]) : splat(0.0f);
+            for (int j = 0; j < D; j++) {
+                const vec xj = load(x + j * LANES);
+                for (int e = 0; e < 16; e++) acc[e] += xj * splat(M[j * D + e0 + e]);
+            }
+            for (int e = 0; e < 16; e++) store(o + (e0 + e) * LANES, relu ? keep_where(~(acc[e] < 0.0f), acc[e]) : acc[e]);
+        }
+    }
+}
+
+/* One head for a group: att[q] += sum_k P[k][q] v[k], P the softmax over the keys k of
+ * S[k][q] = t[k] . x[q] (as attention). */
+INLINE void lanes_attention(const float *restrict x, const float *restrict t, const float *restrict v, int N,
+                            float *restrict scores, float *restrict att, const int D) {
+    for (int q = 0; q < N; q++) {
+        const float *xq = x + (long)q * D * LANES;
+        for (int k = 0; k < N; k++) {
+            const float *tk = t + (long)k * D * LANES;
+            vec acc = splat(0.0f);
+            for (int i = 0; i < D; i++) acc += load(tk + i * LANES) * load(xq + i * LANES);
+            store(scores + k * LANES, acc);
+        }
+        vec peak = load(scores), total = splat(0.0f);
+        for (int k = 1; k < N; k++) {
+            const vec sc = load(scores + k * LANES);
+            peak = lanes_where(sc > peak, sc, peak);
+        }
+        for (int k = 0; k < N; k++) {
+            const vec e = vexp(load(scores + k * LANES) - peak);
+            store(scores + k * LANES, e);
+            total += e;
+        }
+        const vec scale = splat(1.0f) / total;
+        float *o = att + (long)q * D * LANES;
+        for (int e0 = 0; e0 < D; e0 += 16) {
+            vec acc[16];
+            for (int e = 0; e < 16; e++) acc[e] = load(o + (e0 + e) * LANES);
+            for (int k = 0; k < N; k++) {
+                const vec pk = load(scores + k * LANES) * scale;
+                for (int e = 0; e < 16; e++) acc[e] += pk * load(v + ((long)k * D + e0 + e) * LANES);
+            }
+            for (int e = 0; e < 16; e++) store(o + (e0 + e) * LANES, acc[e]);
+        }
+    }
+}
+
+/* One plain block for a group (tfn_block_forward's products). */
+INLINE void lanes_block(const TfnShape *s, const TfnWeights *w, const float *restrict p, int l,
+                        const float *restrict x, LaneWork *z, float *restrict out, const int D) {
+    const int H = s->heads, N = s->tokens;
+    const long DD = (long)D * D;
+    memset(z->att, 0, (long)N * D * LANES * sizeof(float));
+    for (int h = 0; h < H; h++) {
+        const long m = (long)l * H + h;
+        lanes_matmul(x, N, w->mq + m * DD, NULL, 0, z->t, D);
+        lanes_matmul(x, N, w->mv_t + m * DD, NULL, 0, z->v, D);
+        lanes_attention(x, z->t, z->v, N, z->scores, z->att, D);
+    }
+    lanes_matmul(z->att, N, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, z->hid, D);
+    lanes_matmul(z->hid, N, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, out, D);
+}
+
+/* total plus the squared errors of a group's first `valid` samples, row by row in
+ * task_loss's order (sample, then token) and with its sums: lane m of 16 sums the
+ * coordinates m, m + 16, ..., then sum16's tree. */
+INLINE double lanes_squared_errors(const float *restrict y, const float *restrict target, int N, int valid,
+                                   double total, const int D) {
+    float row[MAX_TOKENS][LANES];
+    for (int i = 0; i < N; i++) {
+        vec part[16], half[8], quarter[4];
+        for (int m = 0; m < 16; m++) part[m] = splat(0.0f);
+        for (int d = 0; d < D; d++) {
+            const long at = ((long)i * D + d) * LANES;
+            const vec r = load(y + at) - load(target + at);
+            part[d % 16] += r * r;
+        }
+        for (int m = 0; m < 8; m++) half[m] = part[m] + part[m + 8];
+        for (int m = 0; m < 4; m++) quarter[m] = half[m] + half[m + 4];
+        store(row[i], (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]));
+    }
+    for (int j = 0; j < valid; j++)
+        for (int i = 0; i < N; i++) total += row[i][j];
+    return total;
+}
+
+/* The mean squared error on the validation set (vx, vy: token rows), as task_loss of the
+ * token-row pass's outputs. */
+INLINE float lanes_validation_loss(const TfnShape *s, const TfnWeights *w, const float *restrict p, const float *vx,
+                                   const float *vy, LaneWork *z, const int D) {
+    const int N = s->tokens, n = s->val_batch;
+    const long ND = (long)N * D * LANES;
+    const float *x = set_as_lanes(&z->x, vx, n, N, D), *y = set_as_lanes(&z->y, vy, n, N, D);
+    double total = 0.0;
+    for (int g = 0; g * LANES < n; g++) {
+        const float *in = x + g * ND;
+        for (int l = 0; l < s->depth; l++) {
+            lanes_block(s, w, p, l, in, z, z->out[l % 2], D);
+            in = z->out[l % 2];
+        }
+        lanes_matmul(in, N, w->w_out_t, NULL, 0, z->t, D);
+        const int valid = n - g * LANES < LANES ? n - g * LANES : LANES;
+        total = lanes_squared_errors(z->t, y + g * ND, N, valid, total, D);
+    }
+    return (float)(total / ((double)n * N * D));
+}
+
 INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFrozen *f, float *restrict p,
                             float *restrict m, float *restrict v, const float *restrict mask, float step_size,
                             float weight_decay, const float *restrict x, const float *restrict y,
@@ -961,7 +1152,7 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
     const int N = s->tokens;
     const long rows = (long)s->batch * N;
     tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
-    const float *out = tfn_forward_rows(s, k, p, x, s->batch, D, NV);
+    const float *out = tfn_forward_rows(s, k, p, x, s->batch, &k->batch_lanes, D, NV);
     const float loss = task_loss(out, y, (int)rows, REGRESSION, k->d_out, D, NV);
     *train_loss = loss;
 
@@ -975,8 +1166,12 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
         *val_loss = NAN;
         return;
     }
-    const float *val_out = tfn_forward_rows(s, k, p, vx, s->val_batch, D, NV);
-    *val_loss = task_loss(val_out, vy, s->val_batch * N, REGRESSION, NULL, D, NV);
+    if (s->prenorm) {
+        const float *val_out = tfn_forward_rows(s, k, p, vx, s->val_batch, NULL, D, NV);
+        *val_loss = task_loss(val_out, vy, s->val_batch * N, REGRESSION, NULL, D, NV);
+    } else {
+        *val_loss = lanes_validation_loss(s, &k->w, p, vx, vy, &k->val, D);
+    }
 }
 
 int tfn_step(const TfnShape *s, const AdamConsts *ac, int c_begin, int c_end, const float *const *frozen,
@@ -1039,7 +1234,7 @@ int tfn_gradients(const TfnShape *s, int c_begin, int c_end, const float *const 
 #define TFN_GRADIENTS(D)                                                                                           \
     {                                                                                                              \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
-    const float *out = tfn_forward_rows(s, &k, p, x + xr * s->x_stride, s->batch, D, (D) / LANES);                 \
+    const float *out = tfn_forward_rows(s, &k, p, x + xr * s->x_stride, s->batch, &k.batch_lanes, D, (D) / LANES); \
     loss[c] = task_loss(out, y + xr * s->y_stride, (int)rows, REGRESSION, grads ? k.d_out : NULL, D, (D) / LANES); \
     if (grads && isfinite(loss[c])) {                                                                              \
         const TfnDense dense = tfn_dense_layout(s, grads + c * G);                                                 \
@@ -1072,7 +1267,7 @@ int tfn_forward(const TfnShape *s, const float *const *frozen, const float *bias
     const long out_floats = (long)s->batch * s->tokens * s->width;
 #define TFN_FORWARD(D)                                                                                             \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
-    memcpy(y, tfn_forward_rows(s, &k, biases, x, s->batch, D, (D) / LANES), out_floats * sizeof(float))
+    memcpy(y, tfn_forward_rows(s, &k, biases, x, s->batch, NULL, D, (D) / LANES), out_floats * sizeof(float))
     BY_WIDTH(TFN_FORWARD)
 #undef TFN_FORWARD
     free(memory);
