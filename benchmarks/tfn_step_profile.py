@@ -56,6 +56,18 @@ def part_of(chain: list[tuple[str, str]], source_line) -> str:
         if "lora_gradients" in names or "adapted_gradient" in names:
             return "backward: LoRA factors' gradients"
         return "backward: gradients w.r.t. activations (G W)"
+    if "lanes_validation_loss" in names:  # plain blocks: the validation pass with a sample on each lane
+        if "lanes_attention" in names:
+            what = "softmax exp" if "vexp" in names else "attention: scores, P V, softmax max, sum, scale"
+        elif "lanes_squared_errors" in names:
+            what = "loss"
+        elif "samples_as_lanes" in names:
+            what = "samples onto lanes (transposes)"
+        else:
+            block_line = line_in("lanes_block")
+            what = ("projections X Mq, X Mv^T" if re.search(r"w->m[qv]", block_line)
+                    else "feed-forward" if re.search(r"w->w[12]_t", block_line) else "output layer")
+        return f"forward (validation, samples on lanes): {what}"
     if "tfn_forward_rows" in names:
         which = "validation" if "vx" in line_in("tfn_config_step") else "training"
         if "attention_impl" in names:
