@@ -40,6 +40,11 @@ def part_of(chain: list[tuple[str, str]], source_line) -> str:
     def line_in(function: str) -> str:
         return next((source_line(loc) for name, loc in chain if name == function), "")
 
+    def product_in(block: str, rest: str) -> str:
+        line = line_in(block)
+        return ("projections X Mq, X Mv^T" if re.search(r"w->m[qv]", line)
+                else "feed-forward" if re.search(r"w->w[12]_t", line) else rest)
+
     if "adam" in names:
         return "Adam update"
     if "tfn_weights" in names:
@@ -64,9 +69,7 @@ def part_of(chain: list[tuple[str, str]], source_line) -> str:
         elif "samples_as_lanes" in names:
             what = "samples onto lanes (transposes)"
         else:
-            block_line = line_in("lanes_block")
-            what = ("projections X Mq, X Mv^T" if re.search(r"w->m[qv]", block_line)
-                    else "feed-forward" if re.search(r"w->w[12]_t", block_line) else "output layer")
+            what = product_in("lanes_block", "output layer")
         return f"forward (validation, samples on lanes): {what}"
     if "tfn_forward_rows" in names:
         which = "validation" if "vx" in line_in("tfn_config_step") else "training"
@@ -80,9 +83,7 @@ def part_of(chain: list[tuple[str, str]], source_line) -> str:
         elif "tokens_as_lanes" in names:
             what = "tokens onto lanes (transposes)"
         else:
-            block_line = line_in("tfn_block_forward")
-            what = ("projections X Mq, X Mv^T" if re.search(r"w->m[qv]", block_line)
-                    else "feed-forward" if re.search(r"w->w[12]_t", block_line) else "output layer and the rest")
+            what = product_in("tfn_block_forward", "output layer and the rest")
         return f"forward ({which}): {what}"
     return "other"
 
