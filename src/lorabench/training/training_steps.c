@@ -780,7 +780,8 @@ INLINE void attention_backward(const float *restrict x, const float *restrict t,
 #undef ATT_BACK
 }
 
-/* A batch's tokens on lanes, kept for the configurations that read the same batch. */
+/* A batch rearranged onto lanes (its tokens, or its samples), kept for the configurations
+ * that read the same batch. */
 typedef struct {
     const float *rows; /* the batch they are of (NULL: none yet) */
     int n;
