@@ -788,6 +788,14 @@ typedef struct {
     float *lanes;
 } InputLanes;
 
+/* Whether cache holds the n samples at x already; if not, it is taken for them (the caller
+ * fills it). */
+INLINE int lanes_hold(InputLanes *cache, const float *x, int n) {
+    if (cache->rows == x && cache->n == n) return 1;
+    cache->rows = x, cache->n = n;
+    return 0;
+}
+
 /* The validation pass's work space, a sample on each lane (lanes_validation_loss). */
 typedef struct {
     InputLanes x, y;                   /* the validation set and its targets, (groups, N, D, LANES) */
@@ -884,10 +892,8 @@ INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float 
                                      InputLanes *lanes, const int D, const int NV) {
     const float *xT_ready = NULL;
     if (lanes && !s->prenorm) {
-        if (lanes->rows != x || lanes->n != n) {
+        if (!lanes_hold(lanes, x, n))
             tokens_as_lanes(x, n, s->tokens, lanes->lanes, D, (s->tokens + LANES - 1) / LANES);
-            lanes->rows = x, lanes->n = n;
-        }
         xT_ready = lanes->lanes;
     }
     const float *in = x;
@@ -1022,11 +1028,9 @@ INLINE void samples_as_lanes(const float *restrict rows, int n, int N, int g, fl
 
 /* The whole set x (n samples) on lanes in cache, unless it holds x already. */
 INLINE const float *set_as_lanes(InputLanes *cache, const float *x, int n, int N, const int D) {
-    if (cache->rows != x || cache->n != n) {
+    if (!lanes_hold(cache, x, n))
         for (int g = 0; g < (n + LANES - 1) / LANES; g++)
             samples_as_lanes(x, n, N, g, cache->lanes + (long)g * N * D * LANES, D);
-        cache->rows = x, cache->n = n;
-    }
     return cache->lanes;
 }
 
