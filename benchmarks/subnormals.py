@@ -51,13 +51,13 @@ def run_cell(name: str, steps: int, out: str) -> None:
     import torch
 
     from lorabench.runs import plan
-    from lorabench.runs.runner import cells, run_configs
+    from lorabench.runs.runner import cells, native_engine_for, run_configs
 
     torch.set_num_threads(1)
     experiment, protocol, chosen = CELLS[name]
     _, jobs = plan.load_workflow(str(Path(__file__).resolve().parents[1] / "config.yaml"), "paper", [experiment])
     job = next(j for j in jobs if j.kind == "train" and j.protocol == protocol and j.seed == 0 and chosen(j.configs[0]))
-    cell = [c.replace(n_epochs=steps) for c in cells(job.configs)[0]]
+    cell = [c.replace(n_epochs=steps) for c in cells(job.configs, native_engine_for(torch.device("cpu")))[0]]
     list(run_configs(cell[:1], device="cpu"))  # untimed: the build, imports, warm-up
     start = time.process_time()
     rows = list(run_configs(cell, device="cpu"))

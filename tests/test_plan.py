@@ -235,7 +235,7 @@ def test_job_costs_add_startup_configs_and_cells(smoke):
     costs = plan.job_costs(jobs, rates, 1.5, default_native)
     shared = 0  # train jobs whose configs share cells
     for job, cost in zip(jobs, costs):
-        cells = plan.job_cells(job)
+        cells = plan.job_cells(job, default_native)
         assert sorted(c.config_hash() for cell in cells for c in cell) == sorted(c.config_hash() for c in job.configs)
         expected = 1.5 + sum(plan.config_cost(c, job.kind, rate) + plan.stream_cost(c, job.kind, rates)
                              for c in job.configs)

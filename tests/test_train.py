@@ -93,6 +93,25 @@ def test_tfn_config_alone_equals_config_inside_a_cell():
         assert math.isclose(single[key], batched[key], rel_tol=1e-6), key
 
 
+@pytest.mark.parametrize("engine", ["native", "torch"])
+def test_native_transformer_cells_hold_the_papers_whole_grid(monkeypatch, engine):
+    """On the native step a transformer grid of 192 configs trains as one cell (its batch
+    and target outputs computed once per step); on torch, and for a plug-in method without
+    a native step, cells stay at 64 configs, whose memory grows with the cell."""
+    from lorabench.runs.runner import MAX_CELL, MAX_NATIVE_CELL, cells, native_engine_for
+
+    monkeypatch.setenv("LORABENCH_ENGINE", engine)
+    base = RunConfig(exp="tfn", width=16, target_depth=1, frozen_depth=1, n_head=2, seq_length=10, batch_size=256)
+    grid = [base.replace(rank=r, lr=lr, weight_decay=wd, method=m) for m in ("sgd", "dora")
+            for r in range(1, 17) for lr in (1e-2, 1e-3, 1e-4) for wd in (0.0, 1e-4, 1e-3, 1e-2)]
+    sizes = {(cell[0].method, len(cell)) for cell in cells(grid, native_engine_for(torch.device("cpu")))}
+    sgd = MAX_NATIVE_CELL["tfn"] if engine == "native" else MAX_CELL["tfn"]
+    assert sizes == {("sgd", sgd), ("dora", MAX_CELL["tfn"])}
+    assert (MAX_NATIVE_CELL["tfn"], MAX_CELL["tfn"]) == (192, 64)
+    # the cpu is asked without the native library being built
+    assert not native_engine_for(torch.device("cuda"))(base)
+
+
 def test_diverging_config_is_recorded_and_the_others_go_on():
     base = RunConfig(**FNN_CELL, rank=2)
     rows = _rows([base.replace(lr=1e-2), base.replace(lr=1e9)])

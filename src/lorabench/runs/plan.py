@@ -62,9 +62,9 @@ VALIDATION = {"fnn": "validation-fnn", "tfn": "validation-tfn"}  # one native va
 STARTUP = "startup"
 CACHE_NAME = "plan-calibration.json"
 # The calibration's cells: configs like a real cell of the unit, at two depths, two step
-# counts and two cell sizes; a real cell holds up to runner.MAX_CELL configs (the paper's
-# FNN cells 192, transformer 64). The grid's own cell (``grid_cell``): ranks 1-16 x these
-# weight decays.
+# counts and two cell sizes; a real cell holds up to runner.MAX_CELL configs, on the native
+# step runner.MAX_NATIVE_CELL (the paper's FNN and native transformer cells: 192). The
+# grid's own cell (``grid_cell``): ranks 1-16 x these weight decays.
 CAL_DEPTHS = {"fnn": (2, 8), "tfn": (1, 2)}
 CAL_CELLS = {  # (sizes, steps) per engine
     "native-fnn": ((32, 192), (50, 500)),
@@ -263,13 +263,14 @@ def cell_cost(cfg: RunConfig, kind: str, rate: Rate) -> float:
     return cfg.n_epochs * rate.cell_step(cfg.frozen_depth) + rate.cell(cfg.frozen_depth)
 
 
-def job_cells(job) -> list[list[RunConfig]]:
-    """A job's configs as they run and are priced: training cells for a train job; for
-    the others, its configs grouped by shape (each config runs on its own)."""
+def job_cells(job, native: Callable[[RunConfig], bool]) -> list[list[RunConfig]]:
+    """A job's configs as they run and are priced: training cells for a train job (sized
+    by the engine decision ``native``); for the others, its configs grouped by shape
+    (each config runs on its own)."""
     from .runner import cells
 
     if job.kind == "train":
-        return cells(job.configs)
+        return cells(job.configs, native)
     groups: dict[str, list[RunConfig]] = {}
     for c in job.configs:
         groups.setdefault(shape_of([c], job.kind), []).append(c)
@@ -335,7 +336,7 @@ def cell_costs(job, rates: Mapping[str, Rate], native: Callable[[RunConfig], boo
     """Core-seconds of a job's configs by engine (the reference stream's batches under
     ``STREAM``), start-up not included."""
     out: dict[str, float] = defaultdict(float)
-    for cell in job_cells(job):
+    for cell in job_cells(job, native):
         unit = unit_of(cell, job.kind, native)
         rate = rates[unit]
         out[engine_name(unit)] += cell_cost(cell[0], job.kind, rate) + sum(
@@ -893,7 +894,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
         calibrate = lambda unit, example: calibrate_unit(unit, example, device.type)  # noqa: E731
     units: dict[str, Optional[list[RunConfig]]] = {STARTUP: None}
     for j in jobs:
-        for cell in job_cells(j):
+        for cell in job_cells(j, native):
             units.setdefault(unit_of(cell, j.kind, native), cell if j.kind != "models" else None)
             for c in cell:
                 if has_stream_cost(c, j.kind):

@@ -25,13 +25,20 @@ from ..core.generation import Models
 from ..core.models import FNN, map_tensors
 from ..core.protocols import generate_models, protocol_of
 from ..methods import method_of, validated
+from ..training import native
 from ..training.loop import TrainResult, evaluate, outputs_in_chunks, train_cell
 from ..training.trainables import stack_models, target_outputs_for
 from .provenance import code_version, cpu_model
 
 # Configurations of one cell may differ only in these settings.
 CELL_VARYING = ("rank", "rank_step", "lr", "weight_decay", "tune_bias", "last_layers", "best_epoch")
-MAX_CELL = {"fnn": 512, "tfn": 64}  # configs trained together; bounds a cell's memory
+# Configs trained together: the limit bounds a torch cell's memory, which grows with its
+# configs. The native transformer step keeps one config's activations at a time, so its
+# cells hold a whole grid of the paper (16 ranks x 3 learning rates x 4 weight decays):
+# what a cell pays per step (the shared batch, its target's outputs, the loop) is then
+# paid once for 192 configs rather than three times for 64.
+MAX_CELL = {"fnn": 512, "tfn": 64}
+MAX_NATIVE_CELL = {"fnn": 512, "tfn": 192}
 
 
 class DeviceError(RuntimeError):
@@ -50,17 +57,27 @@ def cell_key(cfg: RunConfig) -> RunConfig:
     return cfg.replace(**{name: RunConfig.__dataclass_fields__[name].default for name in CELL_VARYING})
 
 
-def cells(cfgs: Iterable[RunConfig]) -> list[list[RunConfig]]:
+def cells(cfgs: Iterable[RunConfig], native_engine: Callable[[RunConfig], bool] = lambda cfg: False
+          ) -> list[list[RunConfig]]:
     """Group configs into cells (same seed and model family, same method), in first-seen
-    order, split to at most MAX_CELL configs."""
+    order, split to at most MAX_CELL configs, or MAX_NATIVE_CELL where the native step
+    trains them (a method with a native step, and ``native_engine(cfg)``: the engine
+    decision, ``native_engine_for``)."""
     groups: "OrderedDict[RunConfig, list[RunConfig]]" = OrderedDict()
     for cfg in cfgs:
         groups.setdefault(cell_key(cfg), []).append(cfg)
     out = []
     for members in groups.values():
-        size = MAX_CELL[members[0].exp]
+        cfg = members[0]
+        size = (MAX_NATIVE_CELL if method_of(cfg).native and native_engine(cfg) else MAX_CELL)[cfg.exp]
         out.extend(members[i : i + size] for i in range(0, len(members), size))
     return out
+
+
+def native_engine_for(device: torch.device) -> Callable[[RunConfig], bool]:
+    """The engine decision on ``device`` without building anything: whether the native
+    step would train a cell (``LORABENCH_ENGINE`` not 'torch', ``native.applies``)."""
+    return lambda cfg: native.engine_setting() != "torch" and native.applies(cfg, device)
 
 
 def model_key(cfg: RunConfig) -> RunConfig:
@@ -295,7 +312,7 @@ def run_configs(
         yield _run_construction(cfg, cache.get(cfg), dev)
         if progress:
             progress("construction", i + 1, len(constructions))
-    gradient_cells = cells(c for c in cfgs if not method_of(c).closed_form)
+    gradient_cells = cells((c for c in cfgs if not method_of(c).closed_form), native_engine_for(dev))
     total = sum(cell[0].n_epochs for cell in gradient_cells)
     done = 0
     for cell in gradient_cells:
