@@ -169,7 +169,14 @@ def test_a_unit_is_the_engine_at_the_settings_that_change_its_cost():
     assert len({unit_of(c) for c in differ} | {unit}) == len(differ) + 1
     ours = cfg.replace(method="ours")
     assert unit_of(ours, "construct") != unit_of(ours.replace(frozen_depth=8), "construct")
-    assert unit_of(cfg, "models") == "models-fnn"
+    # model generation: priced per protocol and shape, pretrained keys by their pretraining
+    models = unit_of(cfg, "models")
+    assert plan.engine_name(models) == "models-fnn" and "pretrained" not in models
+    pretrained = unit_of(cfg.replace(pretrained=1), "models")
+    assert "pretrained up to 1000 steps" in pretrained and pretrained != models
+    assert unit_of(cfg.replace(pretrained=1, pretrained_level=10.0), "models") != pretrained
+    assert unit_of(cfg.replace(protocol="reference"), "models") != models
+    assert unit_of(cfg.replace(rank=3, seed=2, frozen_depth=8), "models") == models
     # final-layer tuning costs what its cell's deepest tuned layer costs, at its own depth
     flt = cfg.replace(method="flt", frozen_depth=8)
     shallow = plan.unit_of([flt.replace(last_layers=k) for k in (1, 2)], "train", lambda c: True)
@@ -186,9 +193,13 @@ def test_config_cost_arithmetic():
     big = cfg.replace(n_test=5 * plan.CAL_N_TEST)
     assert plan.config_cost(big, "train", rate) == pytest.approx(100 * 2e-4 + 0.02 * (eval_of(big) / cal_eval))
     assert plan.config_cost(cfg.replace(method="ours"), "construct", rate) == pytest.approx(0.02)
+    # a pretraining is counted at its measured mean length, never beyond its budget
+    models = dataclasses.replace(rate, pretrain_steps=(300.0, 500.0))
     pre = cfg.replace(pretrained=1, pretrained_epochs=1000)
-    assert plan.config_cost(pre, "models", rate) == pytest.approx(0.02 + 1000 * 2e-4)
-    assert plan.config_cost(cfg, "models", rate) == pytest.approx(0.02)
+    assert plan.config_cost(pre, "models", models) == pytest.approx(0.02 + 500 * 2e-4)
+    assert plan.config_cost(pre.replace(pretrained_epochs=200), "models", models) == pytest.approx(0.02 + 200 * 2e-4)
+    assert plan.config_cost(cfg, "models", models) == pytest.approx(0.02)
+    assert plan.Rate.from_dict(dataclasses.asdict(models)) == models
 
 
 def test_skipped_validations_come_off_the_native_step_only():
@@ -387,6 +398,29 @@ def test_a_real_calibration_of_a_training_unit(monkeypatch):
     for depth in rate.depths:
         assert sizes[1] * rate.step(depth) + rate.cell_step(depth) > 0
     assert "cells of 4 and 8 configs x 5 and 25 steps" in measured["measured"]
+
+
+def test_a_real_calibration_of_pretraining_measures_its_mean_length():
+    """Pretraining stops below initial / pretrained_level: the unit counts the steps it
+    took on CAL_PRETRAIN_SEEDS seeds, which the projection then charges."""
+    from lorabench.core.protocols import generate_models
+
+    key = RunConfig(width=16, target_depth=1, frozen_depth=2, batch_size=64, pretrained=1, pretrained_epochs=60,
+                    pretrained_level=1.5, seed=7)
+    measured = plan.calibrate_unit(plan.unit_of([key], "models", default_native), [key])
+    rate = plan.Rate.from_dict(measured)
+    for depth in rate.depths:
+        cfg = plan._cal_cell([key], depth, 1)[0]
+        taken = [generate_models(cfg.replace(seed=s, pretrained=1)).pretrain_steps
+                 for s in range(plan.CAL_PRETRAIN_SEEDS)]
+        assert rate.pretraining(depth) == pytest.approx(sum(taken) / len(taken))
+        assert 0 < rate.pretraining(depth) <= 60 and rate.step(depth) > 0
+        assert plan.config_cost(key.replace(frozen_depth=depth), "models", rate) == pytest.approx(
+            rate.config(depth) + rate.pretraining(depth) * rate.step(depth))
+    assert min(rate.pretrain_steps) < 60  # at this level some pretraining stops early
+    plain = plan.Rate.from_dict(plan.calibrate_unit(plan.unit_of([key.replace(pretrained=0)], "models", default_native),
+                                                    [key.replace(pretrained=0)]))
+    assert plain.pretrain_steps == (0.0, 0.0) and plain.config(2) > 0
 
 
 def test_a_calibration_cell_is_like_the_cell_it_prices():

@@ -26,7 +26,7 @@ class SharedRows:
     """A batch per configuration, as rows of a few distinct batches: configuration c reads
     ``x[row[c]]`` and ``y[row[c]]`` (the native step reads them in place, no (C, ...) copy)."""
 
-    x: Tensor  # (K, ...)
+    x: Tensor  # (K, ...): K distinct batches (a stream's pool of kept ones)
     y: Tensor  # (K, ...)
     row: Tensor  # (C,) long, on the CPU
 
@@ -39,7 +39,8 @@ def stacked(batch: Batch) -> tuple[Tensor, Tensor]:
     """A batch as (inputs, targets): shared by the cell, or (C, ...) one per configuration."""
     if isinstance(batch, SharedRows):
         row = batch.row.to(batch.x.device)
-        return batch.x[row], batch.y[row]
+        # contiguous: the torch path's products see the layout of freshly drawn batches
+        return batch.x[row].contiguous(), batch.y[row].contiguous()
     return batch
 
 
@@ -157,6 +158,11 @@ class ReferenceTFNStream:
     at the same position share the batch and its target outputs, drawn once. Drawn
     positions are kept, up to KEPT_BYTES, for the configs that reach them later (see
     _evict); others are drawn again from their saved generator state.
+
+    Kept positions live in slots of one pool per tensor (training inputs and targets,
+    validation inputs and targets), stored as token rows (slots, B, N, D), the native
+    step's layout, and handed out as (slots, B, D, N) views with each config's slot: a
+    step copies nothing, however far apart the configs have drifted.
     """
 
     SEED, AFTER_TEST = 0, 1
@@ -173,15 +179,18 @@ class ReferenceTFNStream:
             self.fixed = (x, self.target_outputs(x))
         origins = (rng.global_stream(cfg.seed).get_state(), reference_tfn_state_after_test(cfg))
         self.states = [[state] for state in origins]  # generator state at each position
-        self.kept: dict[tuple[int, int], tuple] = {}
+        self.slot: dict[tuple[int, int], int] = {}  # kept position -> its slot in the pools
+        self.free: list[int] = []
+        self.pools: Optional[list[Tensor]] = None  # (train x, train y, val x, val y) token rows; train None if fixed
         self.drawn = 0  # positions drawn (and evaluated), a measure of the stream's cost
         self.origin = torch.full((C,), self.SEED, dtype=torch.long)
         self.since = torch.zeros(C, dtype=torch.long)
 
-    def _draws(self, position: tuple[int, int]):
-        """(training batch or None, validation batch), inputs with their targets, at a position."""
-        if position in self.kept:
-            return self.kept[position]
+    def _draws(self, position: tuple[int, int]) -> int:
+        """The slot that holds a position's batches (training batch, unless fixed, and
+        validation batch, inputs with their targets), drawn there if not kept."""
+        if position in self.slot:
+            return self.slot[position]
         origin, k = position
         states = self.states[origin]
         gen = torch.Generator()
@@ -192,10 +201,32 @@ class ReferenceTFNStream:
         inputs = self._draw_inputs(gen)
         if len(states) == k + 1:
             states.append(gen.get_state())
-        draws = tuple(None if x is None else (x, self.target_outputs(x)) for x in inputs)
-        self.kept[position] = draws
+        tensors = [t for x in inputs for t in ((None, None) if x is None else (x, self.target_outputs(x)))]
+        slot = self._free_slot(tensors)
+        for pool, t in zip(self.pools, tensors):
+            if t is not None:
+                pool[slot].copy_(t.transpose(-1, -2))
+        self.slot[position] = slot
         self.drawn += 1
-        return draws
+        return slot
+
+    def _free_slot(self, tensors: list[Optional[Tensor]]) -> int:
+        """A free slot, the pools grown when none is left: doubled, up to what KEPT_BYTES
+        keeps plus a step's new positions (one per config)."""
+        if not self.free:
+            size = 0 if self.pools is None else len(next(p for p in self.pools if p is not None))
+            each = sum(t.nelement() * t.element_size() for t in tensors if t is not None)
+            limit = max(1, self.KEPT_BYTES // max(each, 1)) + len(self.origin)
+            grown = max(size + 1, min(max(8, 2 * size), limit))
+            pools = [None if t is None else torch.empty((grown, *t.shape[:-2], t.shape[-1], t.shape[-2]),
+                                                         dtype=t.dtype, device=t.device) for t in tensors]
+            if self.pools is not None:
+                for new, old in zip(pools, self.pools):
+                    if new is not None:
+                        new[:size].copy_(old)
+            self.pools = pools
+            self.free = list(range(grown - 1, size - 1, -1))
+        return self.free.pop()
 
     def _evict(self) -> None:
         """Drop the kept positions asked for farthest ahead until KEPT_BYTES hold the rest.
@@ -203,16 +234,16 @@ class ReferenceTFNStream:
         improves, so a kept position is next asked for by the nearest config at or below
         it, or, after the test sets, by a config improving from now on, k + 1 steps
         ahead at most (Belady's rule, with improvements taken as they come)."""
-        if not self.kept:
+        if not self.slot:
             return
-        each = sum(t.nelement() * t.element_size() for draw in next(iter(self.kept.values())) if draw for t in draw)
-        excess = len(self.kept) - max(1, self.KEPT_BYTES // max(each, 1))
+        each = sum(p[0].nelement() * p.element_size() for p in self.pools if p is not None)
+        excess = len(self.slot) - max(1, self.KEPT_BYTES // max(each, 1))
         if excess <= 0:
             return
-        positions = list(self.kept)
+        positions = list(self.slot)
         ahead = next_use(positions, self.origin, self.since, restart=self.AFTER_TEST)
         for i in torch.argsort(ahead, descending=True, stable=True)[:excess].tolist():
-            del self.kept[positions[i]]
+            self.free.append(self.slot.pop(positions[i]))
 
     def _draw_inputs(self, gen: torch.Generator):
         train = None if self.fixed is not None else data.draw(self.cfg, self.cfg.batch_size, gen)
@@ -220,11 +251,9 @@ class ReferenceTFNStream:
         return tuple(None if x is None else x.to(self.device) for x in (train, val))
 
     def _rows(self, which: int) -> SharedRows:
-        positions = list(zip(self.origin.tolist(), self.since.tolist()))
-        index = {position: i for i, position in enumerate(dict.fromkeys(positions))}
-        pairs = [self._draws(position)[which] for position in index]
-        row = torch.tensor([index[position] for position in positions], dtype=torch.long)
-        return SharedRows(torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs]), row)
+        slots = [self._draws(position) for position in zip(self.origin.tolist(), self.since.tolist())]
+        x, y = (self.pools[2 * which + i].transpose(-1, -2) for i in (0, 1))
+        return SharedRows(x, y, torch.tensor(slots, dtype=torch.long))
 
     def train_batch(self, step: int):
         if self.fixed is not None:

@@ -26,10 +26,12 @@ experiment runs with both protocols in one piece when they fit together, else on
 per protocol; experiments that share configs stay together), each with its command; their outputs combine (``results/runs/<experiment>/
 <protocol>.parquet``), and a last run of ``all_figures`` only aggregates and draws.
 
-What the projection leaves out or bounds: pretraining is counted at its full budget
-(``pretrained_epochs``; it may stop early), the per-config cost is scaled by the number
-of evaluation points, the per-job fixed cost is the measured start-up of a Python
-process importing lorabench (Snakemake's own per-job overhead is not included), and a run
+What the projection estimates or leaves out: pretraining stops when its training loss
+falls below initial / ``pretrained_level`` or at its budget (``pretrained_epochs``), so it
+is counted at the mean length measured on a few seeds (``models-*`` units); the
+per-config cost is scaled by the number of evaluation points; the per-job fixed cost is
+the measured start-up of a Python process importing lorabench (Snakemake's own per-job
+overhead is not included); and a run
 that validates every k steps (``val_every``) costs the native step less one calibrated
 validation per skipped step (``validation-*``, measured only when a config asks for it).
 """
@@ -83,7 +85,7 @@ CAL_VALIDATION_STEPS = {"fnn": 200, "tfn": 40}
 CAL_SPARSE_VAL_EVERY = 50  # the validation's calibration: every step against every 50th (and the last)
 CAL_N_TEST = 1000
 CAL_N_VAL = 256
-CAL_PRETRAIN_STEPS = 30
+CAL_PRETRAIN_SEEDS = 8  # pretrained models per depth, run to their stop: the mean length
 CAL_STREAM_POSITIONS = 24
 # Under the reference protocol each transformer config draws its own batches, and the
 # target's outputs for them, from a stream that rewinds whenever its validation improves:
@@ -111,6 +113,8 @@ class Rate:
     measured: str = ""  # how and when
     cell_step_s: tuple[float, float] = (0.0, 0.0)
     cell_s: tuple[float, float] = (0.0, 0.0)
+    # model generation of pretrained keys: the mean number of Adam steps a pretraining took
+    pretrain_steps: tuple[float, float] = (0.0, 0.0)
 
     def _at(self, values: tuple[float, float], depth: int) -> float:
         (d0, d1), (v0, v1) = self.depths, values
@@ -129,10 +133,14 @@ class Rate:
     def cell(self, depth: int) -> float:
         return self._at(self.cell_s, depth)
 
+    def pretraining(self, depth: int) -> float:
+        return self._at(self.pretrain_steps, depth)
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "Rate":
         return cls(tuple(d["depths"]), tuple(d["step_s"]), tuple(d["config_s"]), d.get("measured", ""),
-                   tuple(d.get("cell_step_s", (0.0, 0.0))), tuple(d.get("cell_s", (0.0, 0.0))))
+                   tuple(d.get("cell_step_s", (0.0, 0.0))), tuple(d.get("cell_s", (0.0, 0.0))),
+                   tuple(d.get("pretrain_steps", (0.0, 0.0))))
 
 
 def _line(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
@@ -206,12 +214,19 @@ def at_own_depth(cell: Sequence[RunConfig], kind: str) -> bool:
 
 def shape_of(cell: Sequence[RunConfig], kind: str) -> str:
     """The settings beyond depth, cell size and step count that change what a cell's
-    configs cost on their engine; '' for model generation (calibrated on the grid's shape)."""
+    configs cost on their engine (for model generation: what a pretraining's steps cost
+    and how many it takes)."""
     from ..methods import method_of
 
     cfg = cell[0]
     if kind == "models":
-        return ""
+        words = [cfg.protocol, cfg.activation, f"width {cfg.width}"]
+        if cfg.exp == "tfn":
+            words += [f"heads {cfg.n_head}", f"tokens {cfg.seq_length}"] + (["prenorm"] if cfg.prenorm else [])
+        if cfg.pretrained:
+            words += [f"pretrained up to {cfg.pretrained_epochs} steps of batch {cfg.batch_size}, "
+                      f"lr {cfg.pretrained_lr:g}, level {cfg.pretrained_level:g}"]
+        return " ".join(words)
     words = [cfg.method, cfg.task, cfg.activation, f"width {cfg.width}"]
     if at_own_depth(cell, kind):
         words.append(f"depths {cfg.target_depth}/{cfg.frozen_depth}")
@@ -250,7 +265,8 @@ def config_cost(cfg: RunConfig, kind: str, rate: Rate) -> float:
     """Core-seconds of one config (models job: one model key), without its cell's share."""
     depth = cfg.frozen_depth
     if kind == "models":
-        return rate.config(depth) + (cfg.pretrained_epochs if cfg.pretrained else 0) * rate.step(depth)
+        steps = min(rate.pretraining(depth), cfg.pretrained_epochs) if cfg.pretrained else 0.0
+        return rate.config(depth) + steps * rate.step(depth)
     scale = eval_points(cfg) / eval_points(RunConfig(n_test=CAL_N_TEST, n_val=CAL_N_VAL))
     steps = cfg.n_epochs if kind == "train" else 0
     return steps * rate.step(depth) + scale * rate.config(depth)
@@ -567,7 +583,7 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
     if engine == STREAM:
         return asdict(_calibrate_stream(depths, stamp))
     if kind == "models":
-        return asdict(_calibrate_models(family, depths, stamp))
+        return asdict(_calibrate_models(example or grid_cell(family), depths, stamp))
     if kind == "validation":
         return asdict(_calibrate_validation(family, depths, device, stamp))
     if kind == "construct":
@@ -607,27 +623,31 @@ def _calibrate_validation(family: str, depths: tuple[int, int], device: str, sta
     return Rate(tuple(depths), tuple(per_validation), (0.0, 0.0), measured)
 
 
-def _calibrate_models(family: str, depths: tuple[int, int], stamp: str) -> Rate:
-    """Per model key: generation without pretraining, and the CPU time per pretraining
-    step actually taken (pretraining may stop before its budget)."""
+def _calibrate_models(example: Sequence[RunConfig], depths: tuple[int, int], stamp: str) -> Rate:
+    """Per model key like ``example``'s first: generation without pretraining and, for a
+    pretrained key, the CPU time per pretraining step and the mean number of steps a
+    pretraining takes (it stops below initial / pretrained_level or at its budget), over
+    CAL_PRETRAIN_SEEDS seeds run to their stop."""
     from ..core.protocols import generate_models
 
-    seeds = range(4)
-    step_s, config_s = [], []
+    seeds = range(CAL_PRETRAIN_SEEDS)
+    pretrained = bool(example[0].pretrained)
+    step_s, config_s, mean_steps = [], [], []
     for depth in depths:
-        cfg = _cal_cell(grid_cell(family), depth, 1)[0]
+        cfg = _cal_cell(example, depth, 1)[0].replace(pretrained=0)
         generate_models(cfg.replace(seed=99, pretrained=1, pretrained_epochs=2))  # warm-up, untimed
         plain = sum(_cpu_seconds(lambda s=s: generate_models(cfg.replace(seed=s))) for s in seeds) / len(seeds)
-        taken, spent = 0, 0.0
-        for s in seeds:
-            pre = cfg.replace(seed=s, pretrained=1, pretrained_epochs=CAL_PRETRAIN_STEPS)
+        taken, spent = [], 0.0
+        for s in seeds if pretrained else ():
             start = time.process_time()
-            taken += generate_models(pre).pretrain_steps or 0
+            taken.append(generate_models(cfg.replace(seed=s, pretrained=1)).pretrain_steps or 0)
             spent += time.process_time() - start - plain
         config_s.append(plain)
-        step_s.append(max(spent, 0.0) / max(taken, 1))
-    return Rate(tuple(depths), tuple(step_s), tuple(config_s),
-                f"{len(seeds)} seeds per depth, pretraining up to {CAL_PRETRAIN_STEPS} steps, {stamp}")
+        step_s.append(max(spent, 0.0) / max(sum(taken), 1))
+        mean_steps.append(sum(taken) / len(seeds) if pretrained else 0.0)
+    what = (f"{len(seeds)} seeds per depth, pretrained to their stop (mean steps {', '.join(f'{m:.0f}' for m in mean_steps)})"
+            if pretrained else f"{len(seeds)} seeds per depth, no pretraining")
+    return Rate(tuple(depths), tuple(step_s), tuple(config_s), f"{what}, {stamp}", pretrain_steps=tuple(mean_steps))
 
 
 def _calibrate_stream(depths: tuple[int, int], stamp: str) -> Rate:
@@ -895,7 +915,7 @@ def make_plan(wf, jobs: Sequence, cores: Sequence[int], calibrate: Callable[[str
     units: dict[str, Optional[list[RunConfig]]] = {STARTUP: None}
     for j in jobs:
         for cell in job_cells(j, native):
-            units.setdefault(unit_of(cell, j.kind, native), cell if j.kind != "models" else None)
+            units.setdefault(unit_of(cell, j.kind, native), cell)
             for c in cell:
                 if has_stream_cost(c, j.kind):
                     units.setdefault(STREAM, None)
@@ -1038,13 +1058,16 @@ def format_plan(plan: dict) -> str:
         out.append(f"  {unit} [{c['source']}]")
         out.append(f"      {what}")
         out.append(f"      ({c.get('measured', '')})")
-    out.append("  CPU time of one thread; pretraining counted at its full budget (an upper bound)")
+    out.append("  CPU time of one thread; pretraining counted at its mean measured length")
     return "\n".join(out)
 
 
 def _rate_words(unit: str, rate: Rate, depth: int) -> str:
     if unit.startswith("models"):
-        return f"depth {depth}: {_short(rate.step(depth))} per pretraining step, {_short(rate.config(depth))} per model key"
+        words = f"depth {depth}: {_short(rate.config(depth))} per model key"
+        if rate.pretraining(depth):
+            words += f", {_short(rate.step(depth))} per pretraining step, {rate.pretraining(depth):.0f} steps"
+        return words
     if unit.startswith("construct"):
         return f"depth {depth}: {_short(rate.config(depth))} per construction"
     words = f"depth {depth}: {_short(rate.step(depth))} per config-step, {_short(rate.config(depth))} per config"
