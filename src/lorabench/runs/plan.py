@@ -71,8 +71,9 @@ CAL_DEPTHS = {"fnn": (2, 8), "tfn": (1, 2)}
 CAL_CELLS = {  # (sizes, steps) per engine
     "native-fnn": ((32, 192), (50, 500)),
     # The transformer's per-config step is the difference of the two sizes' slopes: with
-    # 10 and 40 steps two calibrations on one quiet machine differed by up to 10%.
-    "native-tfn": ((16, 64), (10, 80)),
+    # 10 and 40 steps two calibrations on one quiet machine differed by up to 10%. Its
+    # real cells hold 192 configs (runner.MAX_NATIVE_CELL): calibrated at that size.
+    "native-tfn": ((64, 192), (10, 80)),
     "torch-fnn": ((4, 16), (20, 200)),
     "autograd-fnn": ((4, 16), (20, 200)),
     "torch-tfn": ((4, 16), (5, 20)),
@@ -94,8 +95,8 @@ CAL_STREAM_POSITIONS = 24
 # see configs drift apart over 5,000 steps, so the plan adds, per config and step, this
 # share of a fresh position (at most 1: every config at a position of its own). Measured
 # on the paper preset's reference transformer job of seed 0, depth 1, random frozen model
-# (three 64-config cells of 5,000 steps; each cell's log gives its count): 21,740
-# positions in 960,000 config-steps, 0.023 (0.064, 0.004 and 0.000 per cell).
+# (its cell's log gives the count): 22,434 positions in 960,000 config-steps, 0.023
+# (21,740 when it ran as three 64-config cells).
 REFERENCE_TFN_DISTINCT_SHARE = 0.03
 
 
