@@ -215,8 +215,7 @@ class ReferenceTFNStream:
         keeps plus a step's new positions (one per config)."""
         if not self.free:
             size = 0 if self.pools is None else len(next(p for p in self.pools if p is not None))
-            each = sum(t.nelement() * t.element_size() for t in tensors if t is not None)
-            limit = max(1, self.KEPT_BYTES // max(each, 1)) + len(self.origin)
+            limit = self._kept_positions(tensors) + len(self.origin)
             grown = max(size + 1, min(max(8, 2 * size), limit))
             pools = [None if t is None else torch.empty((grown, *t.shape[:-2], t.shape[-1], t.shape[-2]),
                                                          dtype=t.dtype, device=t.device) for t in tensors]
@@ -228,6 +227,11 @@ class ReferenceTFNStream:
             self.free = list(range(grown - 1, size - 1, -1))
         return self.free.pop()
 
+    def _kept_positions(self, position: list[Optional[Tensor]]) -> int:
+        """How many positions KEPT_BYTES holds, a position being these tensors."""
+        each = sum(t.nelement() * t.element_size() for t in position if t is not None)
+        return max(1, self.KEPT_BYTES // max(each, 1))
+
     def _evict(self) -> None:
         """Drop the kept positions asked for farthest ahead until KEPT_BYTES hold the rest.
         A config at step k of an origin asks for k + 1 next unless its validation
@@ -236,8 +240,7 @@ class ReferenceTFNStream:
         ahead at most (Belady's rule, with improvements taken as they come)."""
         if not self.slot:
             return
-        each = sum(p[0].nelement() * p.element_size() for p in self.pools if p is not None)
-        excess = len(self.slot) - max(1, self.KEPT_BYTES // max(each, 1))
+        excess = len(self.slot) - self._kept_positions([p[0] for p in self.pools if p is not None])
         if excess <= 0:
             return
         positions = list(self.slot)

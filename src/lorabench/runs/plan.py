@@ -190,6 +190,7 @@ def engine_of(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) ->
     transformer where the native step would apply: there autograd maps the native pass's
     gradients onto the method's parameters (``gradients``, trainables.py)."""
     from ..methods import method_of
+    from .runner import trains_natively
 
     if kind == "models":
         return f"models-{cfg.exp}"
@@ -250,12 +251,6 @@ def unit_of(cell: Sequence[RunConfig], kind: str, native: Callable[[RunConfig], 
 
 def engine_name(unit: str) -> str:
     return unit.split(" [", 1)[0]
-
-
-def trains_natively(cfg: RunConfig, native: Callable[[RunConfig], bool]) -> bool:
-    from ..methods import method_of
-
-    return method_of(cfg).native and native(cfg)
 
 
 def eval_points(cfg: RunConfig) -> int:
@@ -330,6 +325,8 @@ def validations(cfg: RunConfig) -> int:
 
 
 def skips_validations(cfg: RunConfig, kind: str, native: Callable[[RunConfig], bool]) -> bool:
+    from .runner import trains_natively
+
     return kind == "train" and cfg.val_every > 1 and trains_natively(cfg, native)
 
 

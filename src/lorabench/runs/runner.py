@@ -61,17 +61,23 @@ def cells(cfgs: Iterable[RunConfig], native_engine: Callable[[RunConfig], bool] 
           ) -> list[list[RunConfig]]:
     """Group configs into cells (same seed and model family, same method), in first-seen
     order, split to at most MAX_CELL configs, or MAX_NATIVE_CELL where the native step
-    trains them (a method with a native step, and ``native_engine(cfg)``: the engine
-    decision, ``native_engine_for``)."""
+    trains them (``trains_natively``; ``native_engine``: the engine decision,
+    ``native_engine_for``)."""
     groups: "OrderedDict[RunConfig, list[RunConfig]]" = OrderedDict()
     for cfg in cfgs:
         groups.setdefault(cell_key(cfg), []).append(cfg)
     out = []
     for members in groups.values():
         cfg = members[0]
-        size = (MAX_NATIVE_CELL if method_of(cfg).native and native_engine(cfg) else MAX_CELL)[cfg.exp]
+        size = (MAX_NATIVE_CELL if trains_natively(cfg, native_engine) else MAX_CELL)[cfg.exp]
         out.extend(members[i : i + size] for i in range(0, len(members), size))
     return out
+
+
+def trains_natively(cfg: RunConfig, native_engine: Callable[[RunConfig], bool]) -> bool:
+    """Whether the native step trains ``cfg``'s cell: its method has one and the engine
+    decision ``native_engine(cfg)`` says so."""
+    return method_of(cfg).native and native_engine(cfg)
 
 
 def native_engine_for(device: torch.device) -> Callable[[RunConfig], bool]:
