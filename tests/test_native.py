@@ -304,6 +304,34 @@ def test_native_tfn_step_equals_torch_step(width, tokens, monkeypatch):
         assert torch.isclose(flat_native, flat_torch, rtol=1e-5, atol=5e-6).float().mean() > 0.995
 
 
+@pytest.mark.parametrize("prenorm", [0, 1])
+def test_transformer_passes_do_not_depend_on_their_chunks(prenorm, monkeypatch):
+    """The token-row passes take a batch a chunk of samples at a time, each chunk's
+    backward pass right after its forward pass. Over 37 samples of 3 tokens (the last
+    chunk's rows not a multiple of 4) and 23 validation samples, chunks of 4 and 8 give bit
+    for bit what one chunk gives: the step's losses, parameters and Adam moments, the dense
+    gradients of whole transformers, and the forward pass."""
+    cfgs, _, _, target, start, _, _ = _tfn_setup(2, monkeypatch, 16, 3, prenorm)
+    gen = torch.Generator().manual_seed(1)
+    x, vx = torch.randn(37, 16, 3, generator=gen), torch.randn(23, 16, 3, generator=gen)
+    batch, val_batch = (x, forward(target, x)), (vx, forward(target, vx))
+    _, models, frozen = _stacked_tfn_models(2, 16, 3, prenorm=prenorm)
+
+    def everything(chunk):
+        monkeypatch.setattr(native, "TFN_CHUNK_SAMPLES", chunk)
+        cell, _ = _tfn_cell(cfgs, "native", monkeypatch)
+        adam, flat = _adam(cfgs, cell), start.clone()
+        active = torch.ones(len(cfgs), dtype=torch.bool)
+        losses = [adam.native_step(cell.native_step, flat, batch, val_batch, active, 1) for _ in range(2)]
+        loss, dense = native.tfn_gradients(frozen, x, forward(models[0].target, x))
+        return [*(t for pair in losses for t in pair), flat, adam.exp_avg, adam.exp_avg_sq, loss, *dense.values(),
+                native.tfn_outputs(target, x)]
+
+    whole = everything(64)
+    for chunk in (4, 8):
+        assert all(torch.equal(a, b) for a, b in zip(everything(chunk), whole)), chunk
+
+
 # Two blocks amplify float32 round-off (outputs ~1e3); so do a width of two vectors and
 # 20 tokens (two vectors of a score row), and pre-norm blocks (both engines about twice the
 # plain block's error at depth 1), where a step-by-step tolerance would not hold.

@@ -53,6 +53,12 @@ TASK_CODES = {"regression": 0, "classification": 1, "binary_classification": 2}
 # Or'ed into a classification task's code: the loss against the target's argmax class.
 LABELS_CODE = 4
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno"]
+# Samples the transformer's token-row passes take at a time (a multiple of 4). The
+# activations a training pass keeps for its backward pass are about 20 KB a sample at the
+# paper's transformer (width 16, 10 tokens, two blocks): a batch of 256 (5 MB) spills from
+# a core's L2 cache between the forward and the backward pass, where 16 samples (320 KB)
+# stay in it. The results do not depend on it (training_steps.c, tfn_token_pass).
+TFN_CHUNK_SAMPLES = 16
 SUBNORMALS = ("flush", "keep")  # the steps' subnormal floats (training_steps.c says why they are flushed)
 
 
@@ -91,7 +97,7 @@ class _Shape(ctypes.Structure):
 
 class _TfnShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in
-                ("depth", "heads", "width", "tokens", "batch", "val_batch", "prenorm")] + [
+                ("depth", "heads", "width", "tokens", "batch", "val_batch", "prenorm", "chunk")] + [
         ("n_param", ctypes.c_long), ("off_a", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b", ctypes.c_long * len(TFN_ADAPTED)),
         ("off_b1", ctypes.c_long), ("off_b2", ctypes.c_long)] + [
@@ -360,7 +366,7 @@ class TFNStep(NativeStep):
         n, names = len(TFN_ADAPTED), TFN_ADAPTED
         return _TfnShape(
             depth=self.depth, heads=self.heads, width=self.width, tokens=x.shape[-2], batch=x.shape[-3],
-            val_batch=vx.shape[-3], prenorm=self.prenorm, n_param=self.n_param,
+            val_batch=vx.shape[-3], prenorm=self.prenorm, chunk=TFN_CHUNK_SAMPLES, n_param=self.n_param,
             off_a=(ctypes.c_long * n)(*[self.offsets[f"a_{name}"][0] for name in names]),
             off_b=(ctypes.c_long * n)(*[self.offsets[f"b_{name}"][0] for name in names]),
             off_b1=self.offsets["b1"][0], off_b2=self.offsets["b2"][0],
@@ -390,7 +396,8 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()
     shape = _TfnShape(depth=model.depth, heads=model.n_head, width=D, tokens=N, batch=rows.shape[0],
-                      val_batch=rows.shape[0], prenorm=int(model.prenorm), n_param=biases.numel(), off_b1=0,
+                      val_batch=rows.shape[0], prenorm=int(model.prenorm), chunk=TFN_CHUNK_SAMPLES,
+                      n_param=biases.numel(), off_b1=0,
                       off_b2=model.depth * D)
     out = torch.empty_like(rows)
     pointers = (ctypes.c_void_p * len(weights))(*[t.data_ptr() for t in weights])
@@ -426,7 +433,7 @@ def tfn_gradients(model, x: Tensor, y: Tensor, threads: int = 1,
     L = model.depth
     stride = 0 if xs.dim() == 3 else xs[0].numel()
     shape = _TfnShape(depth=L, heads=model.n_head, width=D, tokens=N, batch=xs.shape[-3], val_batch=0,
-                      prenorm=int(model.prenorm),
+                      prenorm=int(model.prenorm), chunk=TFN_CHUNK_SAMPLES,
                       n_param=biases.shape[1], off_b1=0, off_b2=L * D, x_stride=stride, y_stride=stride)
     per_config = [t[0].numel() for t in weights]
     sizes = per_config + [L * D, L * D]

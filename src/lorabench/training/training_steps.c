@@ -152,14 +152,17 @@ typedef struct {
  * dependent FMAs), and each row of m is loaded once for all of them. The rows of m and
  * out are NV vectors wide, `ld` floats apart; a_row = 1 reads a transposed. */
 #ifdef __AVX512F__
-#define ROW_BLOCK 8 /* 8 accumulators of 16 lanes: a quarter of the 32 vector registers */
+/* 16 accumulators, half the 32 vector registers: 16 rows at D = 16. (8 rows ran the
+ * transformer step 1.05x slower, 24 rows 1.17x slower, on a 2-core Xeon with AVX-512.) */
+#define ROW_BLOCK(NV) (16 / (NV))
 #else /* AVX2: 16 registers of 8 lanes; at D = 16 (two vectors a row) 2, 4 and 6 rows ran
       * the transformer step equally fast on a znver3 core, within the machine's noise */
-#define ROW_BLOCK 2
+#define ROW_BLOCK(NV) 2
 #endif
+#define MAX_ROW_BLOCK 16
 INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col, const int R, int J,
                                 const float *restrict m, long ld, RowsEnd end, float *restrict out, const int NV) {
-    vec acc[ROW_BLOCK][MAX_WIDTH / LANES];
+    vec acc[MAX_ROW_BLOCK][MAX_WIDTH / LANES];
     for (int r = 0; r < R; r++)
         for (int q = 0; q < NV; q++)
             acc[r][q] = end.accumulate ? load(out + r * ld + q * LANES)
@@ -179,14 +182,15 @@ INLINE void weighted_rows_block(const float *restrict a, long a_row, long a_col,
         }
 }
 
-/* weighted_rows_block over n output rows: blocks of ROW_BLOCK, then 4, 2, 1 below it. */
+/* weighted_rows_block over n output rows: blocks of ROW_BLOCK(NV), then 8, 4, 2, 1 below it. */
 INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, long n, int J, const float *restrict m,
                           long ld, RowsEnd end, float *restrict out, const int NV) {
+    const int block = ROW_BLOCK(NV);
     long r = 0;
     RowsEnd at = end;
-    for (; r + ROW_BLOCK <= n; r += ROW_BLOCK) {
+    for (; r + block <= n; r += block) {
         at.gate = end.gate ? end.gate + r * ld : NULL;
-        weighted_rows_block(a + r * a_row, a_row, a_col, ROW_BLOCK, J, m, ld, at, out + r * ld, NV);
+        weighted_rows_block(a + r * a_row, a_row, a_col, block, J, m, ld, at, out + r * ld, NV);
     }
 #define TAIL_BLOCK(R)                                                                                              \
     if (n - r >= R) {                                                                                              \
@@ -194,12 +198,9 @@ INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, long 
         weighted_rows_block(a + r * a_row, a_row, a_col, R, J, m, ld, at, out + r * ld, NV);                       \
         r += R;                                                                                                    \
     }
-#if ROW_BLOCK > 4
-    TAIL_BLOCK(4)
-#endif
-#if ROW_BLOCK > 2
-    TAIL_BLOCK(2)
-#endif
+    if (block > 8) TAIL_BLOCK(8)
+    if (block > 4) TAIL_BLOCK(4)
+    if (block > 2) TAIL_BLOCK(2)
     TAIL_BLOCK(1)
 #undef TAIL_BLOCK
 }
@@ -222,20 +223,65 @@ INLINE void affine(const float *restrict in, int n, const float *restrict wt, co
     matmul(in, n, wt, bias, relu, NULL, out, D, NV);
 }
 
+/* The column sums of g (n rows of D) in four parts: parts[j] (row j of parts, 4 x D) adds
+ * the rows j, j + 4, j + 8, ..., and rows past the last multiple of 4 go to parts[0]. A
+ * batch taken in chunks whose row counts are multiples of 4 (but the last) adds each
+ * row to the same part as in one call. */
+INLINE void add_column_parts(const float *restrict g, long n, float *restrict parts, const int D, const int NV) {
+    for (int q = 0; q < NV; q++) {
+        vec part[4];
+        for (int j = 0; j < 4; j++) part[j] = load(parts + j * D + q * LANES);
+        long b = 0;
+        for (; b + 4 <= n; b += 4)
+            for (int j = 0; j < 4; j++) part[j] += load(g + (b + j) * D + q * LANES);
+        for (; b < n; b++) part[0] += load(g + b * D + q * LANES);
+        for (int j = 0; j < 4; j++) store(parts + j * D + q * LANES, part[j]);
+    }
+}
+
+/* db = the column sums from add_column_parts' parts. */
+INLINE void column_sums(const float *restrict parts, float *restrict db, const int D, const int NV) {
+    for (int q = 0; q < NV; q++) {
+        const float *at = parts + q * LANES;
+        store(db + q * LANES, (load(at) + load(at + D)) + (load(at + 2 * D) + load(at + 3 * D)));
+    }
+}
+
 /* dW = g^T h (D x D), a block of output rows at a time; db = column sums of g (either may
  * be NULL). */
 INLINE void weight_gradient(const float *restrict g, const float *restrict h, long n, float *restrict dW,
                             float *restrict db, const int D, const int NV) {
     if (dW) weighted_rows(g, 1, D, D, (int)n, h, D, PLAIN, dW, NV); /* dW[i] = sum_b g[b][i] h[b] */
     if (!db) return;
-    for (int q = 0; q < NV; q++) {
-        vec part[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
-        int b = 0;
-        for (; b + 4 <= n; b += 4)
-            for (int k = 0; k < 4; k++) part[k] += load(g + (long)(b + k) * D + q * LANES);
-        for (; b < n; b++) part[0] += load(g + (long)b * D + q * LANES);
-        store(db + q * LANES, (part[0] + part[1]) + (part[2] + part[3]));
+    float parts[4 * MAX_WIDTH] = {0.0f};
+    add_column_parts(g, n, parts, D, NV);
+    column_sums(parts, db, D, NV);
+}
+
+/* dW += g^T h: the chain of each entry of dW goes on from its value (weight_gradient's
+ * chain when dW starts at 0 and a batch comes in chunks, in order). */
+INLINE void weight_gradient_add(const float *restrict g, const float *restrict h, long n, float *restrict dW,
+                                const int D, const int NV) {
+    weighted_rows(g, 1, D, D, (int)n, h, D, ACCUMULATE, dW, NV);
+}
+
+/* total plus the squared errors of n rows of outputs against y, row by row (lane i of 16
+ * holds the squares of the coordinates i mod 16, then sum16), in double; with grad, also
+ * the gradient scale * (out - y). */
+INLINE double add_squared_errors(const float *restrict out, const float *restrict y, long n, vec scale,
+                                 float *restrict grad, double total, const int D, const int NV) {
+    for (long b = 0; b < n; b++) {
+        vec squares[SUM16_PARTS];
+        for (int part = 0; part < SUM16_PARTS; part++) squares[part] = splat(0.0f);
+        for (int q = 0; q < NV; q++) {
+            const long at = b * D + q * LANES;
+            const vec r = load(out + at) - load(y + at);
+            squares[q % SUM16_PARTS] += r * r;
+            if (grad) store(grad + at, scale * r);
+        }
+        total += sum16(squares);
     }
+    return total;
 }
 
 /* Loss of outputs `out` against targets `y` (n x D), and when `grad` is given, its
@@ -244,18 +290,7 @@ INLINE float task_loss(const float *restrict out, const float *restrict y, int n
                        const int D, const int NV) {
     double total = 0.0;
     if (task == REGRESSION) {
-        const vec scale = splat(2.0f / (float)((long)n * D));
-        for (long b = 0; b < n; b++) {
-            vec squares[SUM16_PARTS]; /* lane i holds the squares of the coordinates i mod 16 */
-            for (int part = 0; part < SUM16_PARTS; part++) squares[part] = splat(0.0f);
-            for (int q = 0; q < NV; q++) {
-                const long at = b * D + q * LANES;
-                const vec r = load(out + at) - load(y + at);
-                squares[q % SUM16_PARTS] += r * r;
-                if (grad) store(grad + at, scale * r);
-            }
-            total += sum16(squares);
-        }
+        total = add_squared_errors(out, y, n, splat(2.0f / (float)((long)n * D)), grad, 0.0, D, NV);
         return (float)(total / ((double)n * D));
     }
     /* Cross entropy with the target's outputs as soft, unnormalised class weights, or
@@ -471,6 +506,7 @@ enum { TQ = 0, TK, TV, TO, T2, TOUT, T_ADAPTED };
 typedef struct {
     int depth, heads, width, tokens, batch, val_batch;
     int prenorm; /* 1: pre-norm residual blocks x + Attn(LN(x)), then a + FFN(LN(a)) */
+    int chunk;   /* samples a token-row pass takes at a time (tfn_token_pass), a multiple of 4 */
     long n_param;
     long off_a[T_ADAPTED], off_b[T_ADAPTED], off_b1, off_b2;
     long x_stride, y_stride;   /* 0: one training batch shared by every configuration */
@@ -605,10 +641,11 @@ INLINE void tokens_as_lanes(const float *restrict rows, int n, int N, float *res
 /* One head's attention for n samples of N tokens. Scores S[k][q] = t_k . x_q with
  * t = X Mq (token rows), laid out a key row at a time with the queries on the lanes
  * (xT: tokens_as_lanes of the inputs), so that the softmax over the keys is lane-wise.
- * probs (n, N keys, NQ * LANES); out += the head's output; vr: Mv x (token rows). */
+ * probs (n, N keys, NQ * LANES); out (+)= the head's output, as to_out says (PLAIN or
+ * ACCUMULATE); vr: Mv x (token rows). */
 INLINE void attention_impl(const float *restrict xT, const float *restrict t, const float *restrict vr, int n,
-                           int N, float *restrict probs, float *restrict out, const int D, const int NV,
-                           const int NQ) {
+                           int N, float *restrict probs, RowsEnd to_out, float *restrict out, const int D,
+                           const int NV, const int NQ) {
     const int NP = NQ * LANES;
     for (int b = 0; b < n; b++) {
         const long base = (long)b * N * D;
@@ -633,7 +670,7 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
         for (int u = 0; u < NQ; u++) total[u] = splat(1.0f) / total[u];
         for (int k = 0; k < N; k++)
             for (int u = 0; u < NQ; u++) store(P + k * NP + u * LANES, load(P + k * NP + u * LANES) * total[u]);
-        weighted_rows(P, 1, NP, N, N, vr + base, D, ACCUMULATE, out + base, NV); /* out[q] += sum_k P[k][q] vr[k] */
+        weighted_rows(P, 1, NP, N, N, vr + base, D, to_out, out + base, NV); /* out[q] (+)= sum_k P[k][q] vr[k] */
     }
 }
 
@@ -650,8 +687,8 @@ INLINE void attention_impl(const float *restrict xT, const float *restrict t, co
     }
 
 INLINE void attention(const float *restrict xT, const float *restrict t, const float *restrict vr, int n, int N,
-                      float *restrict probs, float *restrict out, const int D, const int NV) {
-#define ATT(NQ) attention_impl(xT, t, vr, n, N, probs, out, D, NV, NQ)
+                      float *restrict probs, RowsEnd to_out, float *restrict out, const int D, const int NV) {
+#define ATT(NQ) attention_impl(xT, t, vr, n, N, probs, to_out, out, D, NV, NQ)
     BY_QUERY_VECTORS((N + LANES - 1) / LANES, ATT)
 #undef ATT
 }
@@ -717,7 +754,6 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
     const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
     a->seen = s->prenorm ? a->ln_x : (float *)x;
     if (s->prenorm) layer_norm_rows(x, rows, a->ln_x, a->sd_x, D, NV);
-    memset(a->att, 0, RD * sizeof(float));
     const float *xT = xT_ready;
     if (!xT) {
         tokens_as_lanes(a->seen, n, N, a->xT, D, NQ);
@@ -727,7 +763,9 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
         const long m = (long)l * H + h;
         matmul(a->seen, rows, w->mq + m * DD, NULL, 0, NULL, a->q + h * RD, D, NV);
         matmul(a->seen, rows, w->mv_t + m * DD, NULL, 0, NULL, a->v + h * RD, D, NV);
-        attention(xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, a->att, D, NV);
+        /* the first head writes att, the others add to it */
+        attention(xT, a->q + h * RD, a->v + h * RD, n, N, a->probs + h * rows * NQ * LANES, h ? ACCUMULATE : PLAIN,
+                  a->att, D, NV);
     }
     a->fed = s->prenorm ? a->ln_att : a->att;
     if (s->prenorm) {
@@ -740,13 +778,13 @@ INLINE void tfn_block_forward(const TfnShape *s, const TfnWeights *w, const floa
 }
 
 /* Backward through one head's attention: given d_att (gradient w.r.t. the summed head
- * outputs; d_attT: its tokens on lanes), adds the query-side term to dx (unless NULL) and
- * writes dt (w.r.t. t = X Mq, the key side) and dv (w.r.t. Mv x). */
+ * outputs; d_attT: its tokens on lanes), writes or adds (to_dx) the query-side term to dx
+ * (unless NULL) and writes dt (w.r.t. t = X Mq, the key side) and dv (w.r.t. Mv x). */
 INLINE void attention_backward_impl(const float *restrict x, const float *restrict t, const float *restrict vr,
                                     const float *restrict probs, const float *restrict d_att,
-                                    const float *restrict d_attT, int n, int N, float *restrict dx,
-                                    float *restrict dt, float *restrict dv, const int D, const int NV,
-                                    const int NQ) {
+                                    const float *restrict d_attT, int n, int N, RowsEnd to_dx,
+                                    float *restrict dx, float *restrict dt, float *restrict dv, const int D,
+                                    const int NV, const int NQ) {
     const int NP = NQ * LANES;
     float dS[MAX_TOKENS * MAX_TOKENS];
     for (int b = 0; b < n; b++) {
@@ -767,15 +805,15 @@ INLINE void attention_backward_impl(const float *restrict x, const float *restri
         /* S[k][q] = t_k . x_q: the key side dt[k] = sum_q dS[k][q] x[q], the query side
          * dx[q] += sum_k dS[k][q] t[k] */
         weighted_rows(dS, NP, 1, N, N, x + base, D, PLAIN, dt + base, NV);
-        if (dx) weighted_rows(dS, 1, NP, N, N, t + base, D, ACCUMULATE, dx + base, NV);
+        if (dx) weighted_rows(dS, 1, NP, N, N, t + base, D, to_dx, dx + base, NV);
     }
 }
 
 INLINE void attention_backward(const float *restrict x, const float *restrict t, const float *restrict vr,
                                const float *restrict probs, const float *restrict d_att, const float *restrict d_attT,
-                               int n, int N, float *restrict dx, float *restrict dt, float *restrict dv, const int D,
-                               const int NV) {
-#define ATT_BACK(NQ) attention_backward_impl(x, t, vr, probs, d_att, d_attT, n, N, dx, dt, dv, D, NV, NQ)
+                               int n, int N, RowsEnd to_dx, float *restrict dx, float *restrict dt,
+                               float *restrict dv, const int D, const int NV) {
+#define ATT_BACK(NQ) attention_backward_impl(x, t, vr, probs, d_att, d_attT, n, N, to_dx, dx, dt, dv, D, NV, NQ)
     BY_QUERY_VECTORS((N + LANES - 1) / LANES, ATT_BACK)
 #undef ATT_BACK
 }
@@ -811,22 +849,39 @@ typedef struct {
      * transposes onto lanes are made once per batch and call. */
     InputLanes batch_lanes;
     LaneWork val;
-    TfnBlock *blocks; /* L of them */
-    float *y_out, *scratch, *d_out, *d_hid, *d_att, *d_attT, *dx, *dq, *dv, *dm, *dw, *grad;
-    float *d_mq, *d_mv; /* (L, H, D, D) */
+    TfnBlock *blocks; /* L of them, holding one chunk's activations */
+    float *y_out, *scratch, *d_out, *d_hid, *d_att, *d_attT, *dx, *dq, *dv, *dm, *grad;
+    /* A batch's gradient sums, added to chunk by chunk (clear_sums): d_mq, d_mv (L, H, D, D),
+     * sum_w_out (D, D), sum_w1, sum_w2 (L, D, D) and the biases' column parts (L, 2, 4, D:
+     * b1's, then b2's). */
+    float *d_mq, *d_mv, *sum_w_out, *sum_w1, *sum_w2, *bias_parts;
 } TfnWork;
+
+/* Samples in a token-row chunk: a whole pass (training batch, token-row validation set,
+ * a forward pass's batch) up to s->chunk. Chunks of a multiple of 4 samples keep the
+ * biases' column sums in the parts of one pass (add_column_parts). */
+static long chunk_samples(const TfnShape *s) {
+    const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
+    return n < s->chunk ? n : s->chunk;
+}
+
+static long sums_floats(const TfnShape *s) {
+    const long DD = (long)s->width * s->width;
+    return 2L * s->depth * s->heads * DD + DD + 2L * s->depth * DD + 8L * s->depth * s->width;
+}
 
 static long tfn_work_floats(const TfnShape *s) {
     const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
-    const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
+    const long n = chunk_samples(s);
     const long NP = (s->tokens + LANES - 1) / LANES * LANES;
     const long RD = n * s->tokens * s->width, PP = n * s->tokens * NP, XT = n * s->width * NP;
-    const long weights = 10 * LH * DD + 4 * s->depth * DD + 2 * DD;
+    const long batch_lanes = (long)s->batch * s->width * NP;
+    const long weights = 8 * LH * DD + 4 * s->depth * DD + 2 * DD;
     const long blocks = s->depth * ((3 + 2L * s->heads) * RD + s->heads * PP + XT);
     const long norms = s->prenorm ? s->depth * 2 * (RD + n * s->tokens) : 0;
     const long ND = (long)s->tokens * s->width * LANES, groups = (s->val_batch + LANES - 1) / LANES;
     const long lanes = 2 * groups * ND + 6 * ND + (long)s->tokens * LANES;
-    return weights + blocks + 7 * RD + 2 * XT + 3 * DD + s->n_param + norms + lanes;
+    return weights + sums_floats(s) + blocks + 7 * RD + XT + batch_lanes + 2 * DD + s->n_param + norms + lanes;
 }
 
 static float *take(float **cursor, long count) {
@@ -837,14 +892,17 @@ static float *take(float **cursor, long count) {
 
 static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock *blocks) {
     const long DD = (long)s->width * s->width, LH = (long)s->depth * s->heads;
-    const long n = s->batch > s->val_batch ? s->batch : s->val_batch;
+    const long n = chunk_samples(s);
     const long NP = (s->tokens + LANES - 1) / LANES * LANES;
     const long RD = n * s->tokens * s->width, PP = n * s->tokens * NP, XT = n * s->width * NP;
     float *c = base;
     TfnWeights *w = &k->w;
     w->wq = take(&c, LH * DD), w->wk = take(&c, LH * DD), w->wv = take(&c, LH * DD), w->wo = take(&c, LH * DD);
     w->mq = take(&c, LH * DD), w->mv = take(&c, LH * DD), w->mq_t = take(&c, LH * DD), w->mv_t = take(&c, LH * DD);
-    k->d_mq = take(&c, LH * DD), k->d_mv = take(&c, LH * DD);
+    /* the sums in one run of memory (clear_sums) */
+    k->d_mq = take(&c, LH * DD), k->d_mv = take(&c, LH * DD), k->sum_w_out = take(&c, DD);
+    k->sum_w1 = take(&c, s->depth * DD), k->sum_w2 = take(&c, s->depth * DD);
+    k->bias_parts = take(&c, 8L * s->depth * s->width);
     w->w1 = take(&c, s->depth * DD), w->w1_t = take(&c, s->depth * DD);
     w->w2 = take(&c, s->depth * DD), w->w2_t = take(&c, s->depth * DD);
     w->w_out = take(&c, DD), w->w_out_t = take(&c, DD);
@@ -856,13 +914,13 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     k->blocks = blocks;
     k->y_out = take(&c, RD), k->d_out = take(&c, RD), k->d_hid = take(&c, RD), k->d_att = take(&c, RD);
     k->dx = take(&c, RD), k->dq = take(&c, RD), k->dv = take(&c, RD), k->d_attT = take(&c, XT);
-    k->batch_lanes = (InputLanes){NULL, 0, take(&c, XT)};
+    k->batch_lanes = (InputLanes){NULL, 0, take(&c, (long)s->batch * s->width * NP)};
     const long ND = (long)s->tokens * s->width * LANES, groups = (s->val_batch + LANES - 1) / LANES;
     LaneWork *z = &k->val;
     z->x = (InputLanes){NULL, 0, take(&c, groups * ND)}, z->y = (InputLanes){NULL, 0, take(&c, groups * ND)};
     z->t = take(&c, ND), z->v = take(&c, ND), z->att = take(&c, ND), z->hid = take(&c, ND);
     z->out[0] = take(&c, ND), z->out[1] = take(&c, ND), z->scores = take(&c, (long)s->tokens * LANES);
-    k->scratch = take(&c, DD), k->dm = take(&c, DD), k->dw = take(&c, DD);
+    k->scratch = take(&c, DD), k->dm = take(&c, DD);
     k->grad = take(&c, s->n_param);
     for (int l = 0; l < s->depth; l++) {
         TfnBlock *b = &blocks[l];
@@ -879,23 +937,17 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
  * when the shape is out of range or memory is short. */
 static void *tfn_work_new(const TfnShape *s, TfnWork *k) {
     if (s->width < LANES || s->width > MAX_WIDTH || s->width % LANES || s->depth < 1 || s->heads < 1 ||
-        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 0)
+        s->tokens < 1 || s->tokens > MAX_TOKENS || s->batch < 1 || s->val_batch < 0 || s->chunk < 4 || s->chunk % 4)
         return NULL;
     TfnBlock *blocks = malloc(s->depth * sizeof(TfnBlock) + tfn_work_floats(s) * sizeof(float));
     if (blocks) tfn_work_layout(s, (float *)(blocks + s->depth), k, blocks);
     return blocks;
 }
 
-/* Forward pass of n samples (token rows x); returns the output rows (k->y_out). lanes:
- * where x's tokens on lanes are kept between configurations (NULL: not kept). */
+/* Forward pass of one chunk of n samples (token rows x); returns the output rows
+ * (k->y_out). xT_ready: x's tokens on lanes (NULL: made here). */
 INLINE const float *tfn_forward_rows(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x, int n,
-                                     InputLanes *lanes, const int D, const int NV) {
-    const float *xT_ready = NULL;
-    if (lanes && !s->prenorm) {
-        if (!lanes_hold(lanes, x, n))
-            tokens_as_lanes(x, n, s->tokens, lanes->lanes, D, (s->tokens + LANES - 1) / LANES);
-        xT_ready = lanes->lanes;
-    }
+                                     const float *xT_ready, const int D, const int NV) {
     const float *in = x;
     for (int l = 0; l < s->depth; l++) {
         tfn_block_forward(s, &k->w, p, l, n, in, l == 0 ? xT_ready : NULL, &k->blocks[l], D, NV);
@@ -934,46 +986,42 @@ static TfnDense tfn_dense_layout(const TfnShape *s, float *base) {
     return g;
 }
 
-/* Backward pass after tfn_forward_rows on the training batch (k->d_out: the loss's
- * gradient w.r.t. the outputs). dense NULL: the LoRA factors' and the biases' gradients
- * into grad (zeroed by the caller); else the gradients of every weight matrix and bias
- * into dense (grad unused). */
-INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p, float *restrict grad,
-                         const TfnDense *dense, const int D, const int NV) {
-    const int L = s->depth, H = s->heads, N = s->tokens, B = s->batch, NQ = (N + LANES - 1) / LANES;
-    const long DD = (long)D * D, rows = (long)B * N, RD = rows * D;
-    float *bias_grad = dense ? dense->biases : grad;
+/* Zeroes a batch's gradient sums (TfnWork) before its first chunk. */
+INLINE void clear_sums(const TfnShape *s, TfnWork *k) { memset(k->d_mq, 0, sums_floats(s) * sizeof(float)); }
+
+/* Backward pass of one chunk of n samples after tfn_forward_rows on it (k->d_out: the
+ * loss's gradient w.r.t. its outputs): adds the chunk's rows, in order, to the batch's
+ * gradient sums: the dense gradients of the adapted matrices (dense: of every weight
+ * matrix) and the biases' column parts. */
+INLINE void tfn_backward_chunk(const TfnShape *s, TfnWork *k, int n, int dense, const int D, const int NV) {
+    const int L = s->depth, H = s->heads, N = s->tokens, NQ = (N + LANES - 1) / LANES;
+    const long DD = (long)D * D, rows = (long)n * N, RD = rows * D;
     const float *top = k->blocks[L - 1].out;
-    weight_gradient(k->d_out, top, rows, k->dw, NULL, D, NV); /* d W_out */
-    adapted_gradient(s, k->dw, TOUT, 0, p, grad, dense ? dense->w_out : NULL, D, NV);
+    weight_gradient_add(k->d_out, top, rows, k->sum_w_out, D, NV); /* d W_out */
     float *d_out = k->dx; /* gradient w.r.t. the current block's output */
     matmul(k->d_out, rows, k->w.w_out, NULL, 0, NULL, d_out, D, NV);
     for (int l = L - 1; l >= 0; l--) {
         TfnBlock *a = &k->blocks[l];
-        if (l == L - 1) {
-            weight_gradient(d_out, a->hid, rows, k->dw, bias_grad + s->off_b2 + l * D, D, NV);
-            adapted_gradient(s, k->dw, T2, 0, p, grad, dense ? dense->w2 + l * DD : NULL, D, NV);
-        } else {
-            weight_gradient(d_out, a->hid, rows, dense ? dense->w2 + l * DD : NULL, bias_grad + s->off_b2 + l * D, D,
-                            NV);
-        }
+        float *b1_parts = k->bias_parts + 8L * l * D, *b2_parts = b1_parts + 4L * D;
+        /* LoRA adapts the last block's W2 only */
+        if (dense || l == L - 1) weight_gradient_add(d_out, a->hid, rows, k->sum_w2 + l * DD, D, NV);
+        add_column_parts(d_out, rows, b2_parts, D, NV);
         matmul(d_out, rows, k->w.w2 + l * DD, NULL, 0, a->hid, k->d_hid, D, NV);
-        weight_gradient(k->d_hid, a->fed, rows, dense ? dense->w1 + l * DD : NULL, bias_grad + s->off_b1 + l * D, D,
-                        NV);
+        if (dense) weight_gradient_add(k->d_hid, a->fed, rows, k->sum_w1 + l * DD, D, NV);
+        add_column_parts(k->d_hid, rows, b1_parts, D, NV);
         matmul(k->d_hid, rows, k->w.w1 + l * DD, NULL, 0, NULL, k->d_att, D, NV);
         /* pre-norm: the feed-forward layer read LN(att), and the block's output adds att */
         if (s->prenorm) layer_norm_backward_rows(a->ln_att, a->sd_att, rows, k->d_att, d_out, k->d_att, D, NV);
         /* d_out is consumed: reuse it as the gradient w.r.t. this block's input (the
          * first block's input is data: no gradient). */
         float *dx = l > 0 ? d_out : NULL;
-        if (dx) memset(dx, 0, RD * sizeof(float));
-        tokens_as_lanes(k->d_att, B, N, k->d_attT, D, NQ);
+        tokens_as_lanes(k->d_att, n, N, k->d_attT, D, NQ);
         for (int h = 0; h < H; h++) {
             const long mi = (long)l * H + h;
             attention_backward(a->seen, a->q + h * RD, a->v + h * RD, a->probs + h * rows * NQ * LANES, k->d_att,
-                               k->d_attT, B, N, dx, k->dq, k->dv, D, NV);
-            weight_gradient(a->seen, k->dq, rows, k->d_mq + mi * DD, NULL, D, NV); /* t = X Mq */
-            weight_gradient(k->dv, a->seen, rows, k->d_mv + mi * DD, NULL, D, NV);
+                               k->d_attT, n, N, h ? ACCUMULATE : PLAIN, dx, k->dq, k->dv, D, NV);
+            weight_gradient_add(a->seen, k->dq, rows, k->d_mq + mi * DD, D, NV); /* t = X Mq */
+            weight_gradient_add(k->dv, a->seen, rows, k->d_mv + mi * DD, D, NV);
             if (dx) {
                 matmul_add(k->dq, rows, k->w.mq_t + mi * DD, dx, D, NV);
                 matmul_add(k->dv, rows, k->w.mv + mi * DD, dx, D, NV);
@@ -982,6 +1030,27 @@ INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p,
         /* pre-norm: attention read LN(x), and att adds x */
         if (dx && s->prenorm) layer_norm_backward_rows(a->ln_x, a->sd_x, rows, dx, k->d_att, dx, D, NV);
         d_out = dx;
+    }
+}
+
+/* The gradients from a whole batch's sums: the LoRA factors' and the biases' into grad
+ * (dense NULL; grad zeroed by the caller), or every weight matrix's and bias's into dense
+ * (grad unused). */
+INLINE void tfn_gradients_from_sums(const TfnShape *s, TfnWork *k, const float *restrict p, float *restrict grad,
+                                    const TfnDense *dense, const int D, const int NV) {
+    const int L = s->depth, H = s->heads;
+    const long DD = (long)D * D;
+    float *bias_grad = dense ? dense->biases : grad;
+    adapted_gradient(s, k->sum_w_out, TOUT, 0, p, grad, dense ? dense->w_out : NULL, D, NV);
+    adapted_gradient(s, k->sum_w2 + (L - 1) * DD, T2, 0, p, grad, dense ? dense->w2 + (L - 1) * DD : NULL, D, NV);
+    if (dense) {
+        memcpy(dense->w1, k->sum_w1, L * DD * sizeof(float));
+        memcpy(dense->w2, k->sum_w2, (L - 1) * DD * sizeof(float));
+    }
+    for (int l = 0; l < L; l++) {
+        const float *b1_parts = k->bias_parts + 8L * l * D, *b2_parts = b1_parts + 4L * D;
+        column_sums(b1_parts, bias_grad + s->off_b1 + l * D, D, NV);
+        column_sums(b2_parts, bias_grad + s->off_b2 + l * D, D, NV);
     }
     for (long mi = 0; mi < (long)L * H; mi++) {
         const float *dMq = k->d_mq + mi * DD, *dMv = k->d_mv + mi * DD;
@@ -999,6 +1068,37 @@ INLINE void tfn_backward(const TfnShape *s, TfnWork *k, const float *restrict p,
             adapted_gradient(s, k->dm, e, mi * DD, p, grad, dense ? dense_of[e] + mi * DD : NULL, D, NV);
         }
     }
+}
+
+/* A token-row pass over n samples (token rows x), chunk_samples at a time: the forward
+ * pass; against targets y (unless NULL) the mean squared error, which it returns (else
+ * 0); with backward, each chunk's backward pass into the gradient sums (clear_sums
+ * first); with outputs, the outputs copied there. lanes: where x's tokens on lanes are
+ * kept between configurations (NULL: not kept). Every sum runs over the rows in the order
+ * of a single pass over the whole batch, so the results do not depend on the chunks. */
+INLINE float tfn_token_pass(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x,
+                            const float *y, int n, InputLanes *lanes, int backward, int dense,
+                            float *restrict outputs, const int D, const int NV) {
+    const int N = s->tokens, NQ = (N + LANES - 1) / LANES;
+    const long sample_floats = (long)N * D;
+    const float *xT = NULL;
+    if (lanes && !s->prenorm) {
+        if (!lanes_hold(lanes, x, n)) tokens_as_lanes(x, n, N, lanes->lanes, D, NQ);
+        xT = lanes->lanes;
+    }
+    const vec scale = splat(2.0f / (float)((long)n * N * D));
+    const int chunk = (int)chunk_samples(s);
+    double total = 0.0;
+    for (int b = 0; b < n; b += chunk) {
+        const int m = n - b < chunk ? n - b : chunk;
+        const float *out = tfn_forward_rows(s, k, p, x + b * sample_floats, m,
+                                            xT ? xT + (long)b * D * NQ * LANES : NULL, D, NV);
+        if (outputs) memcpy(outputs + b * sample_floats, out, m * sample_floats * sizeof(float));
+        if (y) total = add_squared_errors(out, y + b * sample_floats, (long)m * N, scale, backward ? k->d_out : NULL,
+                                          total, D, NV);
+        if (backward) tfn_backward_chunk(s, k, m, dense, D, NV);
+    }
+    return (float)(total / ((double)n * N * D));
 }
 
 /* ------------------------------------------------------------ validation, samples on lanes
@@ -1053,10 +1153,10 @@ INLINE void lanes_matmul(const float *restrict in, int N, const float *restrict 
     }
 }
 
-/* One head for a group: att[q] += sum_k P[k][q] v[k], P the softmax over the keys k of
- * S[k][q] = t[k] . x[q] (as attention). */
+/* One head for a group: att[q] (+)= sum_k P[k][q] v[k] (add: to att, else written), P the
+ * softmax over the keys k of S[k][q] = t[k] . x[q] (as attention). */
 INLINE void lanes_attention(const float *restrict x, const float *restrict t, const float *restrict v, int N,
-                            float *restrict scores, float *restrict att, const int D) {
+                            float *restrict scores, int add, float *restrict att, const int D) {
     for (int q = 0; q < N; q++) {
         const float *xq = x + (long)q * D * LANES;
         for (int k = 0; k < N; k++) {
@@ -1079,7 +1179,7 @@ INLINE void lanes_attention(const float *restrict x, const float *restrict t, co
         float *o = att + (long)q * D * LANES;
         for (int e0 = 0; e0 < D; e0 += 16) {
             vec acc[16];
-            for (int e = 0; e < 16; e++) acc[e] = load(o + (e0 + e) * LANES);
+            for (int e = 0; e < 16; e++) acc[e] = add ? load(o + (e0 + e) * LANES) : splat(0.0f);
             for (int k = 0; k < N; k++) {
                 const vec pk = load(scores + k * LANES) * scale;
                 for (int e = 0; e < 16; e++) acc[e] += pk * load(v + ((long)k * D + e0 + e) * LANES);
@@ -1094,12 +1194,11 @@ INLINE void lanes_block(const TfnShape *s, const TfnWeights *w, const float *res
                         const float *restrict x, LaneWork *z, float *restrict out, const int D) {
     const int H = s->heads, N = s->tokens;
     const long DD = (long)D * D;
-    memset(z->att, 0, (long)N * D * LANES * sizeof(float));
     for (int h = 0; h < H; h++) {
         const long m = (long)l * H + h;
         lanes_matmul(x, N, w->mq + m * DD, NULL, 0, z->t, D);
         lanes_matmul(x, N, w->mv_t + m * DD, NULL, 0, z->v, D);
-        lanes_attention(x, z->t, z->v, N, z->scores, z->att, D);
+        lanes_attention(x, z->t, z->v, N, z->scores, h > 0, z->att, D);
     }
     lanes_matmul(z->att, N, w->w1_t + l * DD, p + s->off_b1 + (long)l * D, 1, z->hid, D);
     lanes_matmul(z->hid, N, w->w2_t + l * DD, p + s->off_b2 + (long)l * D, 0, out, D);
@@ -1154,16 +1253,16 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
                             float weight_decay, const float *restrict x, const float *restrict y,
                             const float *restrict vx, const float *restrict vy, int active, float *train_loss,
                             float *val_loss, TfnWork *k, const int D, const int NV) {
-    const int N = s->tokens;
-    const long rows = (long)s->batch * N;
     tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
-    const float *out = tfn_forward_rows(s, k, p, x, s->batch, &k->batch_lanes, D, NV);
-    const float loss = task_loss(out, y, (int)rows, REGRESSION, k->d_out, D, NV);
+    /* An active configuration's backward pass runs chunk by chunk with the forward pass,
+     * before the loss of the whole batch is known: a non-finite loss discards it. */
+    if (active) clear_sums(s, k);
+    const float loss = tfn_token_pass(s, k, p, x, y, s->batch, &k->batch_lanes, active, 0, NULL, D, NV);
     *train_loss = loss;
 
     if (active && isfinite(loss)) {
         memset(k->grad, 0, s->n_param * sizeof(float));
-        tfn_backward(s, k, p, k->grad, NULL, D, NV);
+        tfn_gradients_from_sums(s, k, p, k->grad, NULL, D, NV);
         adam(s->n_param, ac, step_size, weight_decay, k->grad, mask, p, m, v);
         tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
     }
@@ -1172,8 +1271,7 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
         return;
     }
     if (s->prenorm) {
-        const float *val_out = tfn_forward_rows(s, k, p, vx, s->val_batch, NULL, D, NV);
-        *val_loss = task_loss(val_out, vy, s->val_batch * N, REGRESSION, NULL, D, NV);
+        *val_loss = tfn_token_pass(s, k, p, vx, vy, s->val_batch, NULL, 0, 0, NULL, D, NV);
     } else {
         *val_loss = lanes_validation_loss(s, &k->w, p, vx, vy, &k->val, D);
     }
@@ -1235,15 +1333,15 @@ int tfn_gradients(const TfnShape *s, int c_begin, int c_end, const float *const 
         for (int t = 0; t < 6; t++) memcpy(to[t], from[t], count[t] * sizeof(float));
         const float *p = biases + c * s->n_param;
         const long xr = x_row ? x_row[c] : c;
-        const long rows = (long)s->batch * s->tokens;
 #define TFN_GRADIENTS(D)                                                                                           \
     {                                                                                                              \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
-    const float *out = tfn_forward_rows(s, &k, p, x + xr * s->x_stride, s->batch, &k.batch_lanes, D, (D) / LANES); \
-    loss[c] = task_loss(out, y + xr * s->y_stride, (int)rows, REGRESSION, grads ? k.d_out : NULL, D, (D) / LANES); \
+    if (grads) clear_sums(s, &k);                                                                                  \
+    loss[c] = tfn_token_pass(s, &k, p, x + xr * s->x_stride, y + xr * s->y_stride, s->batch, &k.batch_lanes,     \
+                             grads != NULL, 1, NULL, D, (D) / LANES);                                              \
     if (grads && isfinite(loss[c])) {                                                                              \
         const TfnDense dense = tfn_dense_layout(s, grads + c * G);                                                 \
-        tfn_backward(s, &k, p, NULL, &dense, D, (D) / LANES);                                                      \
+        tfn_gradients_from_sums(s, &k, p, NULL, &dense, D, (D) / LANES);                                           \
     }                                                                                                              \
     }
         BY_WIDTH(TFN_GRADIENTS)
@@ -1269,10 +1367,9 @@ int tfn_forward(const TfnShape *s, const float *const *frozen, const float *bias
     float *to[6] = {k.w.wq, k.w.wk, k.w.wv, k.w.wo, k.w.w2, k.w.w_out};
     const long count[6] = {LHDD, LHDD, LHDD, LHDD, s->depth * DD, DD};
     for (int t = 0; t < 6; t++) memcpy(to[t], from[t], count[t] * sizeof(float));
-    const long out_floats = (long)s->batch * s->tokens * s->width;
 #define TFN_FORWARD(D)                                                                                             \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
-    memcpy(y, tfn_forward_rows(s, &k, biases, x, s->batch, NULL, D, (D) / LANES), out_floats * sizeof(float))
+    tfn_token_pass(s, &k, biases, x, NULL, s->batch, NULL, 0, 0, y, D, (D) / LANES)
     BY_WIDTH(TFN_FORWARD)
 #undef TFN_FORWARD
     free(memory);
