@@ -49,17 +49,19 @@ def part_of(chain: list[tuple[str, str]], source_line) -> str:
         return "Adam update"
     if "tfn_weights" in names:
         return "effective weights (W0 + A B^T) and their products"
-    if "task_loss" in names:
+    if "add_squared_errors" in names and "tfn_token_pass" in names:
         return "loss and its gradient"
-    if "tfn_backward" in names:
+    if "tfn_gradients_from_sums" in names:
+        return "backward: LoRA factors' gradients"
+    if "tfn_backward_chunk" in names:
         if "attention_backward_impl" in names:
             return "backward: attention (softmax, scores, values)"
         if "tokens_as_lanes" in names:
             return "backward: tokens onto lanes (transposes)"
-        if "weight_gradient" in names:
+        if "weight_gradient_add" in names:
             return "backward: weight gradients (X^T G)"
-        if "lora_gradients" in names or "adapted_gradient" in names:
-            return "backward: LoRA factors' gradients"
+        if "add_column_parts" in names:
+            return "backward: bias gradients (column sums)"
         return "backward: gradients w.r.t. activations (G W)"
     if "lanes_validation_loss" in names:  # plain blocks: the validation pass with a sample on each lane
         if "lanes_attention" in names:

@@ -282,7 +282,7 @@ def _adam(cfgs, trainable):
     return BatchedAdam([c.lr for c in cfgs], [c.weight_decay for c in cfgs], trainable.mask)
 
 
-# Token counts either side of the kernel's row blocks of 8 (5: 4 + 1, 10: 8 + 2); wider
+# Token counts that take the kernel's smaller row blocks (5: 4 + 1, 10: 8 + 2); wider
 # shapes are checked against float64 below.
 @pytest.mark.parametrize("width, tokens", [(16, 5), (16, 10)])
 def test_native_tfn_step_equals_torch_step(width, tokens, monkeypatch):
