@@ -396,7 +396,7 @@ def tfn_outputs(model, x: Tensor) -> Tensor:
     weights = [getattr(model, name).detach().to(torch.float32).contiguous() for name in TFN_FROZEN]
     biases = torch.cat([model.b1.reshape(-1), model.b2.reshape(-1)]).to(torch.float32).contiguous()
     shape = _TfnShape(depth=model.depth, heads=model.n_head, width=D, tokens=N, batch=rows.shape[0],
-                      val_batch=rows.shape[0], prenorm=int(model.prenorm), chunk=TFN_CHUNK_SAMPLES,
+                      val_batch=0, prenorm=int(model.prenorm), chunk=TFN_CHUNK_SAMPLES,
                       n_param=biases.numel(), off_b1=0,
                       off_b2=model.depth * D)
     out = torch.empty_like(rows)

@@ -209,9 +209,10 @@ INLINE void weighted_rows(const float *restrict a, long a_row, long a_col, long 
     weighted_rows_by(ROW_BLOCK(NV), a, a_row, a_col, n, J, m, ld, end, out, NV);
 }
 
-/* weighted_rows for the rows of one sample's tokens (10 in the paper's transformer): blocks
- * of at most 8, the same rows of each block below 16, without the code of a 16-row block
- * that such a product seldom takes (3 s of a 14 s build). */
+/* weighted_rows for the rows of one sample's tokens (10 in the paper's transformer):
+ * blocks of at most 8. Below 16 rows that is the same split as weighted_rows', and it
+ * leaves out the 16-row block's code, which these products seldom run (it took 1 s of the
+ * build). */
 INLINE void weighted_rows_few(const float *restrict a, long a_row, long a_col, long n, int J,
                               const float *restrict m, long ld, RowsEnd end, float *restrict out, const int NV) {
     weighted_rows_by(ROW_BLOCK(NV) < 8 ? ROW_BLOCK(NV) : 8, a, a_row, a_col, n, J, m, ld, end, out, NV);
@@ -863,7 +864,7 @@ typedef struct {
     LaneWork val;
     TfnBlock *blocks; /* L of them, holding one chunk's activations */
     float *y_out, *scratch, *d_out, *d_hid, *d_att, *d_attT, *dx, *dq, *dv, *dm, *grad;
-    /* A batch's gradient sums, added to chunk by chunk (clear_sums): d_mq, d_mv (L, H, D, D),
+    /* A batch's gradient sums, added to chunk by chunk (tfn_token_pass): d_mq, d_mv (L, H, D, D),
      * sum_w_out (D, D), sum_w1, sum_w2 (L, D, D) and the biases' column parts (L, 2, 4, D:
      * b1's, then b2's). */
     float *d_mq, *d_mv, *sum_w_out, *sum_w1, *sum_w2, *bias_parts;
@@ -911,7 +912,7 @@ static void tfn_work_layout(const TfnShape *s, float *base, TfnWork *k, TfnBlock
     TfnWeights *w = &k->w;
     w->wq = take(&c, LH * DD), w->wk = take(&c, LH * DD), w->wv = take(&c, LH * DD), w->wo = take(&c, LH * DD);
     w->mq = take(&c, LH * DD), w->mv = take(&c, LH * DD), w->mq_t = take(&c, LH * DD), w->mv_t = take(&c, LH * DD);
-    /* the sums in one run of memory (clear_sums) */
+    /* the sums in one run of memory, zeroed at once (tfn_token_pass) */
     k->d_mq = take(&c, LH * DD), k->d_mv = take(&c, LH * DD), k->sum_w_out = take(&c, DD);
     k->sum_w1 = take(&c, s->depth * DD), k->sum_w2 = take(&c, s->depth * DD);
     k->bias_parts = take(&c, 8L * s->depth * s->width);
@@ -998,8 +999,8 @@ static TfnDense tfn_dense_layout(const TfnShape *s, float *base) {
     return g;
 }
 
-/* Zeroes a batch's gradient sums (TfnWork) before its first chunk. */
-INLINE void clear_sums(const TfnShape *s, TfnWork *k) { memset(k->d_mq, 0, sums_floats(s) * sizeof(float)); }
+/* The column parts (add_column_parts) of block l's b1 in a batch's sums; b2's follow them. */
+INLINE float *b1_parts_of(TfnWork *k, int l, const int D) { return k->bias_parts + 8L * l * D; }
 
 /* Backward pass of one chunk of n samples after tfn_forward_rows on it (k->d_out: the
  * loss's gradient w.r.t. its outputs): adds the chunk's rows, in order, to the batch's
@@ -1014,7 +1015,7 @@ INLINE void tfn_backward_chunk(const TfnShape *s, TfnWork *k, int n, int dense, 
     matmul(k->d_out, rows, k->w.w_out, NULL, 0, NULL, d_out, D, NV);
     for (int l = L - 1; l >= 0; l--) {
         TfnBlock *a = &k->blocks[l];
-        float *b1_parts = k->bias_parts + 8L * l * D, *b2_parts = b1_parts + 4L * D;
+        float *b1_parts = b1_parts_of(k, l, D), *b2_parts = b1_parts + 4L * D;
         /* LoRA adapts the last block's W2 only */
         if (dense || l == L - 1) weight_gradient_add(d_out, a->hid, rows, k->sum_w2 + l * DD, D, NV);
         add_column_parts(d_out, rows, b2_parts, D, NV);
@@ -1060,7 +1061,7 @@ INLINE void tfn_gradients_from_sums(const TfnShape *s, TfnWork *k, const float *
         memcpy(dense->w2, k->sum_w2, (L - 1) * DD * sizeof(float));
     }
     for (int l = 0; l < L; l++) {
-        const float *b1_parts = k->bias_parts + 8L * l * D, *b2_parts = b1_parts + 4L * D;
+        const float *b1_parts = b1_parts_of(k, l, D), *b2_parts = b1_parts + 4L * D;
         column_sums(b1_parts, bias_grad + s->off_b1 + l * D, D, NV);
         column_sums(b2_parts, bias_grad + s->off_b2 + l * D, D, NV);
     }
@@ -1084,8 +1085,8 @@ INLINE void tfn_gradients_from_sums(const TfnShape *s, TfnWork *k, const float *
 
 /* A token-row pass over n samples (token rows x), chunk_samples at a time: the forward
  * pass; against targets y (unless NULL) the mean squared error, which it returns (else
- * 0); with backward, each chunk's backward pass into the gradient sums (clear_sums
- * first); with outputs, the outputs copied there. lanes: where x's tokens on lanes are
+ * 0); with backward, each chunk's backward pass into the batch's gradient sums, zeroed
+ * first; with outputs, the outputs copied there. lanes: where x's tokens on lanes are
  * kept between configurations (NULL: not kept). Every sum runs over the rows in the order
  * of a single pass over the whole batch, so the results do not depend on the chunks. */
 INLINE float tfn_token_pass(const TfnShape *s, TfnWork *k, const float *restrict p, const float *x,
@@ -1098,6 +1099,7 @@ INLINE float tfn_token_pass(const TfnShape *s, TfnWork *k, const float *restrict
         if (!lanes_hold(lanes, x, n)) tokens_as_lanes(x, n, N, lanes->lanes, D, NQ);
         xT = lanes->lanes;
     }
+    if (backward) memset(k->d_mq, 0, sums_floats(s) * sizeof(float)); /* the sums: one run from d_mq */
     const vec scale = splat(2.0f / (float)((long)n * N * D));
     const int chunk = (int)chunk_samples(s);
     double total = 0.0;
@@ -1268,7 +1270,6 @@ INLINE void tfn_config_step(const TfnShape *s, const AdamConsts *ac, const TfnFr
     tfn_weights(s, f, p, &k->w, k->scratch, D, NV);
     /* An active configuration's backward pass runs chunk by chunk with the forward pass,
      * before the loss of the whole batch is known: a non-finite loss discards it. */
-    if (active) clear_sums(s, k);
     const float loss = tfn_token_pass(s, k, p, x, y, s->batch, &k->batch_lanes, active, 0, NULL, D, NV);
     *train_loss = loss;
 
@@ -1348,7 +1349,6 @@ int tfn_gradients(const TfnShape *s, int c_begin, int c_end, const float *const 
 #define TFN_GRADIENTS(D)                                                                                           \
     {                                                                                                              \
     tfn_derived_weights(s, &f, &k.w, D, (D) / LANES);                                                              \
-    if (grads) clear_sums(s, &k);                                                                                  \
     loss[c] = tfn_token_pass(s, &k, p, x + xr * s->x_stride, y + xr * s->y_stride, s->batch, &k.batch_lanes,     \
                              grads != NULL, 1, NULL, D, (D) / LANES);                                              \
     if (grads && isfinite(loss[c])) {                                                                              \
