@@ -156,6 +156,32 @@ def test_rate_is_linear_in_depth_and_separates_configs_from_cells():
     assert 32 * rate.step(2) + rate.cell_step(2) == pytest.approx(big_step) and rate.cell_step(2) >= 0
 
 
+def test_rate_takes_its_steps_from_the_steps_timed_alone():
+    """With each cell's steps timed alone, a run's set-up and evaluation noise no longer
+    reaches the per-step parts: they are the steps' own times, and the once parts what the
+    runs cost beyond their steps, on average."""
+    config = {2: (0.5, 0.01), 4: (1.5, 0.03)}
+    cell = {2: (2.0, 0.1), 4: (4.0, 0.3)}
+    step = {(d, n): n * config[d][1] + cell[d][1] for d in (2, 4) for n in (8, 32)}
+    once = {(d, n): n * config[d][0] + cell[d][0] for d in (2, 4) for n in (8, 32)}
+    noise = {10: 0.8, 30: -0.8}  # the longer run's evaluation happened to be faster
+    seconds = {(d, n, s): once[(d, n)] + s * step[(d, n)] + noise[s] for d in (2, 4) for n in (8, 32) for s in (10, 30)}
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds, step_seconds=step)
+    for d in (2, 4):
+        assert rate.step(d) == pytest.approx(config[d][1]) and rate.cell_step(d) == pytest.approx(cell[d][1])
+        assert rate.config(d) == pytest.approx(config[d][0]) and rate.cell(d) == pytest.approx(cell[d][0])
+    # the line through the two totals alone takes the noise as steps: 1.6 s over 20 steps
+    fitted = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds)
+    assert 32 * fitted.step(2) + fitted.cell_step(2) == pytest.approx(step[(2, 32)] - 0.08)
+
+
+def test_a_calibration_run_times_its_steps_alone():
+    cfgs = [RunConfig(method="sgd", width=16, batch_size=32, n_test=64, n_epochs=6, rank=r) for r in (1, 4, 8)]
+    timing = plan._timed_run(cfgs, "cpu")
+    assert timing.step_count == 5  # one cell: its steps after the first
+    assert 0 < timing.steps < timing.total
+
+
 def test_a_unit_is_the_engine_at_the_settings_that_change_its_cost():
     cfg = RunConfig(width=16, frozen_depth=2, batch_size=256, method="sgd")
     unit_of = lambda c, kind="train": plan.unit_of([c], kind, lambda c: True)  # noqa: E731
@@ -398,6 +424,7 @@ def test_a_real_calibration_of_a_training_unit(monkeypatch):
     for depth in rate.depths:
         assert sizes[1] * rate.step(depth) + rate.cell_step(depth) > 0
     assert "cells of 4 and 8 configs x 5 and 25 steps" in measured["measured"]
+    assert "steps timed alone" in measured["measured"]
 
 
 def test_a_real_calibration_of_pretraining_measures_its_mean_length():

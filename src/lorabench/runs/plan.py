@@ -165,15 +165,24 @@ def _split(small: float, large: float, n0: int, n1: int) -> tuple[float, float]:
 
 
 def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], sizes: tuple[int, int],
-                      seconds: Mapping[tuple[int, int, int], float], measured: str = "") -> Rate:
+                      seconds: Mapping[tuple[int, int, int], float], measured: str = "",
+                      step_seconds: Optional[Mapping[tuple[int, int], float]] = None) -> Rate:
     """The rate from the CPU seconds of one cell at each (depth, size, steps): per size, a
     line in the steps, whose slope (per step) and intercept (once) split into per-config
-    and per-cell parts (``_split``)."""
+    and per-cell parts (``_split``). ``step_seconds`` (depth, size): what one step of the
+    cell cost, timed over its training steps alone (``Timing``); the slope is then that,
+    and the intercept what the runs cost beyond their steps, on average."""
     per = {"step_s": [], "config_s": [], "cell_step_s": [], "cell_s": []}
     (s0, s1), (n0, n1) = steps, sizes
     for depth in depths:
-        (slope0, once0), (slope1, once1) = (_line(s0, seconds[(depth, n, s0)], s1, seconds[(depth, n, s1)])
-                                            for n in sizes)
+        lines = []
+        for n in sizes:
+            if step_seconds is None:
+                lines.append(_line(s0, seconds[(depth, n, s0)], s1, seconds[(depth, n, s1)]))
+            else:
+                slope = step_seconds[(depth, n)]
+                lines.append((slope, sum(seconds[(depth, n, k)] - k * slope for k in steps) / len(steps)))
+        (slope0, once0), (slope1, once1) = lines
         step, cell_step = _split(max(slope0, 0.0), max(slope1, 0.0), n0, n1)
         fixed, cell = _split(max(once0, 0.0), max(once1, 0.0), n0, n1)
         for name, value in (("step_s", step), ("config_s", fixed), ("cell_step_s", cell_step), ("cell_s", cell)):
@@ -553,16 +562,38 @@ def _cpu_seconds(work: Callable[[], object]) -> float:
     return time.process_time() - start
 
 
-def _timed_run(cfgs: list[RunConfig], device: str) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """CPU seconds of one calibration run: in all, and of its training steps alone (each
+    cell's steps after its first, ``step_count`` of them), which give a step's cost
+    without the noise of the run's set-up and evaluations."""
+
+    total: float
+    steps: float = 0.0
+    step_count: int = 0
+
+
+def _timed_run(cfgs: list[RunConfig], device: str) -> Timing:
     from ..core.protocols import generate_models
     from .runner import model_key, run_configs
 
     models = {model_key(c): generate_models(model_key(c)) for c in cfgs}  # timed as models-*
+    cell_steps = cfgs[0].n_epochs  # every cell of a calibration run trains as long
+    step_ends = []  # (steps done, CPU time), at the end of each training step
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label == "training":
+            step_ends.append((done, time.process_time()))
+
     # untimed first: one-off costs (lazy imports, the native library's load, allocator
     # warm-up) belong to the process start-up, not to the configs
     with redirect_stderr(io.StringIO()):  # the cells' own log lines are not the plan's
         list(run_configs(cfgs[:2], device=device, models=models))
-        return _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models)))
+        total = _cpu_seconds(lambda: list(run_configs(cfgs, device=device, models=models, progress=progress)))
+    # a step's own time: from the end of the step before it in the same cell
+    spans = [end - before for (_, before), (done, end) in zip(step_ends, step_ends[1:])
+             if (done - 1) % cell_steps != 0]
+    return Timing(total, sum(spans), len(spans))
 
 
 def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, device: str = "cpu") -> dict:
@@ -588,7 +619,7 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
         example = example or grid_cell(family, "ours")
         depth = example[0].frozen_depth
         cfgs = _cal_cell(example, depth, CAL_CONSTRUCTIONS)
-        per_config = _timed_run(cfgs, device) / len(cfgs)
+        per_config = _timed_run(cfgs, device).total / len(cfgs)
         return asdict(Rate((depth, depth), (0.0, 0.0), (per_config, per_config),
                            f"{len(cfgs)} constructions, {stamp}"))
     if example is None:  # the grid's shape; autograd and gradients (the plug-in methods' engines) on DoRA
@@ -596,14 +627,19 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
     if at_own_depth(example, "train"):
         depths = (example[0].frozen_depth,) * 2
     sizes, steps = CAL_CELLS[engine]
-    seconds = {}
+    timings = {}
     with _engine({"autograd": "torch", "gradients": "native"}.get(kind, kind)):
         for depth in dict.fromkeys(depths):
             for size in sizes:
                 for n in steps:
-                    seconds[(depth, size, n)] = _timed_run(_cal_cell(example, depth, size, n), device)
-    measured = f"cells of {sizes[0]} and {sizes[1]} configs x {steps[0]} and {steps[1]} steps, depths {depths}, {stamp}"
-    return asdict(rate_from_timings(depths, steps, sizes, seconds, measured))
+                    timings[(depth, size, n)] = _timed_run(_cal_cell(example, depth, size, n), device)
+    seconds = {key: timing.total for key, timing in timings.items()}
+    step_seconds = {(depth, size): sum(timings[(depth, size, n)].steps for n in steps) /
+                    max(sum(timings[(depth, size, n)].step_count for n in steps), 1)
+                    for depth in depths for size in sizes}
+    measured = (f"cells of {sizes[0]} and {sizes[1]} configs x {steps[0]} and {steps[1]} steps, depths {depths}, "
+                f"steps timed alone, {stamp}")
+    return asdict(rate_from_timings(depths, steps, sizes, seconds, measured, step_seconds))
 
 
 def _calibrate_validation(family: str, depths: tuple[int, int], device: str, stamp: str) -> Rate:
@@ -615,7 +651,7 @@ def _calibrate_validation(family: str, depths: tuple[int, int], device: str, sta
     with _engine("native"):
         for depth in depths:
             every, sparse = (_cal_cell(example, depth, size, steps, k) for k in (1, CAL_SPARSE_VAL_EVERY))
-            saved = _timed_run(every, device) - _timed_run(sparse, device)
+            saved = _timed_run(every, device).total - _timed_run(sparse, device).total
             per_validation.append(max(saved, 0.0) / (len(every) * (validations(every[0]) - validations(sparse[0]))))
     measured = f"{size} configs x {steps} steps validated every step and every {CAL_SPARSE_VAL_EVERY}, {stamp}"
     return Rate(tuple(depths), tuple(per_validation), (0.0, 0.0), measured)
