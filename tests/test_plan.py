@@ -293,9 +293,12 @@ def test_the_reference_transformer_pays_for_its_own_batches(smoke, tmp_path):
     nothing for the paper protocol, the FNN or constructions."""
     rates = EveryUnit(plan.Rate.from_dict(RATE))
     tfn = RunConfig(exp="tfn", method="sgd", width=16, n_epochs=100, frozen_depth=2, target_depth=2, protocol="reference")
-    share = plan.REFERENCE_TFN_DISTINCT_SHARE
-    assert 0 < share <= 1
+    share = plan.distinct_share(2)
+    assert 0 < plan.distinct_share(1) < share <= 1 and plan.distinct_share(6) == share  # deeper: depth 2's
     assert plan.stream_cost(tfn, "train", rates) == pytest.approx(100 * share * 2 * 2e-4)
+    shallow = tfn.replace(frozen_depth=1, target_depth=1)
+    assert plan.stream_cost(shallow, "train", rates) == pytest.approx(
+        100 * plan.distinct_share(1) * 2 * rates[plan.STREAM].step(1))
     assert plan.stream_cost(tfn.replace(n_train=64), "train", rates) == pytest.approx(100 * share * 2e-4)
     for cfg, kind in ((tfn.replace(protocol="paper"), "train"), (tfn, "construct"), (tfn.replace(exp="fnn"), "train")):
         assert plan.stream_cost(cfg, kind, rates) == 0.0

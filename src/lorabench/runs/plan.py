@@ -93,11 +93,17 @@ CAL_STREAM_POSITIONS = 24
 # configs share a draw while they stand at the same position, and the stream keeps drawn
 # positions for the configs that reach them later. The calibration's short cells never
 # see configs drift apart over 5,000 steps, so the plan adds, per config and step, this
-# share of a fresh position (at most 1: every config at a position of its own). Measured
-# on the paper preset's reference transformer job of seed 0, depth 1, random frozen model
-# (its cell's log gives the count): 22,434 positions in 960,000 config-steps, 0.023
-# (21,740 when it ran as three 64-config cells).
-REFERENCE_TFN_DISTINCT_SHARE = 0.03
+# share of a fresh position (at most 1: every config at a position of its own), by the
+# transformer's depth. Measured on the paper preset's reference transformer jobs of seed 0,
+# random frozen model (their cells' logs give the count): 22,434 positions in 960,000
+# config-steps at depth 1, 0.023 (21,740 when it ran as three 64-config cells); 74,249 at
+# depth 2, 0.077. Deeper transformers take the depth-2 share.
+REFERENCE_TFN_DISTINCT_SHARE = {1: 0.03, 2: 0.08}
+
+
+def distinct_share(depth: int) -> float:
+    """REFERENCE_TFN_DISTINCT_SHARE at a transformer's depth."""
+    return REFERENCE_TFN_DISTINCT_SHARE[min(max(depth, 1), max(REFERENCE_TFN_DISTINCT_SHARE))]
 
 
 # ------------------------------------------------------------------ rates
@@ -318,14 +324,14 @@ def has_stream_cost(cfg: RunConfig, kind: str) -> bool:
 
 def stream_cost(cfg: RunConfig, kind: str, rates: Mapping[str, Rate]) -> float:
     """Core-seconds of the reference transformer's batches beyond what the calibrated
-    step holds (REFERENCE_TFN_DISTINCT_SHARE): per step, a share of the configs draws a
+    step holds (``distinct_share``): per step, a share of the configs draws a
     batch of its own and evaluates the target on it (the validation batch, and the
     training batch unless the training set is fixed). ``STREAM``'s rate is per position
     and target evaluation."""
     if not has_stream_cost(cfg, kind):
         return 0.0
     evaluations = 1 if cfg.n_train else 2
-    return cfg.n_epochs * REFERENCE_TFN_DISTINCT_SHARE * evaluations * rates[STREAM].step(cfg.frozen_depth)
+    return cfg.n_epochs * distinct_share(cfg.frozen_depth) * evaluations * rates[STREAM].step(cfg.frozen_depth)
 
 
 def validations(cfg: RunConfig) -> int:
