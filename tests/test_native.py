@@ -106,7 +106,7 @@ def test_native_step_equals_torch_step(case, shared_batch, monkeypatch):
 
 
 def test_native_exp_is_libms_bit_for_bit():
-    """The classification losses' exps (exp_vector), 8 at a time, against math.exp (libm's
+    """The classification losses' exps (exp_vector), a vector at a time, against math.exp (libm's
     exp): every table entry, the range a shifted logit takes, the edges of the fast path
     and what falls back to libm (magnitudes of 512 and more, subnormal results, inf, NaN)."""
     gen = torch.Generator().manual_seed(0)

@@ -16,9 +16,11 @@ through ``runner.run_configs``: at two depths, two step counts and two cell size
 separates the cost of a config-step from the per-config cost (set-up and evaluation),
 and both from what a cell pays once per step and once in all for its configs together
 (the batch and the target's outputs, the loop); each is a line in the model's depth.
-Times are CPU time, so a busy machine slows the calibration's wall clock more than its
-figures. Rates are cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench
-version, CPU model, torch version and unit; ``--recalibrate`` measures again.
+A step's cost comes from the cells' training steps timed alone (``Timing``), so the noise
+of a run's set-up and test-set evaluations stays in the once-parts. Times are CPU time,
+so a busy machine slows the calibration's wall clock more than its figures. Rates are
+cached in ``cache_dir()/plan-calibration.json``, keyed by lorabench version, CPU model,
+torch version and unit; ``--recalibrate`` measures again.
 
 Pieces (``--pieces 2h``): the experiments and protocols grouped into Snakemake runs each
 projected to fit the budget on the given cores (first-fit by projected wall time; an

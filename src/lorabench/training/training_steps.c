@@ -298,9 +298,9 @@ INLINE double add_squared_errors(const float *restrict out, const float *restric
 }
 
 /* ------------------------------------------------------------ exp in doubles
- * The classification losses take exp in double precision (task_loss), 16 per sample; one
- * call of libm's exp at a time made a classification step 5-8x a regression step. These
- * are libm's exps 8 at a time, bit for bit: the same algorithm as glibc's exp (2.28 and
+ * The classification losses take exp in double precision (task_loss), one per class and
+ * sample; a call of libm's exp for each would cost more than the rest of the step. These
+ * are libm's exps a vector at a time, bit for bit: the same algorithm as glibc's exp (2.28 and
  * later, from Arm's optimized-routines): x = k ln2 / 128 + r with |r| <= ln2 / 256,
  * exp(x) = 2^(k/128) exp(r), 2^(k/128) = H (1 + T) from a table, exp(r) - 1 a degree-5
  * polynomial, in the same operations, fused into the same multiply-adds (glibc's FMA build
@@ -309,10 +309,10 @@ INLINE double add_squared_errors(const float *restrict out, const float *restric
  * holds every result to Python's math.exp (libm's). Arguments whose magnitude is 512 or
  * more (or not finite) go to libm itself: glibc handles overflow and subnormal results
  * there on another path. */
-typedef double dvec __attribute__((vector_size(64)));
-typedef unsigned long long uvec __attribute__((vector_size(64)));
-typedef long long lvec __attribute__((vector_size(64))); /* a comparison's lanes */
-#define DLANES 8
+#define DLANES (LANES / 2) /* doubles per vector */
+typedef double dvec __attribute__((vector_size(8 * DLANES)));
+typedef unsigned long long uvec __attribute__((vector_size(8 * DLANES)));
+typedef long long lvec __attribute__((vector_size(8 * DLANES))); /* a comparison's lanes */
 
 /* For k = 0 .. 127, H(k) = 2^(k/128) rounded to a double and T(k) = (2^(k/128) - H(k)) /
  * H(k) rounded to a double: T(k)'s bits, then H(k)'s bits minus k << 45 (so that adding
