@@ -132,14 +132,27 @@ def test_bad_preset_is_a_one_line_error(capsys):
     assert "preset must be one of" in err and "huge" in err and len(err.strip().splitlines()) == 1
 
 
+def _timings(config, cell, depths=(2, 4), sizes=(8, 32), steps=(10, 30), noise=None):
+    """Calibration runs of a cell whose configs cost config[d] = (once, per step) and whose
+    cell costs cell[d] likewise, each run's steps after its first timed alone; ``noise``
+    (steps: seconds) adds to a run's total only, as its set-up and evaluations would."""
+    out = {}
+    for d in depths:
+        for n in sizes:
+            for s in steps:
+                step = n * config[d][1] + cell[d][1]
+                total = n * config[d][0] + cell[d][0] + s * step + (noise or {}).get(s, 0.0)
+                out[(d, n, s)] = plan.Timing(total, (s - 1) * step, s - 1)
+    return out
+
+
 def test_rate_is_linear_in_depth_and_separates_configs_from_cells():
     # per config 0.5 s + 0.01 s per step at depth 2, 1.5 s + 0.03 s at depth 4; per cell
     # 2 s + 0.1 s per step at depth 2, 4 s + 0.3 s at depth 4
     config = {2: (0.5, 0.01), 4: (1.5, 0.03)}
     cell = {2: (2.0, 0.1), 4: (4.0, 0.3)}
-    seconds = {(d, n, s): n * (config[d][0] + s * config[d][1]) + cell[d][0] + s * cell[d][1]
-               for d in (2, 4) for n in (8, 32) for s in (10, 30)}
-    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds)
+    timings = _timings(config, cell)
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), timings)
     assert rate.step(2) == pytest.approx(0.01) and rate.step(4) == pytest.approx(0.03)
     assert rate.config(2) == pytest.approx(0.5) and rate.config(4) == pytest.approx(1.5)
     assert rate.cell_step(2) == pytest.approx(0.1) and rate.cell_step(4) == pytest.approx(0.3)
@@ -147,32 +160,27 @@ def test_rate_is_linear_in_depth_and_separates_configs_from_cells():
     assert rate.step(3) == pytest.approx(0.02) and rate.config(6) == pytest.approx(2.5)
     assert plan.Rate((1, 2), (1.0, 0.0), (0.0, 0.0)).step(5) == 0.0  # never negative
     assert plan.Rate.from_dict(dataclasses.asdict(rate)) == rate
-    one_size = plan.rate_from_timings((2, 4), (10, 30), (8, 8), {k: v for k, v in seconds.items() if k[1] == 8})
+    one_size = plan.rate_from_timings((2, 4), (10, 30), (8, 8), {k: v for k, v in timings.items() if k[1] == 8})
     assert one_size.cell_step(2) == 0 and one_size.step(2) == pytest.approx(0.01 + 0.1 / 8)
     # noise that makes a part negative: the larger cell is still priced at what it cost
-    noisy = {**seconds, (2, 8, 30): seconds[(2, 8, 30)] + 5.0}  # the small cell looks slow per step
-    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), noisy)
-    big_step = (seconds[(2, 32, 30)] - seconds[(2, 32, 10)]) / 20
+    slow = timings[(2, 8, 30)]
+    noisy = {**timings, (2, 8, 30): plan.Timing(slow.total + 10.0, slow.steps + 10.0, slow.step_count)}
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), noisy)  # the small cell looks slow per step
+    big_step = 32 * config[2][1] + cell[2][1]
     assert 32 * rate.step(2) + rate.cell_step(2) == pytest.approx(big_step) and rate.cell_step(2) >= 0
 
 
 def test_rate_takes_its_steps_from_the_steps_timed_alone():
-    """With each cell's steps timed alone, a run's set-up and evaluation noise no longer
-    reaches the per-step parts: they are the steps' own times, and the once parts what the
-    runs cost beyond their steps, on average."""
+    """A run's set-up and evaluation noise (in its total) does not reach the per-step
+    parts, which are the steps' own times; the once parts are what the runs cost beyond
+    their steps, on average."""
     config = {2: (0.5, 0.01), 4: (1.5, 0.03)}
     cell = {2: (2.0, 0.1), 4: (4.0, 0.3)}
-    step = {(d, n): n * config[d][1] + cell[d][1] for d in (2, 4) for n in (8, 32)}
-    once = {(d, n): n * config[d][0] + cell[d][0] for d in (2, 4) for n in (8, 32)}
     noise = {10: 0.8, 30: -0.8}  # the longer run's evaluation happened to be faster
-    seconds = {(d, n, s): once[(d, n)] + s * step[(d, n)] + noise[s] for d in (2, 4) for n in (8, 32) for s in (10, 30)}
-    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds, step_seconds=step)
+    rate = plan.rate_from_timings((2, 4), (10, 30), (8, 32), _timings(config, cell, noise=noise))
     for d in (2, 4):
         assert rate.step(d) == pytest.approx(config[d][1]) and rate.cell_step(d) == pytest.approx(cell[d][1])
         assert rate.config(d) == pytest.approx(config[d][0]) and rate.cell(d) == pytest.approx(cell[d][0])
-    # the line through the two totals alone takes the noise as steps: 1.6 s over 20 steps
-    fitted = plan.rate_from_timings((2, 4), (10, 30), (8, 32), seconds)
-    assert 32 * fitted.step(2) + fitted.cell_step(2) == pytest.approx(step[(2, 32)] - 0.08)
 
 
 def test_a_calibration_run_times_its_steps_alone():

@@ -172,27 +172,34 @@ def _split(small: float, large: float, n0: int, n1: int) -> tuple[float, float]:
     return per_config, per_cell
 
 
+@dataclass(frozen=True)
+class Timing:
+    """CPU seconds of one calibration run: in all, and of its training steps alone (each
+    cell's steps after its first, ``step_count`` of them), which give a step's cost
+    without the noise of the run's set-up and evaluations."""
+
+    total: float
+    steps: float = 0.0
+    step_count: int = 0
+
+
 def rate_from_timings(depths: tuple[int, int], steps: tuple[int, int], sizes: tuple[int, int],
-                      seconds: Mapping[tuple[int, int, int], float], measured: str = "",
-                      step_seconds: Optional[Mapping[tuple[int, int], float]] = None) -> Rate:
-    """The rate from the CPU seconds of one cell at each (depth, size, steps): per size, a
-    line in the steps, whose slope (per step) and intercept (once) split into per-config
-    and per-cell parts (``_split``). ``step_seconds`` (depth, size): what one step of the
-    cell cost, timed over its training steps alone (``Timing``); the slope is then that,
-    and the intercept what the runs cost beyond their steps, on average."""
+                      timings: Mapping[tuple[int, int, int], Timing], measured: str = "") -> Rate:
+    """The rate from one cell's ``Timing`` at each (depth, size, steps): per size, what one
+    step of the cell cost (its training steps timed alone, over both runs) and what the
+    runs cost beyond their steps (on average), each split into per-config and per-cell
+    parts (``_split``)."""
     per = {"step_s": [], "config_s": [], "cell_step_s": [], "cell_s": []}
-    (s0, s1), (n0, n1) = steps, sizes
+    n0, n1 = sizes
     for depth in depths:
-        lines = []
+        slopes, onces = [], []
         for n in sizes:
-            if step_seconds is None:
-                lines.append(_line(s0, seconds[(depth, n, s0)], s1, seconds[(depth, n, s1)]))
-            else:
-                slope = step_seconds[(depth, n)]
-                lines.append((slope, sum(seconds[(depth, n, k)] - k * slope for k in steps) / len(steps)))
-        (slope0, once0), (slope1, once1) = lines
-        step, cell_step = _split(max(slope0, 0.0), max(slope1, 0.0), n0, n1)
-        fixed, cell = _split(max(once0, 0.0), max(once1, 0.0), n0, n1)
+            runs = [timings[(depth, n, k)] for k in steps]
+            slope = sum(t.steps for t in runs) / max(sum(t.step_count for t in runs), 1)
+            slopes.append(slope)
+            onces.append(sum(t.total - k * slope for k, t in zip(steps, runs)) / len(runs))
+        step, cell_step = _split(max(slopes[0], 0.0), max(slopes[1], 0.0), n0, n1)
+        fixed, cell = _split(max(onces[0], 0.0), max(onces[1], 0.0), n0, n1)
         for name, value in (("step_s", step), ("config_s", fixed), ("cell_step_s", cell_step), ("cell_s", cell)):
             per[name].append(value)
     return Rate(tuple(depths), tuple(per["step_s"]), tuple(per["config_s"]), measured,
@@ -570,17 +577,6 @@ def _cpu_seconds(work: Callable[[], object]) -> float:
     return time.process_time() - start
 
 
-@dataclass(frozen=True)
-class Timing:
-    """CPU seconds of one calibration run: in all, and of its training steps alone (each
-    cell's steps after its first, ``step_count`` of them), which give a step's cost
-    without the noise of the run's set-up and evaluations."""
-
-    total: float
-    steps: float = 0.0
-    step_count: int = 0
-
-
 def _timed_run(cfgs: list[RunConfig], device: str) -> Timing:
     from ..core.protocols import generate_models
     from .runner import model_key, run_configs
@@ -641,13 +637,9 @@ def calibrate_unit(unit: str, example: Optional[Sequence[RunConfig]] = None, dev
             for size in sizes:
                 for n in steps:
                     timings[(depth, size, n)] = _timed_run(_cal_cell(example, depth, size, n), device)
-    seconds = {key: timing.total for key, timing in timings.items()}
-    step_seconds = {(depth, size): sum(timings[(depth, size, n)].steps for n in steps) /
-                    max(sum(timings[(depth, size, n)].step_count for n in steps), 1)
-                    for depth in depths for size in sizes}
     measured = (f"cells of {sizes[0]} and {sizes[1]} configs x {steps[0]} and {steps[1]} steps, depths {depths}, "
                 f"steps timed alone, {stamp}")
-    return asdict(rate_from_timings(depths, steps, sizes, seconds, measured, step_seconds))
+    return asdict(rate_from_timings(depths, steps, sizes, timings, measured))
 
 
 def _calibrate_validation(family: str, depths: tuple[int, int], device: str, stamp: str) -> Rate:
